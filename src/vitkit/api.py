@@ -1,0 +1,52 @@
+"""The public entry points: create_model, load_model, save_model."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .models import ViT, ViTConfig, build_config
+from .weights import CheckpointError, read_checkpoint, load_into
+
+log = logging.getLogger("vitkit")
+
+# facts a checkpoint states about itself that win over the model name's defaults
+_FROM_CHECKPOINT = ("class_token", "pool", "fc_norm", "representation_size", "qkv_bias", "norm_eps")
+
+
+def create_model(name: str, *, weights: str | Path | None = None, num_classes: int | None = None,
+                 img_size: int | tuple[int, int] | None = None, **overrides) -> ViT:
+    """Build a ViT by name ("ViT-B/16", "vit_base_patch16_224", "vit_b_16", ...), optionally with weights.
+
+    With weights, the checkpoint's own head size is kept unless num_classes says otherwise (then the head is
+    replaced by a zero-initialised one), and position embeddings are resampled to img_size.
+    """
+    ckpt = read_checkpoint(weights) if weights is not None else None
+    facts = {}
+    if ckpt is not None:
+        facts = {k: ckpt.config[k] for k in _FROM_CHECKPOINT if k in ckpt.config}
+        if num_classes is None:
+            num_classes = ckpt.config.get("num_classes")
+    cfg, preprocess = build_config(name, **{**facts, **overrides}, num_classes=num_classes, img_size=img_size)
+    model = ViT(cfg)
+    model.preprocess.update(preprocess)
+    if ckpt is not None:
+        for note in load_into(model, ckpt, source=str(weights)):
+            log.warning("%s: %s", weights, note)
+    return model.eval()
+
+
+def load_model(path: str | Path, **overrides) -> ViT:
+    """Rebuild a model from a vitkit checkpoint (.safetensors with its config), nothing else needed."""
+    ckpt = read_checkpoint(path)
+    if ckpt.format != "vitkit":
+        raise CheckpointError(f"{path}: a {ckpt.format} checkpoint, which does not say its architecture; "
+                              f"use create_model(NAME, weights=...) or `vitkit convert` it first")
+    model = ViT(ViTConfig.from_dict({**ckpt.config, **overrides}))
+    load_into(model, ckpt, source=str(path))
+    return model.eval()
+
+
+def save_model(model: ViT, path: str | Path, **extra) -> Path:
+    from .weights.vitkit_format import save
+
+    return save(model, path, extra or None)

@@ -1,0 +1,80 @@
+"""The `vitkit` command. Each subcommand lives with the code it drives and exposes
+`add_arguments(parser)` and `run(args) -> exit code`; this file only wires them up."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "predict": ("vitkit.predict", "classify images (files or folders)"),
+    "convert": ("vitkit.weights.convert", "write any supported checkpoint as a vitkit .safetensors"),
+    "models": ("vitkit.weights.convert", "list the model names"),
+    "train": ("vitkit.train.cli", "pre-train or fine-tune a ViT"),
+    "eval": ("vitkit.train.evaluate", "accuracy of a checkpoint on a dataset"),
+    "attention": ("vitkit.inspect.cli", "attention maps (rollout, last layer, one head) as pictures"),
+    "inspect": ("vitkit.inspect.cli", "the paper's Figure 7: filters, position similarity, attention distance"),
+}
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from .data.images import ImageError
+    from .weights import CheckpointError
+
+    return UserError, CheckpointError, ImageError, FileNotFoundError
+
+
+def add_model_arguments(p: argparse.ArgumentParser, weights_required: bool = True) -> None:
+    p.add_argument("--model", help="model name (vitkit models); not needed for a vitkit checkpoint")
+    p.add_argument("--weights", required=weights_required,
+                   help="checkpoint: vitkit .safetensors, Google .npz, timm/DeiT/torchvision .pth/.bin/.safetensors, "
+                        "or a transformers directory")
+
+
+def model_from_args(args: argparse.Namespace, **overrides):
+    """--model/--weights -> an eval-mode model. A vitkit checkpoint needs no --model."""
+    from . import create_model, load_model
+    from .weights.vitkit_format import is_vitkit_checkpoint
+
+    if args.model:
+        return create_model(args.model, weights=args.weights, **overrides)
+    if args.weights is None:
+        raise UserError("give --weights (a vitkit checkpoint) or --model NAME")
+    if not is_vitkit_checkpoint(args.weights):
+        raise UserError(f"--weights {args.weights}: not a vitkit checkpoint, so its architecture is unknown; "
+                        f"add --model NAME (see `vitkit models`)")
+    return load_model(args.weights, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vitkit", description="Vision Transformers in PyTorch")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # import only the command being run: `vitkit predict` never loads the trainer
+            mod = importlib.import_module(module)
+            getattr(mod, f"add_{name}_arguments")(p)
+            p.set_defaults(_run=getattr(mod, f"run_{name}"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return int(args._run(args) or 0)
+    except user_errors() as e:
+        print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vitkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Model names: the paper's ("ViT-B/16", "R50+ViT-B/16"), timm's ("vit_base_patch16_224") and
+torchvision's ("vit_b_16") all decode to one ViTConfig plus the preprocessing its weights expect."""
+from __future__ import annotations
+
+import re
+
+from .vit import WIDTHS, ViTConfig
+
+GOOGLE = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
+IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+TORCHVISION = {**IMAGENET, "crop_pct": 224 / 256, "interpolation": "bilinear"}
+DEIT = {**IMAGENET, "crop_pct": 0.875, "interpolation": "bicubic"}
+
+_TIMM_SIZE = {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "huge": "H"}
+_TV_SIZE = {"b": "B", "l": "L", "h": "H"}
+
+# (variant, patch, image size) as released by Google (vision_transformer / AugReg) and timm
+_RELEASED = [("Ti", 16, 224), ("Ti", 16, 384), ("S", 8, 224), ("S", 16, 224), ("S", 16, 384), ("S", 32, 224),
+             ("S", 32, 384), ("B", 8, 224), ("B", 16, 224), ("B", 16, 384), ("B", 32, 224), ("B", 32, 384),
+             ("L", 16, 224), ("L", 16, 384), ("L", 32, 224), ("L", 32, 384), ("H", 14, 224)]
+_TIMM_NAME = {v: k for k, v in _TIMM_SIZE.items()}
+_DEIT = [("Ti", 224), ("S", 224), ("B", 224), ("B", 384)]
+
+
+def decode_variant(variant: str, patch: int) -> dict:
+    """'B', 16 -> the ViTConfig fields of ViT-B/16."""
+    width, depth, mlp, heads = WIDTHS[variant]
+    return dict(width=width, depth=depth, mlp_dim=mlp, num_heads=heads, patch_size=patch)
+
+
+def _entries() -> dict[str, tuple[dict, dict]]:
+    """name -> (ViTConfig fields, preprocessing)."""
+    out = {}
+    for v, p, size in _RELEASED:
+        cfg = dict(decode_variant(v, p), img_size=size)
+        pre = {**GOOGLE, "crop_pct": 0.9 if size == 224 else 1.0}
+        out[f"vit_{_TIMM_NAME[v]}_patch{p}_{size}"] = (cfg, pre)
+        if size == 224:
+            out[f"ViT-{v}/{p}"] = (cfg, pre)
+        if v in _TV_SIZE.values() and (p, size) in ((16, 224), (32, 224), (14, 224)) and (v, p) != ("B", 8):
+            tv_pre = {**TORCHVISION, "crop_pct": 1.0, "interpolation": "bicubic"} if v == "H" else TORCHVISION
+            out[f"vit_{v.lower()}_{p}"] = (cfg, tv_pre)
+    for size in (224, 384):
+        cfg = dict(decode_variant("B", 1), img_size=size, hybrid_layers=(3, 4, 9))
+        out[f"vit_base_r50_s16_{size}"] = (cfg, {**GOOGLE, "crop_pct": 0.9 if size == 224 else 1.0})
+    out["R50+ViT-B/16"] = out["vit_base_r50_s16_384"]
+    for v, size in _DEIT:
+        out[f"deit_{_TIMM_NAME[v]}_patch16_{size}"] = (dict(decode_variant(v, 16), img_size=size),
+                                                       {**DEIT, "crop_pct": 0.875 if size == 224 else 1.0})
+    return out
+
+
+MODELS = _entries()
+
+
+def list_models() -> list[str]:
+    return sorted(MODELS, key=str.lower)
+
+
+def resolve(name: str) -> tuple[dict, dict]:
+    """A model name (any of the spellings, case-insensitive; paper names take '@384') -> (config, preprocess)."""
+    key = {k.lower(): k for k in MODELS}.get(name.lower().replace(" ", ""))
+    if key:
+        cfg, pre = MODELS[key]
+        return dict(cfg), dict(pre)
+    m = re.fullmatch(r"(?:vit-)?(ti|s|b|l|h)/(\d+)(?:@(\d+))?", name.lower())
+    if m:  # any paper-style variant, released or not, e.g. "ViT-S/14@336"
+        v = {"ti": "Ti"}.get(m[1], m[1].upper())
+        size = int(m[3] or 224)
+        return dict(decode_variant(v, int(m[2])), img_size=size), {**GOOGLE, "crop_pct": 0.9 if size == 224 else 1.0}
+    raise ValueError(f"unknown model {name!r}; `vitkit models` lists the names (e.g. ViT-B/16, "
+                     f"vit_base_patch16_224, vit_b_16)")
+
+
+def build_config(name: str, **overrides) -> tuple[ViTConfig, dict]:
+    cfg, pre = resolve(name)
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return ViTConfig(**cfg), pre

@@ -1,0 +1,305 @@
+"""Vision Transformer (Dosovitskiy et al., ICLR 2021), in one file.
+
+Image -> patches (conv, stride = patch; or a BiT ResNet stem + 1x1 patches for the hybrid) ->
+[class] token + learned position embeddings -> pre-LN encoder blocks -> LayerNorm -> pool -> head.
+Parameter names follow timm, so timm state dicts load as they are; the other formats are renamed to
+these in `vitkit.weights`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .resnetv2 import ResNetV2Stem
+
+# width, depth, mlp_dim, heads (paper Table 1; Ti and S from DeiT / AugReg)
+WIDTHS = {"Ti": (192, 12, 768, 3), "S": (384, 12, 1536, 6), "B": (768, 12, 3072, 12),
+          "L": (1024, 24, 4096, 16), "H": (1280, 32, 5120, 16)}
+
+
+@dataclass
+class ViTConfig:
+    patch_size: int = 16
+    img_size: tuple[int, int] = (224, 224)
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    num_classes: int = 1000
+    in_chans: int = 3
+    pool: str = "token"  # "token": the [class] token's output; "gap": mean of the patch tokens
+    class_token: bool = True
+    fc_norm: bool = False  # gap only: LayerNorm after pooling (timm/BEiT) rather than before (Google)
+    representation_size: int | None = None  # pre-logits layer (Linear + tanh), the paper's pre-training head
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6
+    hybrid_layers: tuple[int, ...] | None = None  # ResNet-v2 stage depths, e.g. (3, 4, 9) for R50
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    drop_path: float = 0.0  # stochastic depth rate of the last block (linearly increasing)
+    dynamic_img_size: bool = False  # accept other input sizes by resampling position embeddings per call
+    zero_head: bool = False  # zero-initialise the classifier (fine-tuning, paper Appendix B.1.1)
+
+    def __post_init__(self):
+        if isinstance(self.img_size, int):
+            self.img_size = (self.img_size, self.img_size)
+        self.img_size = tuple(int(s) for s in self.img_size)
+        if self.hybrid_layers is not None:
+            self.hybrid_layers = tuple(self.hybrid_layers)
+        if self.pool not in ("token", "gap"):
+            raise ValueError(f"pool must be 'token' or 'gap', not {self.pool!r}")
+        if self.pool == "token" and not self.class_token:
+            raise ValueError("pool='token' needs class_token=True")
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def reduction(self) -> int:
+        """Input pixels per token along each axis."""
+        return self.patch_size * (4 * 2 ** (len(self.hybrid_layers) - 1) if self.hybrid_layers else 1)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.img_size[0] // self.reduction, self.img_size[1] // self.reduction)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ViT config fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+def resample_pos_embed(pos: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None,
+                       num_prefix: int = 1, mode: str = "bicubic", antialias: bool = True) -> torch.Tensor:
+    """Resample (1, prefix + h*w, D) position embeddings to another grid in 2D; prefix tokens are kept.
+
+    Bicubic with antialiasing (only matters when shrinking) as timm does; same as transformers when growing.
+    """
+    prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
+    if old_grid is None:
+        side = math.isqrt(grid.shape[1])
+        if side * side != grid.shape[1]:
+            raise ValueError(f"cannot infer the grid of {grid.shape[1]} position embeddings; give old_grid")
+        old_grid = (side, side)
+    if tuple(old_grid) == tuple(new_grid):
+        return pos
+    dim = pos.shape[-1]
+    grid = grid.reshape(1, *old_grid, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(new_grid), mode=mode, antialias=antialias, align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch per sample."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(1 - rate)
+    return x * keep / (1 - rate)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool, attn_dropout: float, dropout: float):
+        super().__init__()
+        self.num_heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_dropout, self.proj_drop = attn_dropout, nn.Dropout(dropout)
+        self.probs_sink: list | None = None  # set by capture_attention() for one call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        p = self.attn_dropout if self.training else 0.0
+        if self.probs_sink is None:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:  # the unfused path, only while someone asked for the probabilities
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            self.probs_sink.append(attn)
+            x = F.dropout(attn, p, self.training) @ v
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.fc1, self.fc2, self.drop = nn.Linear(dim, hidden), nn.Linear(hidden, dim), nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ViTConfig, drop_path_rate: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.attn = Attention(cfg.width, cfg.num_heads, cfg.qkv_bias, cfg.attn_dropout, cfg.dropout)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.mlp = Mlp(cfg.width, cfg.mlp_dim, cfg.dropout)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        cin = cfg.in_chans
+        if cfg.hybrid_layers:
+            self.backbone = ResNetV2Stem(cfg.hybrid_layers, cfg.in_chans)
+            cin = self.backbone.out_channels
+        self.proj = nn.Conv2d(cin, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, D, h, w)
+        if hasattr(self, "backbone"):
+            x = self.backbone(x)
+        return self.proj(x)
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.preprocess: dict = dict(DEFAULT_PREPROCESS)  # how inputs must be prepared (set by the loaders)
+        self.class_names: list[str] | None = None
+        D = cfg.width
+        self.num_prefix_tokens = int(cfg.class_token)
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
+        self.pos_embed = nn.Parameter(torch.randn(1, self.num_prefix_tokens + math.prod(cfg.grid), D) * 0.02)
+        self.pos_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, cfg.drop_path * i / max(cfg.depth - 1, 1)) for i in range(cfg.depth))
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if not cfg.fc_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.fc_norm else nn.Identity()
+        self.pre_logits = nn.Linear(D, cfg.representation_size) if cfg.representation_size else None
+        self.head_drop = nn.Dropout(cfg.dropout)
+        self.num_features = cfg.representation_size or D
+        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.apply(_init_weights)
+        if cfg.zero_head:
+            self.reset_head(cfg.num_classes)
+
+    def reset_head(self, num_classes: int) -> None:
+        """Replace the classifier by a zero-initialised one (what the paper does for fine-tuning)."""
+        self.cfg.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        if num_classes:
+            nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)
+        self.head.to(self.pos_embed.device)
+
+    # --- tokens -------------------------------------------------------------------------------
+    def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        pos = self.pos_embed
+        if grid != self.cfg.grid:
+            if not self.cfg.dynamic_img_size:
+                want = self.cfg.img_size
+                raise ValueError(f"input is {grid[0] * self.cfg.reduction}x{grid[1] * self.cfg.reduction} px but the "
+                                 f"model expects {want[0]}x{want[1]}; resize it, or create the model with "
+                                 f"img_size=... or dynamic_img_size=True")
+            pos = resample_pos_embed(pos, grid, self.cfg.grid, self.num_prefix_tokens)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.pos_drop(x + pos)
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Pixels -> (tokens with [class] and position embeddings, patch grid)."""
+        r = self.cfg.reduction
+        if x.shape[-2] % r or x.shape[-1] % r:
+            raise ValueError(f"input size {tuple(x.shape[-2:])} is not a multiple of the patch size {r}")
+        x = self.patch_embed(x)
+        grid = tuple(x.shape[-2:])
+        return self._pos_embed(x.flatten(2).transpose(1, 2), grid), grid
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> all output tokens (B, prefix + h*w, D), after the final LayerNorm."""
+        x, _ = self.embed(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[:, 0] if self.cfg.pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)
+        x = self.fc_norm(x)
+        if self.pre_logits is not None:
+            x = torch.tanh(self.pre_logits(x))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              output_fmt: str = "NCHW") -> list[torch.Tensor]:
+        """Outputs of the chosen blocks (default: all; an int n means the last n).
+
+        output_fmt "NCHW": patch tokens as 2D feature maps (B, D, h, w); "NLC": all tokens (B, N, D).
+        norm=True applies the final LayerNorm to each.
+        """
+        depth = len(self.blocks)
+        idx = range(depth) if indices is None else range(depth - indices, depth) if isinstance(indices, int) else indices
+        idx = sorted(i % depth for i in idx)
+        x, grid = self.embed(x)
+        outs = []
+        for i, blk in enumerate(self.blocks[: idx[-1] + 1]):
+            x = blk(x)
+            if i in idx:
+                y = self.norm(x) if norm else x
+                if output_fmt == "NCHW":
+                    y = y[:, self.num_prefix_tokens:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
+                outs.append(y)
+        return outs
+
+
+DEFAULT_PREPROCESS = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "crop_pct": 0.9, "interpolation": "bicubic"}
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias) if m.bias is not None else None
+    elif isinstance(m, ViT) and m.cls_token is not None:
+        nn.init.normal_(m.cls_token, std=1e-6)
+
+
+@contextlib.contextmanager
+def capture_attention(model: nn.Module, layers: list[int] | None = None):
+    """Collect attention probabilities during the calls made inside the block.
+
+        with capture_attention(model) as attn:
+            model(x)
+        attn[i]  # (B, heads, N, N) of block i, from the last call
+
+    The chosen blocks switch to the unfused softmax path only inside the block; afterwards the model is
+    exactly as before (fused attention, nothing kept).
+    """
+    modules = [m for m in model.modules() if isinstance(m, Attention)]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no ViT attention layers")
+    chosen = range(len(modules)) if layers is None else [i % len(modules) for i in layers]
+    bad = [i for i in (layers or []) if not -len(modules) <= i < len(modules)]
+    if bad:
+        raise IndexError(f"layer index {bad[0]} out of range: the model has {len(modules)} blocks")
+    sinks = {i: [] for i in chosen}
+    result: dict[int, torch.Tensor] = {}
+    try:
+        for i, sink in sinks.items():
+            modules[i].probs_sink = sink
+        yield result
+    finally:
+        for i, sink in sinks.items():
+            modules[i].probs_sink = None
+            if sink:
+                result[i] = sink[-1]

@@ -1,0 +1,185 @@
+"""Checkpoints: read any supported format into vitkit's parameter names, fit it to a model, load it.
+
+Formats (one module each): vitkit's own .safetensors (`vitkit_format`), Google's .npz (`npz`),
+timm and DeiT state dicts (`timm`), transformers directories (`transformers`), torchvision (`torchvision`).
+Every difference between a checkpoint and the model it goes into is settled in `fit_state_dict`.
+"""
+from __future__ import annotations
+
+import math
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable checkpoint, or one that does not fit the model. The message says why."""
+
+
+@dataclass
+class Checkpoint:
+    state_dict: dict[str, torch.Tensor]  # in vitkit's (timm's) parameter names
+    format: str
+    config: dict = field(default_factory=dict)  # architecture facts the file states (ViTConfig fields)
+    preprocess: dict | None = None
+    class_names: list[str] | None = None
+    model_name: str | None = None
+
+
+def read_state_dict(path: Path) -> dict:
+    """Tensors from a .safetensors file, or a torch pickle read with weights_only=True (never a full unpickle)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # pickle.UnpicklingError for anything weights_only refuses
+        raise CheckpointError(f"{path}: refused to load ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                              f"only tensors and plain containers are read") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def unwrap(obj: dict) -> dict:
+    """Training checkpoints nest the weights: DeiT {'model': ...}, Lightning {'state_dict': ...}, EMA copies."""
+    for key in ("model", "state_dict", "model_ema", "module"):
+        if key in obj and isinstance(obj[key], dict) and not isinstance(obj[key], torch.Tensor):
+            return unwrap(obj[key])
+    if obj and all(k.startswith("module.") for k in obj):  # saved from DistributedDataParallel
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a checkpoint of any supported format; the format is detected from the file itself."""
+    from . import npz, timm, torchvision, transformers, vitkit_format
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return transformers.read_dir(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file")
+    if path.suffix == ".npz":
+        return npz.read(path)
+    if path.suffix == ".safetensors" and (ckpt := vitkit_format.read(path)) is not None:
+        return ckpt
+    state = unwrap(read_state_dict(path))
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    for fmt in (torchvision, transformers, timm):
+        if fmt.matches(tensors):
+            return fmt.convert(tensors)
+    sample = ", ".join(list(tensors)[:5]) or "no tensors"
+    raise CheckpointError(f"{path}: not a ViT checkpoint of a known format (keys: {sample})")
+
+
+def infer_config(sd: dict[str, torch.Tensor]) -> dict:
+    """Architecture facts that a vitkit-named state dict shows by itself."""
+    cfg = {}
+    if "pos_embed" in sd:
+        cfg["width"] = sd["pos_embed"].shape[-1]
+    cfg["class_token"] = "cls_token" in sd
+    if not cfg["class_token"]:
+        cfg["pool"] = "gap"
+    if "fc_norm.weight" in sd:
+        cfg.update(pool="gap", fc_norm=True)
+    cfg["representation_size"] = sd["pre_logits.weight"].shape[0] if "pre_logits.weight" in sd else None
+    cfg["num_classes"] = sd["head.weight"].shape[0] if "head.weight" in sd else 0
+    cfg["qkv_bias"] = "blocks.0.attn.qkv.bias" in sd
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
+    if blocks:
+        cfg["depth"] = max(blocks) + 1
+    if "blocks.0.mlp.fc1.weight" in sd:
+        cfg["mlp_dim"] = sd["blocks.0.mlp.fc1.weight"].shape[0]
+    if "patch_embed.proj.weight" in sd:
+        cfg["patch_size"] = sd["patch_embed.proj.weight"].shape[-1]
+    stages = sorted({int(k.split(".")[3]) for k in sd if k.startswith("patch_embed.backbone.stages.")})
+    if stages:
+        cfg["hybrid_layers"] = tuple(
+            len({k.split(".")[5] for k in sd if k.startswith(f"patch_embed.backbone.stages.{s}.blocks.")})
+            for s in stages)
+    return cfg
+
+
+def fit_state_dict(sd: dict[str, torch.Tensor], model) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Every checkpoint-compatibility fix, in one place. Returns the fitted state dict and notes for the user.
+
+    - position embeddings of another grid: resampled in 2D (bicubic), the [class] position kept;
+    - a head of another size (or none where the model has one): dropped, the model keeps a zeroed head;
+    - a pre-logits layer the model does not have: dropped (fine-tuning replaces the pre-training head).
+    """
+    from ..models.vit import resample_pos_embed
+
+    sd, notes = dict(sd), []
+    own = model.state_dict()
+    pos = sd.get("pos_embed")
+    if pos is not None and pos.shape != own["pos_embed"].shape and pos.shape[-1] == own["pos_embed"].shape[-1]:
+        prefix = model.num_prefix_tokens
+        old = pos.shape[1] - prefix
+        if old <= 0:
+            raise CheckpointError(f"pos_embed: checkpoint has {pos.shape[1]} positions, model needs {prefix} "
+                                  f"prefix tokens")
+        old_grid = _grid_for(old, model.cfg.grid)
+        sd["pos_embed"] = resample_pos_embed(pos, model.cfg.grid, old_grid, prefix)
+        notes.append(f"position embeddings resampled from {old_grid[0]}x{old_grid[1]} to "
+                     f"{model.cfg.grid[0]}x{model.cfg.grid[1]}")
+    head_w = sd.get("head.weight")
+    model_classes = model.cfg.num_classes
+    if head_w is not None and (not model_classes or head_w.shape != own["head.weight"].shape):
+        sd.pop("head.weight"), sd.pop("head.bias", None)
+        if model_classes:
+            model.reset_head(model_classes)
+            notes.append(f"head replaced: checkpoint has {head_w.shape[0]} classes, model {model_classes} "
+                         f"(new head initialised to zero)")
+    elif head_w is None and model_classes:
+        model.reset_head(model_classes)
+        notes.append(f"checkpoint has no classifier; new {model_classes}-class head initialised to zero")
+    if "pre_logits.weight" in sd and "pre_logits.weight" not in own:
+        sd.pop("pre_logits.weight"), sd.pop("pre_logits.bias", None)
+        notes.append("pre-logits layer of the checkpoint dropped")
+    return sd, notes
+
+
+def _grid_for(n: int, like: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) grid of n positions: square if possible, else the one with the model's aspect ratio."""
+    side = math.isqrt(n)
+    if side * side == n:
+        return side, side
+    for h in range(1, n + 1):
+        if n % h == 0 and h * like[1] == (n // h) * like[0]:
+            return h, n // h
+    raise CheckpointError(f"pos_embed: cannot tell the grid of {n} positions")
+
+
+def load_into(model, ckpt: Checkpoint, source: str = "checkpoint") -> list[str]:
+    """Fit and load; a mismatch raises CheckpointError naming every differing key and shape."""
+    sd, notes = fit_state_dict(ckpt.state_dict, model)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("shape mismatch", shapes), ("missing in checkpoint", missing),
+                             ("not in model", unexpected)):
+            if items:
+                more = f" (+{len(items) - 6} more)" if len(items) > 6 else ""
+                parts.append(f"{label}: {'; '.join(items[:6])}{more}")
+        raise CheckpointError(f"{source} does not fit {model.cfg.width}-wide, {len(model.blocks)}-block model: "
+                              + " | ".join(parts))
+    model.load_state_dict(sd)
+    if ckpt.preprocess:
+        model.preprocess.update(ckpt.preprocess)
+    if ckpt.class_names and len(ckpt.class_names) == model.cfg.num_classes:
+        model.class_names = list(ckpt.class_names)
+    return notes

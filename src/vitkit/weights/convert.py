@@ -1,0 +1,50 @@
+"""`vitkit convert SRC DST --model NAME` and `vitkit models`."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="checkpoint of any supported format")
+    p.add_argument("dst", help="output .safetensors (vitkit format)")
+    p.add_argument("--model", help="model name; not needed if SRC is already a vitkit checkpoint")
+    p.add_argument("--num-classes", type=int, help="replace the head by a new zero-initialised one")
+    p.add_argument("--img-size", type=int, help="resample position embeddings to this resolution")
+    p.add_argument("--class-names", help="text file, one class name per line, stored in the checkpoint")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..api import save_model
+    from ..cli import UserError, model_from_args
+
+    if Path(args.dst).suffix != ".safetensors":
+        raise UserError(f"{args.dst}: the output must end in .safetensors")
+    args.weights = args.src
+    overrides = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size)) if v}
+    model = model_from_args(args, **overrides)
+    if args.class_names:
+        names = [n.strip() for n in Path(args.class_names).read_text().splitlines() if n.strip()]
+        if len(names) != model.cfg.num_classes:
+            raise UserError(f"--class-names {args.class_names}: {len(names)} names for {model.cfg.num_classes} classes")
+        model.class_names = names
+    save_model(model, args.dst)
+    print(f"wrote {args.dst} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{model.cfg.num_classes} classes, {model.cfg.img_size[0]}x{model.cfg.img_size[1]} px)")
+    return 0
+
+
+def add_models_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--filter", default="", help="only names containing this text")
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from ..models import list_models, resolve
+
+    for name in list_models():
+        if args.filter.lower() in name.lower():
+            cfg, _ = resolve(name)
+            print(f"{name:28s} width {cfg['width']:4d}  depth {cfg['depth']:2d}  patch {cfg['patch_size']:2d}  "
+                  f"{cfg['img_size']} px{'  hybrid R50' if cfg.get('hybrid_layers') else ''}")
+    return 0

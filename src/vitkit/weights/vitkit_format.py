@@ -1,0 +1,66 @@
+"""vitkit's own checkpoint: one .safetensors file whose metadata holds everything needed to rebuild the
+model (architecture, classes, preprocessing), so `vitkit.load_model(path)` needs no other argument."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from . import Checkpoint, CheckpointError
+
+FORMAT_KEY, FORMAT_VERSION = "vitkit", "1"
+
+
+def save(model, path: str | Path, extra: dict | None = None) -> Path:
+    """Write `model` (weights + config + preprocessing + class names) atomically: temp file, then rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"arch": "vit", "config": model.cfg.to_dict(), "preprocess": dict(model.preprocess),
+            "class_names": model.class_names, **(extra or {})}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={FORMAT_KEY: FORMAT_VERSION, "config": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_metadata(path: Path) -> dict | None:
+    """The JSON config of a vitkit checkpoint, or None for a safetensors file of another origin."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if FORMAT_KEY not in meta:
+        return None
+    try:
+        return json.loads(meta["config"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: vitkit checkpoint with unreadable config metadata ({e})") from None
+
+
+def is_vitkit_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    return path.suffix == ".safetensors" and read_metadata(path) is not None
+
+
+def read(path: Path) -> Checkpoint | None:
+    meta = read_metadata(path)
+    if meta is None:
+        return None
+    from safetensors.torch import load_file
+
+    return Checkpoint(load_file(str(path)), "vitkit", config=meta["config"], preprocess=meta.get("preprocess"),
+                      class_names=meta.get("class_names"))
