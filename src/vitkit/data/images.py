@@ -101,10 +101,10 @@ def eval_transform(preprocess: dict, img_size: tuple[int, int]) -> v2.Compose:
     interp = preprocess.get("interpolation", "bicubic")
     if interp not in _INTERPOLATION:
         raise ValueError(f"unknown interpolation {interp!r} (use one of {sorted(_INTERPOLATION)})")
-    return v2.Compose([
-        v2.ToImage(),
+    return v2.Compose([  # resize and crop the PIL image, as timm and torchvision do, for identical pixels
         v2.Resize(resize, interpolation=_INTERPOLATION[interp], antialias=True),
         v2.CenterCrop((h, w)),
+        v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(list(preprocess["mean"]), list(preprocess["std"])),
     ])

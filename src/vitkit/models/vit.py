@@ -40,6 +40,7 @@ class ViTConfig:
     qkv_bias: bool = True
     norm_eps: float = 1e-6
     hybrid_layers: tuple[int, ...] | None = None  # ResNet-v2 stage depths, e.g. (3, 4, 9) for R50
+    hybrid_width: int = 64  # ResNet-v2 root width (stage i has 4 * 2**i times as many channels)
     dropout: float = 0.0
     attn_dropout: float = 0.0
     drop_path: float = 0.0  # stochastic depth rate of the last block (linearly increasing)
@@ -81,10 +82,12 @@ class ViTConfig:
 
 
 def resample_pos_embed(pos: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None,
-                       num_prefix: int = 1, mode: str = "bicubic", antialias: bool = True) -> torch.Tensor:
+                       num_prefix: int = 1, mode: str = "bicubic", antialias: bool = True,
+                       align_corners: bool = False) -> torch.Tensor:
     """Resample (1, prefix + h*w, D) position embeddings to another grid in 2D; prefix tokens are kept.
 
     Bicubic with antialiasing (only matters when shrinking) as timm does; same as transformers when growing.
+    Checkpoint readers pass their codebase's own choice (e.g. torchvision: align_corners=True).
     """
     prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
     if old_grid is None:
@@ -96,7 +99,7 @@ def resample_pos_embed(pos: torch.Tensor, new_grid: tuple[int, int], old_grid: t
         return pos
     dim = pos.shape[-1]
     grid = grid.reshape(1, *old_grid, dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=tuple(new_grid), mode=mode, antialias=antialias, align_corners=False)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode=mode, antialias=antialias, align_corners=align_corners)
     grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos.dtype)
     return torch.cat([prefix, grid], dim=1)
 
@@ -159,7 +162,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         cin = cfg.in_chans
         if cfg.hybrid_layers:
-            self.backbone = ResNetV2Stem(cfg.hybrid_layers, cfg.in_chans)
+            self.backbone = ResNetV2Stem(cfg.hybrid_layers, cfg.in_chans, cfg.hybrid_width)
             cin = self.backbone.out_channels
         self.proj = nn.Conv2d(cin, cfg.width, cfg.patch_size, stride=cfg.patch_size)
 

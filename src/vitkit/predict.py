@@ -1,0 +1,118 @@
+"""Classify images: `vitkit.classify(model, images)` from Python, `vitkit predict` from the shell."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .data.images import ImageError, eval_transform, iter_image_paths, load_image
+
+
+@lru_cache(maxsize=1)
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet-1k class names bundled with torchvision (no download)."""
+    from torchvision.models import ViT_B_16_Weights
+
+    return list(ViT_B_16_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def class_names(model) -> list[str]:
+    if model.class_names:
+        return list(model.class_names)
+    n = model.cfg.num_classes
+    return imagenet_labels() if n == 1000 else [str(i) for i in range(n)]
+
+
+def classify(model, images: Iterable[str | Path | Image.Image], top_k: int = 5, batch_size: int = 8,
+             on_error=None) -> Iterator[dict]:
+    """Yield {"path", "top_k": [{"label", "index", "prob"}]} per image, in input order.
+
+    Images are file paths (folders are walked) or PIL images. An unreadable file is passed to
+    on_error(ImageError) and skipped; without on_error it raises.
+    """
+    transform = eval_transform(model.preprocess, model.cfg.img_size)
+    labels = class_names(model)
+    k = min(top_k, len(labels))
+    device = next(model.parameters()).device
+
+    def flush(batch):
+        with torch.inference_mode():
+            probs = model(torch.stack([t for _, t in batch]).to(device)).float().softmax(dim=-1)
+        top = probs.topk(k, dim=-1)
+        for (name, _), p, i in zip(batch, top.values.tolist(), top.indices.tolist()):
+            yield {"path": name, "top_k": [{"label": labels[j], "index": j, "prob": q} for q, j in zip(p, i)]}
+
+    batch = []
+    for item in _expand(images):
+        if isinstance(item, Image.Image):
+            name, img = None, item.convert("RGB")
+        else:
+            try:
+                img, note = load_image(item)
+            except ImageError as e:
+                if on_error is None:
+                    raise
+                on_error(e)
+                continue
+            name = str(item)
+            if note:
+                print(f"vitkit predict: {item}: {note}", file=sys.stderr)
+        batch.append((name, transform(img)))
+        if len(batch) == batch_size:
+            yield from flush(batch)
+            batch = []
+    if batch:
+        yield from flush(batch)
+
+
+def _expand(images):
+    if isinstance(images, (str, Path, Image.Image)):
+        images = [images]
+    for item in images:
+        yield from ([item] if isinstance(item, Image.Image) else iter_image_paths([item]))
+
+
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import add_model_arguments
+
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (walked recursively)")
+    add_model_arguments(p)
+    p.add_argument("--top-k", type=int, default=5, help="labels per image (default 5)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from .cli import UserError, model_from_args
+
+    if args.top_k < 1 or args.batch_size < 1:
+        raise UserError("--top-k and --batch-size must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = model_from_args(args)
+    failed = []
+
+    def report(err: ImageError):
+        failed.append(err)
+        print(f"vitkit predict: error: {err}", file=sys.stderr, flush=True)
+
+    done = 0
+    for result in classify(model, args.paths, args.top_k, args.batch_size, on_error=report):
+        done += 1
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            tops = ", ".join(f"{t['label']} ({t['prob']:.1%})" for t in result["top_k"])
+            print(f"{result['path']}: {tops}", flush=True)
+    if not done and not failed:
+        raise UserError(f"no images found in {' '.join(args.paths)}")
+    if failed:
+        print(f"vitkit predict: {len(failed)} of {len(failed) + done} images failed", file=sys.stderr)
+    return 1 if failed else 0

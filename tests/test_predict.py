@@ -1,0 +1,194 @@
+"""`vitkit predict` / `vitkit.classify`: numbers, preprocessing parity, and every kind of bad input."""
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vitkit
+from vitkit.data.images import ImageError, eval_transform, load_image
+
+SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-samples"
+needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason="../shared/data/imagenet-samples not present")
+
+
+def vitkit_cli(*args):
+    return subprocess.run([sys.executable, "-m", "vitkit", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A small 10-class vitkit checkpoint with its own class names."""
+    torch.manual_seed(0)
+    model = vitkit.create_model("ViT-Ti/16", img_size=64, depth=2, num_classes=10)
+    model.class_names = [f"class-{i}" for i in range(10)]
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    vitkit.save_model(model, path)
+    return path, model
+
+
+def photo(seed=0, size=(80, 60)):
+    """A smooth colour picture (survives JPEG), different per seed."""
+    y, x = np.mgrid[0:size[1], 0:size[0]] / max(size)
+    phase = np.random.default_rng(seed).uniform(0, 6, 3)
+    return np.stack([127.5 + 127 * np.sin(4 * x + 3 * y + p) for p in phase], -1).astype(np.uint8)
+
+
+def png_with_size(path: Path, width: int, height: int):
+    """A tiny valid PNG whose header claims width x height (a decompression bomb as PIL sees it)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0\0")) +
+                     chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def image_zoo(tmp_path_factory):
+    """(good images that must be classified, bad ones that must fail) written in every awkward form."""
+    d = tmp_path_factory.mktemp("zoo")
+    rgb = Image.fromarray(photo())
+    good = {
+        "rgb.jpg": lambda p: rgb.save(p),
+        "gray.png": lambda p: rgb.convert("L").save(p),
+        "cmyk.jpg": lambda p: rgb.convert("CMYK").save(p),
+        "rgba.png": lambda p: rgb.convert("RGBA").save(p),
+        "palette.png": lambda p: rgb.convert("P", palette=Image.Palette.ADAPTIVE).save(p),
+        "sixteen.png": lambda p: Image.fromarray(photo()[..., 0].astype(np.uint16) * 257).save(p),
+        "animated.gif": lambda p: rgb.save(p, save_all=True, append_images=[rgb.rotate(90)], duration=50),
+    }
+    for name, write in good.items():
+        write(d / name)
+    full = (d / "rgb.jpg").read_bytes()
+    (d / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 40)
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "notes.jpg").write_text("this is not an image\n")
+    png_with_size(d / "bomb.png", 40000, 40000)
+    bad = ["truncated.jpg", "corrupt.png", "empty.jpg", "notes.jpg", "bomb.png", "missing.jpg"]
+    return d, [d / n for n in good], [d / n for n in bad]
+
+
+def test_classify_matches_direct_forward(tiny_ckpt, image_zoo):
+    path, model = tiny_ckpt
+    good = image_zoo[1]
+    results = list(vitkit.classify(vitkit.load_model(path), good, top_k=3, batch_size=4))
+    assert [r["path"] for r in results] == [str(p) for p in good]
+    transform = eval_transform(model.preprocess, model.cfg.img_size)
+    for r, p in zip(results, good):
+        with torch.no_grad():
+            probs = model(transform(load_image(p)[0])[None]).softmax(-1)[0]
+        top = probs.topk(3)
+        assert [t["index"] for t in r["top_k"]] == top.indices.tolist()
+        assert [t["label"] for t in r["top_k"]] == [f"class-{i}" for i in top.indices.tolist()]
+        np.testing.assert_allclose([t["prob"] for t in r["top_k"]], top.values.numpy(), atol=1e-6)
+
+
+def test_conversions_keep_the_picture(image_zoo):
+    d, _, _ = image_zoo
+    ref = np.asarray(load_image(d / "rgb.jpg")[0], dtype=float)
+    gray, note = load_image(d / "gray.png")
+    assert gray.mode == "RGB" and note is None
+    sixteen, note = load_image(d / "sixteen.png")  # 16-bit values scaled down, not clipped to white
+    assert "16" in note
+    np.testing.assert_array_equal(np.asarray(sixteen)[..., 0], photo()[..., 0])
+    cmyk = np.asarray(load_image(d / "cmyk.jpg")[0], dtype=float)
+    assert np.abs(cmyk - ref).mean() < 8  # JPEG + CMYK round trip, same picture
+    first, note = load_image(d / "animated.gif")
+    assert "first" in note and first.size == (80, 60)
+
+
+def test_cli_bad_inputs_reported_and_others_classified(tiny_ckpt, image_zoo):
+    path, _ = tiny_ckpt
+    d, good, bad = image_zoo
+    r = vitkit_cli("predict", *good, *bad, "--weights", path, "--json", "--top-k", "2")
+    assert r.returncode == 1
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [line["path"] for line in lines] == [str(p) for p in good]
+    assert all(len(line["top_k"]) == 2 for line in lines)
+    errors = [line for line in r.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == len(bad), r.stderr
+    reasons = {"truncated.jpg": "truncated", "corrupt.png": "corrupt", "empty.jpg": "empty",
+               "notes.jpg": "not an image", "bomb.png": "too large", "missing.jpg": "no such file"}
+    for p in bad:
+        line = next(e for e in errors if str(p) in e)
+        assert reasons[p.name] in line, line
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_walks_folders_and_prints_text(tiny_ckpt, image_zoo, tmp_path):
+    path, _ = tiny_ckpt
+    for i in range(3):
+        sub = tmp_path / f"sub{i}"
+        sub.mkdir()
+        Image.fromarray(photo(i)).save(sub / f"{i}.png")
+    (tmp_path / "readme.txt").write_text("skipped: not an image suffix")
+    r = vitkit_cli("predict", tmp_path, "--weights", path, "--top-k", "1")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 3 and all("class-" in line for line in r.stdout.splitlines())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--weights", "nope.safetensors"], "no such file"),
+    (["--top-k", "0"], "--top-k"),
+])
+def test_cli_argument_errors_are_one_line(tiny_ckpt, image_zoo, args, message):
+    path, _ = tiny_ckpt
+    extra = [] if "--weights" in args else ["--weights", path]
+    r = vitkit_cli("predict", image_zoo[1][0], *args, *extra)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_non_vitkit_weights_need_model(tmp_path, image_zoo):
+    model = vitkit.create_model("ViT-Ti/16", depth=1)
+    torch.save(model.state_dict(), tmp_path / "timm.pth")
+    r = vitkit_cli("predict", image_zoo[1][0], "--weights", tmp_path / "timm.pth")
+    assert r.returncode == 2 and "--model" in r.stderr
+
+
+def test_imagenet_labels_and_real_photos(tmp_path):
+    """A 1000-class model without its own names gets torchvision's ImageNet names."""
+    model = vitkit.create_model("ViT-Ti/16", depth=1)
+    vitkit.save_model(model, tmp_path / "in1k.safetensors")
+    photos = sorted(SAMPLES.glob("*.JPEG"))[:6] if SAMPLES.is_dir() else []
+    if not photos:
+        pytest.skip("../shared/data/imagenet-samples not present")
+    r = vitkit_cli("predict", *photos, "--weights", tmp_path / "in1k.safetensors", "--json", "--top-k", "1")
+    assert r.returncode == 0, r.stderr
+    from torchvision.models import ViT_B_16_Weights
+    names = ViT_B_16_Weights.IMAGENET1K_V1.meta["categories"]
+    for line in map(json.loads, r.stdout.splitlines()):
+        top = line["top_k"][0]
+        assert top["label"] == names[top["index"]]
+
+
+@needs_samples
+def test_all_shared_samples_load_as_rgb():
+    for p in sorted(SAMPLES.glob("*.JPEG")):
+        img, _ = load_image(p)
+        assert img.mode == "RGB" and min(img.size) > 16
+
+
+def test_preprocessing_matches_timm_and_torchvision():
+    timm = pytest.importorskip("timm")
+    from timm.data import create_transform, resolve_data_config
+    from torchvision.models import ViT_B_16_Weights
+
+    img = Image.fromarray(photo(3, (300, 200)))
+    ours = vitkit.create_model("vit_base_patch16_224", depth=1)
+    ref = create_transform(**resolve_data_config({}, model=timm.create_model("vit_base_patch16_224", depth=1)))
+    assert (ref(img) - eval_transform(ours.preprocess, ours.cfg.img_size)(img)).abs().max() < 1e-5
+    ours = vitkit.create_model("vit_b_16", depth=1)
+    ref = ViT_B_16_Weights.IMAGENET1K_V1.transforms()
+    assert (ref(img) - eval_transform(ours.preprocess, ours.cfg.img_size)(img)).abs().max() < 1e-5
+
+
+def test_image_error_is_value_error():
+    with pytest.raises(ImageError, match="no such file"):
+        load_image("/definitely/not/here.png")
