@@ -1,0 +1,194 @@
+"""`vitkit attention IMAGE... -o OUT` (attention maps as pictures) and `vitkit inspect -o DIR` (Figure 7)."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from ..cli import UserError, add_model_arguments, model_from_args, user_errors
+from ..data.images import ImageError, iter_image_paths, load_image
+from ..predict import class_names
+from .attention import METHODS, check_index, prepare, row_description, to_image_size, token_map
+from .figure7 import FIGURES, save_figure, write_figure7
+
+
+@contextlib.contextmanager
+def _value_errors_as_user_errors(prefix: str = ""):
+    """A plain ValueError from the library (unknown model name, no readable image) is the user's input problem."""
+    try:
+        yield
+    except user_errors():
+        raise
+    except ValueError as e:
+        raise UserError(f"{prefix}{e}") from None
+
+
+def _load_model(args: argparse.Namespace):
+    with _value_errors_as_user_errors(f"--model {args.model}: " if args.model else ""):
+        return model_from_args(args)
+
+
+def _image_paths(paths: list[str]) -> list[Path]:
+    found = list(iter_image_paths(paths))
+    if not found:
+        raise UserError(f"no images found in {' '.join(paths)}")
+    return found
+
+
+def _report(command: str, failed: list):
+    def on_error(err: Exception):
+        failed.append(err)
+        print(f"vitkit {command}: error: {err}", file=sys.stderr, flush=True)
+    return on_error
+
+
+# --- vitkit attention ------------------------------------------------------------------------------
+def add_attention_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (walked recursively)")
+    add_model_arguments(p)
+    p.add_argument("--method", choices=METHODS, default="rollout",
+                   help="rollout: all layers (Abnar & Zuidema); last-layer: the last layer, heads averaged; "
+                        "head: one --layer/--head (default rollout)")
+    p.add_argument("--layer", type=int, help="with --method head: layer index (default the last; -1 = last)")
+    p.add_argument("--head", type=int, help="with --method head: head index (default all heads averaged)")
+    p.add_argument("-o", "--output", required=True,
+                   help="a .png file for one image; otherwise a folder (created) with IMAGE-NAME_METHOD.png")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+
+
+def attention_figure(image, amap: np.ndarray, title: str, path: Path) -> None:
+    """The image, the map, and the map over the image, side by side."""
+    h, w = amap.shape
+    fig = Figure(figsize=(12, 4 * h / w + 0.7))
+    axes = fig.subplots(1, 3)
+    axes[0].imshow(image)
+    axes[0].set_title("image", fontsize=9)
+    im = axes[1].imshow(amap, cmap="inferno", vmin=0, vmax=1)
+    axes[1].set_title("attention", fontsize=9)
+    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04)
+    axes[2].imshow(image)
+    axes[2].imshow(amap, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    axes[2].set_title("overlay", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)
+
+
+def _prediction(model, logits) -> str:
+    if not model.cfg.num_classes:
+        return "no classifier head"
+    prob, index = logits[0].float().softmax(dim=-1).max(dim=-1)
+    return f"predicted: {class_names(model)[index]} ({prob:.1%})"
+
+
+def _method_label(args, model) -> tuple[str, str]:
+    """(file-name tag, description) of the chosen map."""
+    depth = len(model.blocks)
+    if args.method == "rollout":
+        return "rollout", f"attention rollout over {depth} layers"
+    if args.method == "last-layer":
+        return "last-layer", f"last layer ({depth - 1}), heads averaged"
+    layer = depth - 1 if args.layer is None else args.layer % depth
+    if args.head is None:
+        return f"layer{layer}-mean", f"layer {layer}, heads averaged"
+    head = args.head % model.cfg.num_heads
+    return f"layer{layer}-head{head}", f"layer {layer}, head {head}"
+
+
+def run_attention(args: argparse.Namespace) -> int:
+    if args.method != "head" and (args.layer is not None or args.head is not None):
+        raise UserError(f"--layer/--head pick one layer and head: use them with --method head, not {args.method}")
+    paths = _image_paths(args.images)
+    out = Path(args.output)
+    single_file = out.suffix.lower() == ".png"
+    if single_file and len(paths) > 1:
+        raise UserError(f"-o {out}: {len(paths)} images need an output folder, not one .png file")
+    model = _load_model(args)
+    try:
+        if args.layer is not None:
+            check_index("layer", args.layer, len(model.blocks))
+        if args.head is not None:
+            check_index("head", args.head, model.cfg.num_heads)
+    except IndexError as e:
+        raise UserError(f"--{e}") from None
+    tag, description = _method_label(args, model)
+    targets = [out] if single_file else _output_names(paths, out, tag)
+    failed: list = []
+    on_error = _report("attention", failed)
+    for path, target in zip(paths, targets):
+        if target.exists() and not args.force:
+            on_error(FileExistsError(f"{target}: exists (use --force to overwrite)"))
+            continue
+        try:
+            image, note = load_image(path)
+        except ImageError as e:
+            on_error(e)
+            continue
+        if note:
+            print(f"vitkit attention: {path}: {note}", file=sys.stderr)
+        x, size = prepare(model, image)
+        logits, grid = token_map(model, x, args.method, args.layer, args.head)
+        prediction = _prediction(model, logits)
+        title = f"{path.name}: {prediction}\n{description}, {row_description(model)}"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            attention_figure(image, to_image_size(grid, size), title, target)
+        except OSError as e:
+            on_error(OSError(f"{target}: cannot write ({e.strerror or e})"))
+            continue
+        print(f"{path} -> {target} ({prediction})", flush=True)
+    if failed:
+        print(f"vitkit attention: {len(failed)} of {len(paths)} images failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _output_names(paths: list[Path], folder: Path, tag: str) -> list[Path]:
+    """folder/NAME_TAG.png per image; a repeated name gets -2, -3, ..."""
+    seen: dict[str, int] = {}
+    names = []
+    for p in paths:
+        seen[p.stem] = seen.get(p.stem, 0) + 1
+        suffix = f"-{seen[p.stem]}" if seen[p.stem] > 1 else ""
+        names.append(folder / f"{p.stem}{suffix}_{tag}.png")
+    return names
+
+
+# --- vitkit inspect ------------------------------------------------------------------------------------
+def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="folder for filters.png, position_similarity.png, attention_distance.png, summary.json")
+    p.add_argument("--images", nargs="+", metavar="PATH",
+                   help="images (files or folders) to measure attention distance on; default "
+                        "../shared/data/imagenet-samples when present, else 16 generated images")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out}: exists and is not a folder")
+    existing = [out / f for f in FIGURES if (out / f).exists()]
+    if existing and not args.force:
+        raise UserError(f"-o {out}: {', '.join(p.name for p in existing)} already there (use --force to overwrite)")
+    images, source = None, None
+    if args.images:
+        images, source = _image_paths(args.images), " ".join(args.images)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"-o {out}: cannot create the folder ({e.strerror or e})") from None
+    model = _load_model(args)
+    failed: list = []
+    with _value_errors_as_user_errors():
+        summary = write_figure7(model, out, images, source, on_error=_report("inspect", failed))
+    dist = summary["attention_distance"]
+    print(f"wrote {', '.join(str(out / f) for f in FIGURES)} (attention distance over {dist['images']} images)")
+    if failed:
+        print(f"vitkit inspect: {len(failed)} images failed", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,247 @@
+"""The paper's Figure 7 (section 4.5) for any model: principal components of the patch-embedding filters,
+cosine similarity of position embeddings, and mean attention distance per head against depth.
+
+Each `*_figure` function computes its numbers, draws them with matplotlib (Agg) and returns the numbers
+for summary.json.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure  # drawn on matplotlib's Agg canvas; pyplot's global state is not touched
+from PIL import Image, ImageDraw, ImageFilter
+
+from ..data.images import ImageError, iter_image_paths
+from ..models.resnetv2 import StdConv2d
+from .attention import forward_with_attention, prepare
+
+SAMPLES = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "imagenet-samples"
+MAX_MATRIX = 1024  # positions up to which summary.json keeps the full similarity matrix
+
+
+# --- filters ---------------------------------------------------------------------------------------
+def embedding_filters(model) -> tuple[torch.Tensor, str]:
+    """The filters that see raw pixels, (out, C, k, k), and where they come from.
+
+    With a stem (hybrid ResNet, or a conv stem) the patch embedding works on stem features, so there is
+    nothing to see in pixel space; the stem's first conv is shown instead (weight-standardised when the
+    stem applies it so, as the BiT ResNet does)."""
+    if not hasattr(model.patch_embed, "backbone"):
+        return model.patch_embed.proj.weight.detach().float().cpu(), "patch_embed.proj"
+    name, conv = next((n, m) for n, m in model.patch_embed.backbone.named_modules() if isinstance(m, torch.nn.Conv2d))
+    w = conv.weight.detach().float().cpu()
+    if isinstance(conv, StdConv2d):
+        std = w.std(dim=(1, 2, 3), unbiased=False, keepdim=True).clamp_min(1e-8)
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / std
+    return w, f"patch_embed.backbone.{name} (the stem's first conv: the patch embedding works on stem features)"
+
+
+def filter_components(weights: torch.Tensor, k: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k principal components of the filters (as (k, C, kh, kw)) and their explained variance ratios."""
+    flat = weights.flatten(1).double()
+    _, s, vt = torch.linalg.svd(flat - flat.mean(dim=0), full_matrices=False)
+    k = min(k, vt.shape[0])
+    var = s**2
+    return vt[:k].reshape(k, *weights.shape[1:]).numpy(), (var[:k] / var.sum()).numpy()
+
+
+def _as_rgb(f: np.ndarray) -> np.ndarray:
+    """(C, kh, kw) -> (kh, kw, 3) in [0, 1]; other channel counts are shown as gray (mean over channels)."""
+    img = f.transpose(1, 2, 0) if f.shape[0] == 3 else np.repeat(f.mean(axis=0)[..., None], 3, axis=-1)
+    lo, hi = img.min(), img.max()
+    return (img - lo) / (hi - lo) if hi > lo else np.full_like(img, 0.5)
+
+
+def filters_figure(model, path: Path) -> dict:
+    weights, source = embedding_filters(model)
+    comps, explained = filter_components(weights)
+    cols = 7
+    rows = math.ceil(len(comps) / cols)
+    fig = Figure(figsize=(cols * 1.1, rows * 1.1 + 0.8))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, c, v in zip(axes.flat, comps, explained):
+        ax.imshow(_as_rgb(c), interpolation="nearest")
+        ax.set_title(f"{v:.1%}", fontsize=7)
+    title = "RGB embedding filters (first principal components)"
+    if source != "patch_embed.proj":
+        title = "stem's first conv filters (first principal components);\nthe patch embedding works on stem features"
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, path)
+    return {"source": source, "filter_shape": list(weights.shape), "explained_variance_ratio": _round(explained),
+            "components": _round(comps)}
+
+
+# --- position embeddings ---------------------------------------------------------------------------
+def position_similarity(model) -> np.ndarray:
+    """Cosine similarity of every patch position's embedding with every other's: (h*w, h*w), row-major."""
+    pos = model.pos_embed[0, model.num_prefix_tokens:].detach().float().cpu()
+    pos = F.normalize(pos, dim=-1)
+    return (pos @ pos.T).clamp(-1, 1).numpy()
+
+
+def grid_distances(grid: tuple[int, int]) -> np.ndarray:
+    """Euclidean distance between every pair of grid cells (row-major), in cells."""
+    rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
+    cells = np.stack([rows.ravel(), cols.ravel()], axis=1).astype(np.float64)
+    return np.sqrt(((cells[:, None] - cells[None]) ** 2).sum(-1))
+
+
+def similarity_mosaic(sim: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """One small (h, w) heat map per position, tiled in an h x w layout with 1-cell NaN gutters."""
+    h, w = grid
+    tiles = np.full((h, w, h + 1, w + 1), np.nan)
+    tiles[:, :, :h, :w] = sim.reshape(h, w, h, w)
+    return tiles.transpose(0, 2, 1, 3).reshape(h * (h + 1), w * (w + 1))[:-1, :-1]
+
+
+def position_figure(model, path: Path) -> dict:
+    grid = model.cfg.grid
+    sim = position_similarity(model)
+    if sim.shape[0] != math.prod(grid):
+        raise ValueError(f"{sim.shape[0]} position embeddings do not match the {grid[0]}x{grid[1]} patch grid")
+    fig = Figure(figsize=(6.4, 6.4 * grid[0] / grid[1] + 0.6))
+    ax = fig.subplots()
+    im = ax.imshow(similarity_mosaic(sim, grid), cmap="viridis", vmin=-1, vmax=1, interpolation="nearest")
+    step = grid[1] + 1, grid[0] + 1
+    ax.set_xticks(np.arange(grid[1]) * step[0] + grid[1] / 2 - 0.5, np.arange(1, grid[1] + 1), fontsize=6)
+    ax.set_yticks(np.arange(grid[0]) * step[1] + grid[0] / 2 - 0.5, np.arange(1, grid[0] + 1), fontsize=6)
+    ax.set(xlabel="input patch column", ylabel="input patch row",
+           title=f"position embedding similarity ({grid[0]}x{grid[1]} patches)")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
+    save_figure(fig, path)
+    dist = grid_distances(grid)
+    by_distance = {f"{d:.3f}": float(sim[dist == d].mean()) for d in np.unique(dist)}
+    out = {"grid": list(grid), "diagonal": [float(sim.diagonal().min()), float(sim.diagonal().max())],
+           "mean_by_distance": by_distance, "neighbours_mean": float(sim[dist == 1].mean()) if dist.max() else None}
+    if sim.shape[0] <= MAX_MATRIX:
+        out["matrix"] = _round(sim)
+    return out
+
+
+# --- attention distance ----------------------------------------------------------------------------
+def mean_attention_distance(attn: torch.Tensor, grid: tuple[int, int], prefix: int, pixels: int) -> torch.Tensor:
+    """(B, heads, N, N) probabilities -> (B, heads) mean distance in pixels between a patch query and the
+    patches it attends to; attention among patch tokens only, re-normalised over them."""
+    a = attn[..., prefix:, prefix:].double()
+    a = a / a.sum(dim=-1, keepdim=True)
+    dist = torch.from_numpy(grid_distances(grid) * pixels).to(a.device)
+    return (a * dist).sum(dim=-1).mean(dim=-1)
+
+
+def synthetic_images(n: int = 16, size: int = 224, seed: int = 0) -> list[Image.Image]:
+    """Stand-in pictures when no sample photos are available: blurred colour noise with random shapes."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        base = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize((size, size), Image.Resampling.BICUBIC)
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.integers(2, 6)):
+            corner = rng.integers(0, size * 3 // 4, 2)
+            box = [*corner.tolist(), *(corner + rng.integers(size // 8, size // 2, 2)).tolist()]
+            fill = tuple(rng.integers(0, 256, 3).tolist())
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+        out.append(img.filter(ImageFilter.GaussianBlur(1)))
+    return out
+
+
+def default_images() -> tuple[list, str]:
+    """The bundled ImageNet samples when present (../shared/data), else generated pictures."""
+    if SAMPLES.is_dir() and (paths := list(iter_image_paths([SAMPLES]))):
+        return paths, str(SAMPLES)
+    return synthetic_images(), "16 generated images (blurred colour noise with shapes; no sample photos found)"
+
+
+def attention_distances(model, images: Iterable, on_error: Callable[[Exception], None] | None = None,
+                        batch_size: int = 8) -> tuple[np.ndarray, int]:
+    """Mean attention distance (layers, heads) in pixels, averaged over the images that could be read."""
+    grid, prefix, pixels = model.cfg.grid, model.num_prefix_tokens, model.cfg.reduction
+    total, count, batch = 0.0, 0, []
+
+    def flush():
+        _, attn = forward_with_attention(model, torch.cat(batch))
+        per_layer = torch.stack([mean_attention_distance(attn[i], grid, prefix, pixels) for i in sorted(attn)])
+        batch.clear()
+        return per_layer.sum(dim=1).cpu().numpy()  # (layers, heads), summed over the batch
+
+    for image in images:
+        try:
+            batch.append(prepare(model, image)[0])
+        except ImageError as e:
+            if on_error is None:
+                raise
+            on_error(e)
+            continue
+        count += 1
+        if len(batch) == batch_size:
+            total = total + flush()
+    if batch:
+        total = total + flush()
+    if not count:
+        raise ValueError("no readable images to measure attention distance on")
+    return total / count, count
+
+
+def distance_figure(model, path: Path, images: Iterable, source: str, on_error=None) -> dict:
+    dist, count = attention_distances(model, images, on_error)
+    uniform = float(grid_distances(model.cfg.grid).mean() * model.cfg.reduction)
+    layers, heads = dist.shape
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.subplots()
+    colours = matplotlib.colormaps["tab20" if heads > 10 else "tab10"]
+    for h in range(heads):
+        ax.scatter(np.arange(1, layers + 1), dist[:, h], s=14, color=colours(h % colours.N), label=f"head {h + 1}")
+    ax.axhline(uniform, ls="--", color="gray", lw=1, label="uniform attention")
+    ax.set(xlabel="network depth (layer)", ylabel="mean attention distance (pixels)",
+           ylim=(0, 1.1 * max(uniform, float(dist.max()))),
+           title=f"mean attention distance over {count} image{'s' if count > 1 else ''}")
+    ax.set_xticks(np.arange(1, layers + 1))
+    if heads <= 16:
+        ax.legend(fontsize=6, ncol=2, loc="lower right")
+    save_figure(fig, path)
+    return {"unit": "pixels", "images": count, "image_source": source, "uniform_attention": uniform,
+            "per_layer_head": _round(dist), "per_layer_mean": _round(dist.mean(axis=1))}
+
+
+# --- common --------------------------------------------------------------------------------------------
+def save_figure(fig: Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _round(a: np.ndarray, digits: int = 4) -> list:
+    return np.round(np.asarray(a, dtype=np.float64), digits).tolist()
+
+
+FIGURES = ("filters.png", "position_similarity.png", "attention_distance.png", "summary.json")
+
+
+def write_figure7(model, out_dir: Path, images: Iterable | None = None, source: str | None = None,
+                  on_error=None) -> dict:
+    """Write the four files of FIGURES into out_dir (which must be writable; existing files are replaced)."""
+    import json
+
+    if images is None:
+        images, source = default_images()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    summary = {
+        "model": {"width": cfg.width, "depth": cfg.depth, "heads": cfg.num_heads, "patch_size": cfg.patch_size,
+                  "img_size": list(cfg.img_size), "grid": list(cfg.grid), "pool": cfg.pool,
+                  "hybrid": bool(cfg.hybrid_layers)},
+        "filters": filters_figure(model, out_dir / FIGURES[0]),
+        "position_similarity": position_figure(model, out_dir / FIGURES[1]),
+        "attention_distance": distance_figure(model, out_dir / FIGURES[2], images, source or "given images", on_error),
+    }
+    # one line per section: readable keys, without a line per number of the matrices
+    lines = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in summary.items()]
+    (out_dir / FIGURES[3]).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+    return summary

@@ -1,0 +1,434 @@
+"""vitkit.inspect: attention maps and the paper's Figure 7, checked against direct computations."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import vitkit
+from vitkit.cli import main as vitkit_main
+from vitkit.inspect import all_attentions, attention_map, rollout
+from vitkit.inspect import figure7
+from vitkit.inspect.attention import token_map
+from vitkit.models.vit import Attention
+
+
+def tiny_vit(**overrides):
+    torch.manual_seed(0)
+    cfg = dict(patch_size=8, img_size=32, width=32, depth=3, num_heads=2, mlp_dim=64, num_classes=5)
+    return vitkit.ViT(vitkit.ViTConfig(**{**cfg, **overrides})).eval()
+
+
+# --- a model whose attention is set by hand ---------------------------------------------------------
+GRID, HEADS = (4, 4), 2
+
+
+def handset_vit(scales, pool="token", width=8, orthogonal=False, class_token=True):
+    """Tokens are the position embeddings alone, every block is the identity on the residual stream, and
+    head h of layer l has logits scales[l][h] * <z_i, z_j> / sqrt(head_dim) with z = LayerNorm(position).
+    So its attention probabilities follow from the position embeddings in closed form. orthogonal: each
+    head's slices of the embeddings are orthonormal and zero-mean, so a large scale means attending to itself."""
+    torch.manual_seed(1)
+    model = vitkit.ViT(vitkit.ViTConfig(patch_size=4, img_size=16, width=width, depth=len(scales), num_heads=HEADS,
+                                        mlp_dim=16, num_classes=3, pool=pool, class_token=class_token))
+    dh = width // HEADS
+    with torch.no_grad():
+        model.pos_embed.normal_()
+        if orthogonal:
+            basis = torch.randn(dh, model.pos_embed.shape[1])
+            q, _ = torch.linalg.qr(basis - basis.mean(dim=0))  # orthonormal columns, orthogonal to all-ones
+            model.pos_embed.copy_(q.T.repeat(1, HEADS)[None])
+        torch.nn.init.zeros_(model.patch_embed.proj.weight), torch.nn.init.zeros_(model.patch_embed.proj.bias)
+        if model.cls_token is not None:
+            model.cls_token.zero_()
+        for blk, layer_scales in zip(model.blocks, scales):
+            qkv = torch.zeros(3 * width, width)
+            qkv[:width] = torch.diag(torch.tensor(layer_scales, dtype=torch.float32).repeat_interleave(dh))
+            qkv[width:2 * width] = torch.eye(width)
+            qkv[2 * width:] = torch.randn(width, width)
+            blk.attn.qkv.weight.copy_(qkv), blk.attn.qkv.bias.zero_()
+            for lin in (blk.attn.proj, blk.mlp.fc2):  # residual branches add nothing
+                lin.weight.zero_(), lin.bias.zero_()
+    return model.eval()
+
+
+def direct_attention(model, scales) -> np.ndarray:
+    """(layers, heads, N, N) straight from the construction, in float64 numpy."""
+    pos = model.pos_embed[0].detach().double().numpy()
+    z = (pos - pos.mean(-1, keepdims=True)) / np.sqrt(pos.var(-1, keepdims=True) + model.cfg.norm_eps)
+    dh = model.cfg.width // HEADS
+    out = []
+    for layer_scales in scales:
+        heads = []
+        for h, a in enumerate(layer_scales):
+            zh = z[:, h * dh:(h + 1) * dh]
+            logits = a * zh @ zh.T / math.sqrt(dh)
+            p = np.exp(logits - logits.max(-1, keepdims=True))
+            heads.append(p / p.sum(-1, keepdims=True))
+        out.append(heads)
+    return np.array(out)
+
+
+def direct_rollout(attn: np.ndarray) -> np.ndarray:
+    joint = np.eye(attn.shape[-1])
+    for layer in attn:
+        a = layer.mean(0) + np.eye(attn.shape[-1])
+        joint = (a / a.sum(-1, keepdims=True)) @ joint
+    return joint
+
+
+SCALES = [[0.5, 3.0], [2.0, 0.0], [1.0, 5.0]]
+PIXELS = torch.zeros(1, 3, 16, 16)  # the content does not matter: the patch embedding is zero
+
+
+def test_handset_attention_is_returned_exactly():
+    model = handset_vit(SCALES)
+    got = all_attentions(model, PIXELS).double().numpy()
+    want = direct_attention(model, SCALES)
+    assert got.shape == (3, HEADS, 17, 17)
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    assert np.abs(want[0, 0] - want[0, 1]).max() > 0.05  # the heads really differ
+
+
+@pytest.mark.parametrize("pool, class_token", [("token", True), ("gap", False), ("gap", True)])
+def test_rollout_and_single_layer_maps_match_direct_computation(pool, class_token):
+    model = handset_vit(SCALES, pool, class_token=class_token)
+    want_attn = direct_attention(model, SCALES)
+    prefix = int(class_token)
+
+    def row(matrix):  # [class] row, or the mean over patch rows for gap (the [class] row, if any, left out)
+        return (matrix[0] if pool == "token" else matrix[prefix:].mean(0))[prefix:]
+
+    def norm(v):
+        v = v.reshape(GRID)
+        return v / v.max()
+
+    cases = {("rollout", None, None): norm(row(direct_rollout(want_attn))),
+             ("last-layer", None, None): norm(row(want_attn[-1].mean(0))),
+             ("head", 0, 1): norm(row(want_attn[0, 1])),
+             ("head", -2, None): norm(row(want_attn[1].mean(0)))}
+    for (method, layer, head), want in cases.items():
+        _, grid = token_map(model, PIXELS, method, layer, head)
+        np.testing.assert_allclose(grid.double().numpy(), want, atol=1e-5, err_msg=method)
+        full = attention_map(model, PIXELS, method, layer, head)  # a preprocessed tensor keeps its own size
+        ref = F.interpolate(torch.from_numpy(want)[None, None], size=(16, 16), mode="bilinear")[0, 0].numpy()
+        np.testing.assert_allclose(full, ref / ref.max(), atol=1e-5)
+
+
+def test_rollout_of_uniform_attention_has_closed_form():
+    n, layers = 10, 4  # uniform U is idempotent: ((U + I) / 2)^L = 2^-L I + (1 - 2^-L) U
+    uniform = torch.full((layers, 3, n, n), 1 / n, dtype=torch.float64)
+    want = 0.5**layers * torch.eye(n, dtype=torch.float64) + (1 - 0.5**layers) / n
+    torch.testing.assert_close(rollout(uniform), want)
+
+
+def test_map_has_the_original_image_resolution():
+    model = tiny_vit()
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    for method in ("rollout", "last-layer", "head"):
+        amap = attention_map(model, photo, method)
+        assert isinstance(amap, np.ndarray) and amap.shape == (37, 53)
+        assert amap.max() == pytest.approx(1.0) and amap.min() >= 0
+    gap = tiny_vit(pool="gap", class_token=False)
+    assert attention_map(gap, photo).shape == (37, 53)
+
+
+# --- returned probabilities, and the model left as it was ---------------------------------------------
+def test_rows_sum_to_one_and_equal_the_unfused_computation():
+    model = tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    got = all_attentions(model, x)
+    torch.testing.assert_close(got.sum(-1), torch.ones(got.shape[:-1]), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        tokens, _ = model.embed(x)
+        for i, blk in enumerate(model.blocks):
+            h = blk.norm1(tokens)
+            q, k, _ = blk.attn.qkv(h).view(1, 17, 3, 2, 16).permute(2, 0, 3, 1, 4)
+            want = (q @ k.transpose(-2, -1) / math.sqrt(16)).softmax(-1)[0]
+            torch.testing.assert_close(got[i], want, atol=1e-6, rtol=1e-5)
+            tokens = blk(tokens)
+
+
+def test_inference_stays_fused_and_unchanged(monkeypatch):
+    model = tiny_vit(dropout=0.1)
+    model.train()  # a caller's training mode must survive
+    x = torch.randn(2, 3, 32, 32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    before = model(x)
+    model.train()
+    for method in ("rollout", "last-layer", "head"):
+        attention_map(model, x[:1], method)
+    all_attentions(model, x[:1])
+    assert model.training
+    assert all(m.probs_sink is None for m in model.modules() if isinstance(m, Attention))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    fused = []
+    original = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: fused.append(1) or original(*a, **kw))
+    model.eval()
+    assert torch.equal(model(x), before)
+    assert len(fused) == 3  # every block took the fused path
+    with pytest.raises(RuntimeError), vitkit.capture_attention(model, [1]):
+        raise RuntimeError("interrupted inside the block")
+    assert all(m.probs_sink is None for m in model.modules() if isinstance(m, Attention))
+
+
+def test_bad_arguments_give_clear_errors():
+    model, x = tiny_vit(), torch.zeros(1, 3, 32, 32)
+    with pytest.raises(IndexError, match="layer 3 is out of range: the model has 3 layers"):
+        attention_map(model, x, "head", layer=3)
+    with pytest.raises(IndexError, match="head -3 is out of range: the model has 2 heads"):
+        attention_map(model, x, "head", head=-3)
+    with pytest.raises(ValueError, match="method 'head'"):
+        attention_map(model, x, "rollout", layer=0)
+    with pytest.raises(ValueError, match="unknown method"):
+        attention_map(model, x, "gradcam")
+    with pytest.raises(TypeError, match="not a vitkit ViT"):
+        attention_map(torch.nn.Conv2d(3, 3, 1), x)
+
+
+# --- Figure 7 maths ------------------------------------------------------------------------------------
+def brute_force_mean_distance(grid, pixels):
+    cells = [(r, c) for r in range(grid[0]) for c in range(grid[1])]
+    return np.mean([math.dist(a, b) for a in cells for b in cells]) * pixels
+
+
+def test_attention_distance_local_versus_uniform():
+    uniform = handset_vit([[0.0, 0.0]] * 2)  # zero query weights: every token attends evenly to all
+    local = handset_vit([[5.0, 5.0]] * 2, width=2 * 18, orthogonal=True)  # attention stays on the patch itself
+    mean_pairwise = brute_force_mean_distance(GRID, 4)
+    dist, count = figure7.attention_distances(uniform, [PIXELS, PIXELS])
+    assert count == 2 and dist.shape == (2, HEADS)
+    np.testing.assert_allclose(dist, mean_pairwise, rtol=1e-6)
+    near, _ = figure7.attention_distances(local, [PIXELS])
+    assert near.max() < 0.01 * 4  # well under one patch (4 px)
+    np.testing.assert_allclose(near, direct_distances(local, [[5.0, 5.0]] * 2), rtol=1e-4)
+    # the same on hand-made probabilities: identity -> 0, one step right for every query -> one patch
+    eye = torch.eye(17)[None, None]
+    assert figure7.mean_attention_distance(eye, GRID, 1, 4).item() == pytest.approx(0)
+    shift = torch.zeros(1, 1, 17, 17)
+    for i in range(16):
+        r, c = divmod(i, 4)
+        shift[0, 0, 1 + i, 1 + r * 4 + (c + 1 if c < 3 else c - 1)] = 1
+    assert figure7.mean_attention_distance(shift, GRID, 1, 4).item() == pytest.approx(4)
+
+
+@pytest.mark.parametrize("img_size", [(32, 32), (32, 48)])
+def test_position_similarity_diagonal_and_grid(img_size, tmp_path):
+    model = tiny_vit(img_size=img_size)
+    sim = figure7.position_similarity(model)
+    h, w = model.cfg.grid
+    assert sim.shape == (h * w, h * w)
+    np.testing.assert_allclose(np.diag(sim), 1.0, atol=1e-6)
+    np.testing.assert_allclose(sim, sim.T, atol=1e-6)
+    mosaic = figure7.similarity_mosaic(sim, (h, w))
+    assert mosaic.shape == (h * (h + 1) - 1, w * (w + 1) - 1)
+    i = h * w - 2  # last row, one before the last column: its own tile holds its similarities
+    r, c = divmod(i, w)
+    np.testing.assert_array_equal(mosaic[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w],
+                                  sim[i].reshape(h, w))
+    out = figure7.position_figure(model, tmp_path / "pos.png")
+    assert out["grid"] == [h, w] and out["diagonal"] == pytest.approx([1, 1], abs=1e-6)
+    width, height = assert_picture(tmp_path / "pos.png", (400, 300))
+    assert (height < width) == (h < w)  # the picture follows the grid's shape
+
+
+def test_filters_are_principal_components(tmp_path):
+    model = tiny_vit()
+    w = model.patch_embed.proj.weight.detach().double().flatten(1).numpy()
+    comps, explained = figure7.filter_components(model.patch_embed.proj.weight.detach(), k=5)
+    centred = w - w.mean(0)
+    eigval, eigvec = np.linalg.eigh(centred.T @ centred)  # covariance eigenvectors, ascending
+    for j in range(5):
+        assert abs(comps[j].ravel() @ eigvec[:, -1 - j]) == pytest.approx(1, abs=1e-6)
+    np.testing.assert_allclose(explained, eigval[::-1][:5] / eigval.sum(), rtol=1e-6)
+    summary = figure7.filters_figure(model, tmp_path / "f.png")
+    assert summary["source"] == "patch_embed.proj" and len(summary["components"]) == 28
+    assert_picture(tmp_path / "f.png", (500, 300))
+
+
+def test_hybrid_shows_stem_filters(tmp_path):
+    model = tiny_vit(patch_size=1, hybrid_layers=(1,), img_size=32)
+    summary = figure7.filters_figure(model, tmp_path / "f.png")
+    assert summary["source"].startswith("patch_embed.backbone.stem.conv") and summary["filter_shape"] == [64, 3, 7, 7]
+    assert_picture(tmp_path / "f.png", (500, 300))
+    w = model.patch_embed.backbone.stem.conv.weight.detach().flatten(1)  # shown as applied: standardised
+    standardised = (w - w.mean(1, keepdim=True)) / w.std(1, unbiased=False, keepdim=True)
+    comps, _ = figure7.filter_components(standardised.reshape(64, 3, 7, 7), k=28)
+    np.testing.assert_allclose(np.abs(summary["components"]), np.abs(comps.round(4)), atol=2e-4)
+    dist, _ = figure7.attention_distances(model, [torch.randn(1, 3, 32, 32)])
+    assert dist.shape == (3, 2) and (dist > 0).all() and (dist < 32 * math.sqrt(2)).all()
+
+
+@pytest.mark.skipif(not hasattr(vitkit.ViTConfig, "conv_stem"), reason="no conv stem in this vitkit")
+def test_conv_stem_shows_first_conv(tmp_path):
+    model = tiny_vit(conv_stem=(8, 16), patch_size=4)
+    summary = figure7.filters_figure(model, tmp_path / "f.png")
+    assert summary["source"].startswith("patch_embed.backbone.0.conv") and summary["filter_shape"] == [8, 3, 3, 3]
+
+
+def test_default_images(monkeypatch):
+    paths, source = figure7.default_images()
+    if figure7.SAMPLES.is_dir():
+        assert len(paths) >= 40 and source == str(figure7.SAMPLES)
+    monkeypatch.setattr(figure7, "SAMPLES", figure7.SAMPLES / "nowhere")
+    images, source = figure7.default_images()
+    assert "generated" in source and len(images) == 16
+    arrays = [np.asarray(im) for im in images[:3]]
+    assert all(a.shape == (224, 224, 3) and a.std() > 20 for a in arrays)
+    assert not np.array_equal(arrays[0], arrays[1])
+
+
+def direct_distances(model, scales):
+    attn = direct_attention(model, scales)[..., 1:, 1:]
+    attn = attn / attn.sum(-1, keepdims=True)
+    cells = [(r, c) for r in range(GRID[0]) for c in range(GRID[1])]
+    dist = np.array([[math.dist(a, b) * 4 for b in cells] for a in cells])
+    return (attn * dist).sum(-1).mean(-1)
+
+
+# --- a model trained in vitkit --------------------------------------------------------------------------
+def assert_picture(path, min_size):
+    """The PNG opens, is at least min_size (w, h), and is not blank: many colours, real contrast."""
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        size = img.size
+        pixels = np.asarray(img.convert("RGB"))
+    assert size[0] >= min_size[0] and size[1] >= min_size[1], size
+    assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+    return size
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """A small ViT trained on scikit-learn's digits (16x16, 2x2 patches -> 8x8 grid) with a plain loop, a
+    few seconds; saved as a vitkit checkpoint, with a few digits written as PNG files."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = F.interpolate(torch.tensor(data.images, dtype=torch.float32)[:, None] / 8 - 1, size=16, mode="bilinear")
+    x, y = x.expand(-1, 3, -1, -1), torch.tensor(data.target)
+    torch.manual_seed(0)
+    model = vitkit.ViT(vitkit.ViTConfig(patch_size=2, img_size=16, width=16, depth=2, num_heads=2, mlp_dim=32,
+                                        num_classes=10))
+    untrained = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest
+    try:
+        for _ in range(600):
+            idx = torch.randint(0, len(x), (32,))
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(), loss.backward(), opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(x).argmax(1) == y).float().mean().item()
+    model.class_names = [str(i) for i in range(10)]
+    d = tmp_path_factory.mktemp("digits")
+    ckpt = vitkit.save_model(model, d / "digits.safetensors")
+    images = []
+    for i in range(3):
+        images.append(d / f"digit{i}.png")
+        Image.fromarray((data.images[i] * 255 / 16).astype(np.uint8)).convert("RGB").save(images[-1])
+    return model, untrained, accuracy, ckpt, images
+
+
+def neighbour_contrast(model):
+    """Mean position similarity of 4-neighbours minus that of positions at least half the grid apart."""
+    sim = figure7.position_similarity(model)
+    dist = figure7.grid_distances(model.cfg.grid)
+    return sim[dist == 1].mean() - sim[dist >= model.cfg.grid[0] / 2].mean()
+
+
+def test_trained_model_position_embeddings_have_2d_structure(digits):
+    model, untrained, accuracy, _, _ = digits
+    assert accuracy > 0.8
+    assert neighbour_contrast(model) > 0.15
+    fresh = vitkit.ViT(model.cfg)
+    fresh.load_state_dict(untrained)
+    assert abs(neighbour_contrast(fresh)) < 0.1  # random initial embeddings have no such structure
+
+
+def test_inspect_command_writes_figure7(digits, tmp_path, capsys):
+    model, _, _, ckpt, images = digits
+    out = tmp_path / "fig7"
+    assert vitkit_main(["inspect", "--weights", str(ckpt), "-o", str(out), "--images", *map(str, images)]) == 0
+    sizes = {"filters.png": (500, 300), "position_similarity.png": (500, 500), "attention_distance.png": (500, 400)}
+    for name, size in sizes.items():
+        assert_picture(out / name, size)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"]["grid"] == [8, 8]
+    pos = summary["position_similarity"]
+    sim = figure7.position_similarity(model)
+    np.testing.assert_allclose(pos["matrix"], sim, atol=1e-4)
+    assert pos["neighbours_mean"] - pos["mean_by_distance"]["5.000"] > 0.15
+    dist = summary["attention_distance"]
+    assert dist["images"] == 3 and np.array(dist["per_layer_head"]).shape == (2, 2)
+    want, _ = figure7.attention_distances(model, images)
+    np.testing.assert_allclose(dist["per_layer_head"], want, atol=1e-4)
+    assert dist["uniform_attention"] == pytest.approx(brute_force_mean_distance((8, 8), 2))
+    # existing files are kept unless --force
+    before = (out / "summary.json").read_bytes()
+    capsys.readouterr()
+    assert vitkit_main(["inspect", "--weights", str(ckpt), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--force" in err and (out / "summary.json").read_bytes() == before
+
+
+def test_attention_command(digits, tmp_path, capsys):
+    model, _, _, ckpt, images = digits
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    out = tmp_path / "maps"
+    code = vitkit_main(["attention", str(images[0]), str(bad), str(images[1]), "--weights", str(ckpt), "-o", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert [line for line in captured.err.splitlines() if "bad.jpg" in line] == \
+        [f"vitkit attention: error: {bad}: not an image (unrecognised format)"]
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["digit0_rollout.png", "digit1_rollout.png"]
+    prob, label = model(vitkit.inspect.attention.prepare(model, Image.open(images[0]))[0]).softmax(-1).max(-1)
+    assert f"predicted: {label.item()} ({prob.item():.1%})" in captured.out
+    for name in written:
+        assert_picture(out / name, (1000, 300))
+    # one image to one file; existing files are kept unless --force
+    single = tmp_path / "one.png"
+    args = ["attention", str(images[2]), "--weights", str(ckpt), "-o", str(single), "--method", "head", "--layer", "0",
+            "--head", "1"]
+    assert vitkit_main(args) == 0
+    before = single.read_bytes()
+    assert vitkit_main(args[:4] + ["-o", str(single)]) == 1 and single.read_bytes() == before
+    assert vitkit_main(args[:4] + ["-o", str(single), "--force"]) == 0 and single.read_bytes() != before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "head", "--layer", "7"], "--layer 7 is out of range: the model has 2 layers"),
+    (["--method", "head", "--head", "2"], "--head 2 is out of range: the model has 2 heads"),
+    (["--layer", "0"], "use them with --method head"),
+])
+def test_attention_command_rejects_impossible_indices(digits, tmp_path, capsys, extra, message):
+    _, _, _, ckpt, images = digits
+    out = tmp_path / "x.png"
+    assert vitkit_main(["attention", str(images[0]), "--weights", str(ckpt), "-o", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not out.exists()
+
+
+def test_commands_reject_a_checkpoint_without_attention(digits, tmp_path, capsys):
+    _, _, _, _, images = digits
+    not_vit = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 512)}, not_vit)
+    for command in (["attention", str(images[0]), "-o", str(tmp_path / "a.png")], ["inspect", "-o", str(tmp_path)]):
+        assert vitkit_main([*command, "--model", "ViT-Ti/16", "--weights", str(not_vit)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "not a ViT checkpoint" in err
+    assert vitkit_main(["attention", str(images[0]), str(images[1]), "--weights", str(not_vit),
+                        "-o", str(tmp_path / "a.png")]) == 2
+    assert "need an output folder" in capsys.readouterr().err
