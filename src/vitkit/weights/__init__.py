@@ -7,7 +7,7 @@ Every difference between a checkpoint and the model it goes into is settled in `
 from __future__ import annotations
 
 import math
-import zipfile
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ class Checkpoint:
     preprocess: dict | None = None
     class_names: list[str] | None = None
     model_name: str | None = None
+    pos_resample: dict = field(default_factory=dict)  # resample_pos_embed options of the source codebase
 
 
 def read_state_dict(path: Path) -> dict:
@@ -36,16 +37,32 @@ def read_state_dict(path: Path) -> dict:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic != b"PK" and magic[:1] != b"\x80":  # torch.save writes a zip archive (or, before 1.6, a pickle)
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
-    except Exception as e:  # pickle.UnpicklingError for anything weights_only refuses
-        raise CheckpointError(f"{path}: refused to load ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                              f"only tensors and plain containers are read") from None
+    except Exception as e:
+        text = str(e)
+        if refused := re.search(r"Unsupported global: GLOBAL ([\w.]+)", text):  # weights_only saw an object
+            raise CheckpointError(f"{path}: refused to load: it holds a Python object ({refused[1]}), and only "
+                                  f"tensors and plain containers are read (weights_only=True)") from None
+        detail = re.search(r"WeightsUnpickler error: \s*(\S.*)", text)
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: "
+                              f"{detail[1] if detail else text.splitlines()[0] if text else ''})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     return obj
+
+
+def rename(key: str, rules: list[tuple[re.Pattern, str]]) -> str:
+    """A foreign parameter name in vitkit's: the first (pattern, replacement) rule that matches; else unchanged,
+    so that a misfit names it."""
+    for pattern, repl in rules:
+        if pattern.match(key):
+            return pattern.sub(repl, key, count=1)
+    return key
 
 
 def unwrap(obj: dict) -> dict:
@@ -59,9 +76,12 @@ def unwrap(obj: dict) -> dict:
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a checkpoint of any supported format; the format is detected from the file itself."""
-    from . import npz, timm, torchvision, transformers, vitkit_format
+    """Open a checkpoint of any supported format; the format is detected from the file itself.
+    `hf-hub:ORG/REPO` ids and http(s) URLs are downloaded first (weights/hub.py)."""
+    from . import hub, npz, timm, torchvision, transformers, vitkit_format
 
+    if isinstance(path, str) and hub.is_remote(path):
+        path = hub.fetch(path)
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
@@ -69,15 +89,15 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         return transformers.read_dir(path)
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file")
-    if path.suffix == ".npz":
+    if npz.is_npz(path):
         return npz.read(path)
     if path.suffix == ".safetensors" and (ckpt := vitkit_format.read(path)) is not None:
         return ckpt
-    state = unwrap(read_state_dict(path))
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    raw = read_state_dict(path)
+    tensors = {k: v for k, v in unwrap(raw).items() if isinstance(v, torch.Tensor)}
     for fmt in (torchvision, transformers, timm):
         if fmt.matches(tensors):
-            return fmt.convert(tensors)
+            return timm.convert(tensors, deit="model" in raw) if fmt is timm else fmt.convert(tensors)
     sample = ", ".join(list(tensors)[:5]) or "no tensors"
     raise CheckpointError(f"{path}: not a ViT checkpoint of a known format (keys: {sample})")
 
@@ -104,16 +124,19 @@ def infer_config(sd: dict[str, torch.Tensor]) -> dict:
         cfg["patch_size"] = sd["patch_embed.proj.weight"].shape[-1]
     stages = sorted({int(k.split(".")[3]) for k in sd if k.startswith("patch_embed.backbone.stages.")})
     if stages:
+        cfg["hybrid_width"] = sd["patch_embed.backbone.stem.conv.weight"].shape[0]
         cfg["hybrid_layers"] = tuple(
             len({k.split(".")[5] for k in sd if k.startswith(f"patch_embed.backbone.stages.{s}.blocks.")})
             for s in stages)
     return cfg
 
 
-def fit_state_dict(sd: dict[str, torch.Tensor], model) -> tuple[dict[str, torch.Tensor], list[str]]:
+def fit_state_dict(sd: dict[str, torch.Tensor], model, resample: dict | None = None
+                   ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Every checkpoint-compatibility fix, in one place. Returns the fitted state dict and notes for the user.
 
-    - position embeddings of another grid: resampled in 2D (bicubic), the [class] position kept;
+    - position embeddings of another grid: resampled in 2D (bicubic, or the source codebase's own way given
+      by `resample`: Checkpoint.pos_resample), the [class] position kept;
     - a head of another size (or none where the model has one): dropped, the model keeps a zeroed head;
     - a pre-logits layer the model does not have: dropped (fine-tuning replaces the pre-training head).
     """
@@ -129,7 +152,7 @@ def fit_state_dict(sd: dict[str, torch.Tensor], model) -> tuple[dict[str, torch.
             raise CheckpointError(f"pos_embed: checkpoint has {pos.shape[1]} positions, model needs {prefix} "
                                   f"prefix tokens")
         old_grid = _grid_for(old, model.cfg.grid)
-        sd["pos_embed"] = resample_pos_embed(pos, model.cfg.grid, old_grid, prefix)
+        sd["pos_embed"] = resample_pos_embed(pos, model.cfg.grid, old_grid, prefix, **(resample or {}))
         notes.append(f"position embeddings resampled from {old_grid[0]}x{old_grid[1]} to "
                      f"{model.cfg.grid[0]}x{model.cfg.grid[1]}")
     head_w = sd.get("head.weight")
@@ -143,6 +166,8 @@ def fit_state_dict(sd: dict[str, torch.Tensor], model) -> tuple[dict[str, torch.
     elif head_w is None and model_classes:
         model.reset_head(model_classes)
         notes.append(f"checkpoint has no classifier; new {model_classes}-class head initialised to zero")
+    if model_classes and "head.weight" not in sd:  # the new zero head is loaded like the rest
+        sd.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
     if "pre_logits.weight" in sd and "pre_logits.weight" not in own:
         sd.pop("pre_logits.weight"), sd.pop("pre_logits.bias", None)
         notes.append("pre-logits layer of the checkpoint dropped")
@@ -162,7 +187,7 @@ def _grid_for(n: int, like: tuple[int, int]) -> tuple[int, int]:
 
 def load_into(model, ckpt: Checkpoint, source: str = "checkpoint") -> list[str]:
     """Fit and load; a mismatch raises CheckpointError naming every differing key and shape."""
-    sd, notes = fit_state_dict(ckpt.state_dict, model)
+    sd, notes = fit_state_dict(ckpt.state_dict, model, ckpt.pos_resample)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -177,6 +202,10 @@ def load_into(model, ckpt: Checkpoint, source: str = "checkpoint") -> list[str]:
                 parts.append(f"{label}: {'; '.join(items[:6])}{more}")
         raise CheckpointError(f"{source} does not fit {model.cfg.width}-wide, {len(model.blocks)}-block model: "
                               + " | ".join(parts))
+    heads = ckpt.config.get("num_heads")  # invisible in the shapes: a mismatch would silently mis-split q/k/v
+    if heads and heads != model.cfg.num_heads:
+        raise CheckpointError(f"{source} has {heads} attention heads, the model {model.cfg.num_heads}: choose a "
+                              f"model name with {heads} heads or pass num_heads={heads}")
     model.load_state_dict(sd)
     if ckpt.preprocess:
         model.preprocess.update(ckpt.preprocess)

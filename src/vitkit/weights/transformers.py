@@ -1,6 +1,146 @@
-"""transformers checkpoints (to be written)."""
-from . import Checkpoint, CheckpointError
+"""transformers checkpoints: a `save_pretrained` directory (config.json + model.safetensors or
+pytorch_model.bin, sharded or not, optional preprocessor_config.json) of ViTModel / ViTForImageClassification
+or the ViTHybrid* classes of transformers 4.x, or such a state dict on its own.
+
+transformers keeps q, k and v as separate Linear layers (vitkit: one qkv), calls the pre-training head
+`pooler` (Linear + tanh on the [class] token: vitkit's pre_logits) and uses LayerNorm eps 1e-12.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ..models.registry import GOOGLE
+from . import Checkpoint, CheckpointError, infer_config, read_state_dict, rename
+
+# transformers name (without the ViTFor*'s 'vit.' prefix) -> vitkit name; the first matching rule applies
+_BIT = r"embeddings\.patch_embeddings\.backbone\.bit\."
+_LAYER = r"(?:encoder\.layer|layers)\.(\d+)\."  # files use encoder.layer.N; transformers 5 modules use layers.N
+_RENAMES = [(re.compile(a), b) for a, b in [
+    (r"embeddings\.cls_token$", "cls_token"),
+    (r"embeddings\.position_embeddings$", "pos_embed"),
+    (r"embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (_BIT + r"embedder\.convolution\.", "patch_embed.backbone.stem.conv."),
+    (_BIT + r"embedder\.norm\.", "patch_embed.backbone.stem.norm."),
+    (_BIT + r"encoder\.stages\.(\d+)\.layers\.", r"patch_embed.backbone.stages.\1.blocks."),
+    (_LAYER + r"layernorm_before\.", r"blocks.\1.norm1."),
+    (_LAYER + r"layernorm_after\.", r"blocks.\1.norm2."),
+    (_LAYER + r"attention\.(?:output\.dense|o_proj)\.", r"blocks.\1.attn.proj."),
+    (_LAYER + r"(?:intermediate\.dense|mlp\.fc1)\.", r"blocks.\1.mlp.fc1."),
+    (_LAYER + r"(?:output\.dense|mlp\.fc2)\.", r"blocks.\1.mlp.fc2."),
+    (r"layernorm\.", "norm."),
+    (r"pooler\.dense\.", "pre_logits."),
+    (r"classifier\.", "head."),
+]]
+_QKV = re.compile(_LAYER + r"attention\.(?:attention\.(query|key|value)|([qkv])_proj)\.(weight|bias)$")
+_RESAMPLE = {"antialias": False}  # transformers' interpolate_pos_encoding: bicubic, no antialiasing
+_STATS = {"mean": GOOGLE["mean"], "std": GOOGLE["std"]}  # ViTImageProcessor's defaults
+_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
 def matches(sd: dict) -> bool:
-    return False
+    return any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in sd)
+
+
+def convert(sd: dict, config: dict | None = None) -> Checkpoint:
+    """A transformers state dict (with its config.json when known) -> vitkit names and config facts."""
+    config = config or {}
+    out, qkv = {}, {}
+    for key, value in sd.items():
+        key = key.removeprefix("vit.")
+        if key == "embeddings.mask_token":  # ViTForMaskedImageModeling's, unused for classification
+            continue
+        if m := _QKV.match(key):  # query / q_proj -> "q"; joined into one qkv below
+            qkv.setdefault((int(m[1]), m[4]), {})[(m[2] or m[3])[0]] = value
+            continue
+        out[rename(key, _RENAMES)] = value
+    for (i, kind), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"layer {i}: attention {kind} has only {sorted(parts)} of q, k, v")
+        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    facts = infer_config(out)
+    facts["norm_eps"] = config.get("layer_norm_eps", 1e-12)  # transformers' default; files without config too
+    if config:
+        facts.update(_config_facts(config, facts))
+    return Checkpoint(out, "transformers", config=facts, preprocess=dict(_STATS), class_names=_labels(config),
+                      pos_resample=dict(_RESAMPLE))
+
+
+def _config_facts(config: dict, facts: dict) -> dict:
+    if config.get("model_type") not in ("vit", "vit-hybrid"):
+        raise CheckpointError(f"model_type {config.get('model_type')!r} is not a ViT (supported: vit, vit-hybrid)")
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"hidden_act {config['hidden_act']!r}: vitkit's MLP uses exact gelu")
+    if facts.get("representation_size") and config.get("pooler_act", "tanh") != "tanh":
+        raise CheckpointError(f"pooler_act {config['pooler_act']!r}: vitkit's pre-logits layer uses tanh")
+    backbone = config.get("backbone_config") or {}
+    if backbone and backbone.get("layer_type", "bottleneck") != "bottleneck":
+        raise CheckpointError(f"hybrid backbone layer_type {backbone['layer_type']!r}: only BiT 'bottleneck'")
+    size = config.get("image_size", 224)
+    return {"num_heads": config["num_attention_heads"], "qkv_bias": config.get("qkv_bias", True),
+            "img_size": tuple(size) if isinstance(size, (list, tuple)) else (size, size)}
+
+
+def _labels(config: dict) -> list[str] | None:
+    names = [v for _, v in sorted((config.get("id2label") or {}).items(), key=lambda kv: int(kv[0]))]
+    return None if all(re.fullmatch(r"LABEL_\d+", n) for n in names) else names  # defaults mean "no names"
+
+
+def _preprocess(folder: Path) -> dict:
+    """mean/std, interpolation and crop fraction from preprocessor_config.json (0.5/0.5 without one)."""
+    pre = dict(_STATS)
+    path = folder / "preprocessor_config.json"
+    if not path.exists():
+        return pre
+    try:
+        p = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    pre.update(mean=tuple(p.get("image_mean", pre["mean"])), std=tuple(p.get("image_std", pre["std"])))
+    if p.get("resample") in _PIL_RESAMPLE:
+        pre["interpolation"] = _PIL_RESAMPLE[p["resample"]]
+    size, crop = p.get("size") or {}, p.get("crop_size") or {}
+    if p.get("do_center_crop") and "shortest_edge" in size and "height" in crop:
+        pre["crop_pct"] = crop["height"] / size["shortest_edge"]
+    elif p.get("do_resize", True):  # ViTImageProcessor resizes straight to `size`: nothing is cropped away
+        pre["crop_pct"] = 1.0
+    return pre
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).exists():
+            return [folder / name]
+        index = folder / f"{name}.index.json"
+        if index.exists():  # sharded: the index maps every tensor to its shard
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: unreadable shard index ({e})") from None
+            return [folder / s for s in shards]
+    raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded or not)")
+
+
+def read_dir(folder: Path) -> Checkpoint:
+    """A save_pretrained directory."""
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{folder}: a directory without config.json is not a transformers checkpoint")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_path}: unreadable ({e})") from None
+    sd = {}
+    for f in _weight_files(folder):
+        if not f.exists():
+            raise CheckpointError(f"{f}: shard listed in the index is missing")
+        sd.update(read_state_dict(f))
+    try:
+        ckpt = convert(sd, config)
+    except CheckpointError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+    ckpt.preprocess = _preprocess(folder)
+    return ckpt

@@ -1,0 +1,239 @@
+"""Checkpoint handling beyond parity: `vitkit convert` for every format, head replacement, each codebase's own
+position-embedding resampling, and files that are not checkpoints, are cut short, do not fit, or hold pickles."""
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+import vitkit
+from vitkit.cli import main
+from vitkit.weights import CheckpointError, load_into, read_checkpoint
+from weight_peers import (CLASSES, SHAPES, assert_close, google_npz, hf_vit, images, randomize, save_timm,
+                          timm_from_npz, tv, tv_vit, vitkit_logits)
+
+timm = pytest.importorskip("timm")
+TI = SHAPES["ViT-Ti/16"][:4]  # width, heads, mlp_dim, patch
+GOOGLE_MEAN, IMAGENET_MEAN = (0.5, 0.5, 0.5), (0.485, 0.456, 0.406)
+
+
+def logits(model, size=224):
+    with torch.no_grad():
+        return model.eval()(images(size))
+
+
+# Full-depth ViT-Ti/16 checkpoints of every format: (source path, model name, peer's logits, expected mean)
+def npz_case(tmp_path):
+    path = tmp_path / "ViT-Ti_16.npz"
+    google_npz(path, *TI, depth=12)
+    return path, "ViT-Ti/16", logits(timm_from_npz(path, *TI, 224, depth=12)), GOOGLE_MEAN
+
+
+def timm_case(tmp_path):
+    peer, path = randomize(timm.create_model("vit_tiny_patch16_224", num_classes=CLASSES)), tmp_path / "ti.safetensors"
+    save_timm(peer, path)
+    return path, "vit_tiny_patch16_224", logits(peer), GOOGLE_MEAN
+
+
+def deit_case(tmp_path):
+    peer, path = randomize(timm.create_model("deit_tiny_patch16_224", num_classes=CLASSES)), tmp_path / "deit.pth"
+    save_timm(peer, path, container=True)
+    return path, "deit_tiny_patch16_224", logits(peer), IMAGENET_MEAN
+
+
+def transformers_case(tmp_path):
+    peer = hf_vit("ViT-Ti/16", depth=12)
+    peer.save_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        return tmp_path / "hf", "ViT-Ti/16", peer(pixel_values=images(224)).logits, GOOGLE_MEAN
+
+
+def torchvision_case(tmp_path):
+    peer, path = randomize(tv_vit("ViT-Ti/16", depth=12)), tmp_path / "tv.pth"
+    torch.save(peer.state_dict(), path)
+    return path, "ViT-Ti/16", logits(peer), IMAGENET_MEAN
+
+
+CASES = {"npz": npz_case, "timm": timm_case, "deit": deit_case, "transformers": transformers_case,
+         "torchvision": torchvision_case}
+
+
+@pytest.mark.parametrize("fmt", CASES)
+def test_convert_cli_then_load_model(tmp_path, fmt, capsys):
+    src, name, ref, mean = CASES[fmt](tmp_path)
+    dst = tmp_path / "converted.safetensors"
+    assert main(["convert", str(src), str(dst), "--model", name]) == 0
+    assert f"wrote {dst}" in capsys.readouterr().out
+    model = vitkit.load_model(dst)
+    assert tuple(model.preprocess["mean"]) == mean and len(model.blocks) == 12
+    assert_close(logits(model), ref)
+
+
+def test_convert_cli_bad_input_is_one_line(tmp_path, capsys):
+    src = tmp_path / "notes.pth"
+    src.write_text("not weights\n")
+    assert main(["convert", str(src), str(tmp_path / "out.safetensors"), "--model", "ViT-Ti/16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vitkit convert: error: ") and str(src) in err and "\n" not in err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_head_replaced_when_num_classes_differs(tmp_path, caplog):
+    peer, path = randomize(timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=CLASSES)), tmp_path / "t.pth"
+    save_timm(peer, path)
+    with caplog.at_level(logging.WARNING, logger="vitkit"):
+        model = vitkit.create_model("ViT-Ti/16", weights=path, num_classes=3, depth=1)
+    assert f"head replaced: checkpoint has {CLASSES} classes, model 3" in caplog.text
+    assert model.head.out_features == 3 and not model.head.weight.any() and not model.head.bias.any()
+    x = images(224)
+    with torch.no_grad():  # everything but the head is the checkpoint's
+        assert_close(model.forward_head(model.forward_features(x), pre_logits=True),
+                     peer.forward_head(peer.forward_features(x), pre_logits=True))
+        assert not model(x).any()
+
+
+def _changed_size_case(tmp_path, fmt):
+    """(checkpoint path, size, the peer's logits at that size) where the peer resamples its own way."""
+    if fmt == "torchvision":
+        peer, path = randomize(tv_vit("ViT-Ti/16")), tmp_path / "tv.pth"
+        torch.save(peer.state_dict(), path)
+        resized = tv_vit("ViT-Ti/16", 288)
+        resized.load_state_dict(tv.interpolate_embeddings(288, 16, dict(peer.state_dict())))
+        return path, 288, logits(resized, 288)
+    if fmt == "npz":
+        path = tmp_path / "vit.npz"
+        google_npz(path, *TI)
+        return path, 288, logits(timm_from_npz(path, *TI, 288), 288)
+    peer = hf_vit("ViT-Ti/16")
+    peer.save_pretrained(tmp_path)
+    with torch.no_grad():
+        return tmp_path, 160, peer(pixel_values=images(160), interpolate_pos_encoding=True).logits
+
+
+@pytest.mark.parametrize("fmt", ["torchvision", "npz", "transformers"])
+def test_resampling_follows_the_source_codebase(tmp_path, fmt):
+    """torchvision: bicubic with align_corners; timm's .npz loader: bilinear; transformers: bicubic without
+    antialiasing. vitkit's default (timm's bicubic + antialias) would give other logits."""
+    path, size, ref = _changed_size_case(tmp_path, fmt)
+    ckpt = read_checkpoint(path)
+    for own_way in (True, False):
+        if not own_way:
+            ckpt.pos_resample = {}
+        model = vitkit.create_model("ViT-Ti/16", depth=1, img_size=size, num_classes=CLASSES,
+                                    norm_eps=ckpt.config.get("norm_eps", 1e-6))
+        load_into(model, ckpt)
+        diff = (logits(model, size) - ref).abs().max().item()
+        assert diff <= 1e-4 if own_way else diff > 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["npz", "transformers"])
+def test_num_heads_from_checkpoint_must_match(tmp_path, fmt):
+    """Heads do not show in the weight shapes, so a wrong count would silently split q/k/v wrongly."""
+    width, _, mlp, patch = TI
+    if fmt == "npz":
+        path = tmp_path / "vit.npz"
+        google_npz(path, width, 6, mlp, patch)
+        ref = logits(timm_from_npz(path, width, 6, mlp, patch, 224))
+    else:
+        peer, path = hf_vit("ViT-Ti/16", num_attention_heads=6), tmp_path
+        peer.save_pretrained(path)
+        with torch.no_grad():
+            ref = peer(pixel_values=images(224)).logits
+    with pytest.raises(CheckpointError, match="has 6 attention heads, the model 3.*num_heads=6"):
+        vitkit.create_model("ViT-Ti/16", weights=path, depth=1)
+    assert_close(vitkit_logits("ViT-Ti/16", path, 224, num_heads=6), ref)
+
+
+def _error(weights, name="ViT-Ti/16", **kw) -> str:
+    with pytest.raises(CheckpointError) as e:
+        vitkit.create_model(name, weights=weights, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("content, suffix, reason", [
+    (b"hello, these are not weights\n", ".pth", "not a PyTorch checkpoint"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(200), ".safetensors", "not a readable safetensors file"),
+    (bytes(range(256)) * 8, ".npz", "not a readable .npz archive"),
+    (b"", ".bin", "empty file"),
+])
+def test_not_a_checkpoint(tmp_path, content, suffix, reason):
+    path = tmp_path / f"file{suffix}"
+    path.write_bytes(content)
+    msg = _error(path)
+    assert reason in msg and str(path) in msg
+
+
+def test_foreign_weights_and_folders(tmp_path):
+    np.savez(tmp_path / "other.npz", weights=np.zeros(3, np.float32))
+    assert "not a Google ViT checkpoint" in _error(tmp_path / "other.npz")
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 2048)}, tmp_path / "r50.pth")
+    assert "not a ViT checkpoint of a known format (keys: conv1.weight, fc.weight)" in _error(tmp_path / "r50.pth")
+    (tmp_path / "folder").mkdir()
+    assert "without config.json" in _error(tmp_path / "folder")
+    assert "no such file" in _error(tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize("fmt", [".pth", ".safetensors", ".npz", "transformers"])
+def test_truncated_file(tmp_path, fmt):
+    if fmt == ".npz":
+        path = tmp_path / "vit.npz"
+        google_npz(path, *TI)
+    elif fmt == "transformers":
+        hf_vit("ViT-Ti/16").save_pretrained(tmp_path / "hf")
+        path = tmp_path / "hf" / "model.safetensors"
+    else:
+        path = tmp_path / f"vit{fmt}"
+        save_timm(timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=CLASSES), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 3 // 5])
+    assert str(path) in _error(path.parent if fmt == "transformers" else path, depth=1)
+
+
+def test_checkpoint_that_does_not_fit(tmp_path):
+    path = tmp_path / "ti.pth"
+    save_timm(timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=CLASSES), path)
+    msg = _error(path, "ViT-S/16", depth=1)
+    assert "shape mismatch: " in msg and "cls_token: checkpoint (1, 1, 192) vs model (1, 1, 384)" in msg
+    assert "(+" in msg and "more)" in msg  # every block parameter differs: the list is cut, and says so
+    msg = _error(path, depth=2)
+    assert "missing in checkpoint: blocks.1.norm1.weight" in msg
+    tv_path = tmp_path / "tv_b16.pth"
+    torch.save(tv_vit("ViT-Ti/16").state_dict(), tv_path)
+    assert "patch_embed.proj.weight: checkpoint (192, 3, 16, 16) vs model (192, 3, 32, 32)" in _error(
+        tv_path, "ViT-Ti/32", depth=1)
+
+
+class _Payload:
+    """Pickled as a call to Path.touch: anything that unpickles it runs that call."""
+
+    def __init__(self, marker: pathlib.Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+def test_pickle_with_objects_is_refused(tmp_path):
+    marker, path = tmp_path / "code_ran", tmp_path / "deit_train.pth"
+    sd = timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=CLASSES).state_dict()
+    torch.save({"model": sd, "payload": _Payload(marker)}, path)
+    assert "refused to load" in _error(path, depth=1)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("size, patch, interpolation, crop_pct", [
+    (224, 16, "bilinear", 224 / 256),  # IMAGENET1K_V1 weights: resize 256, crop 224
+    (384, 16, "bicubic", 1.0),  # SWAG end-to-end weights: resized straight to the input size
+    (224, 14, "bicubic", 1.0),  # vit_h_14 has SWAG weights only
+])
+def test_torchvision_preprocessing_follows_the_weights(tmp_path, size, patch, interpolation, crop_pct):
+    path = tmp_path / "tv.pth"
+    torch.save(tv.VisionTransformer(size, patch, 1, 3, 192, 768).state_dict(), path)
+    pre = read_checkpoint(path).preprocess
+    assert pre == {"mean": IMAGENET_MEAN, "std": (0.229, 0.224, 0.225), "interpolation": interpolation,
+                   "crop_pct": crop_pct}

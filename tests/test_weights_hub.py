@@ -1,0 +1,118 @@
+"""Downloading by name, against local stand-ins: huggingface_hub's snapshot_download is replaced by a copy from a
+local folder, and URLs are served by http.server on 127.0.0.1. The loading after the download is the real one."""
+from __future__ import annotations
+
+import functools
+import http.server
+import shutil
+import threading
+import types
+
+import pytest
+import torch
+
+import vitkit
+from vitkit.weights import CheckpointError
+from weight_peers import (CLASSES, SHAPES, assert_close, google_npz, hf_vit, images, randomize, save_timm,
+                          timm_from_npz, vitkit_logits)
+
+huggingface_hub = pytest.importorskip("huggingface_hub")
+timm = pytest.importorskip("timm")
+TI = SHAPES["ViT-Ti/16"][:4]
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """repos: repo id -> local folder. Records every snapshot_download call; copies the files the call's
+    allow_patterns select, as the real function does, into a snapshot folder."""
+    repos, calls = {}, []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **_):
+        calls.append((repo_id, revision, tuple(allow_patterns or ())))
+        if repo_id not in repos:
+            url = f"https://huggingface.co/api/models/{repo_id}"
+            raise huggingface_hub.errors.RepositoryNotFoundError(
+                f"404 Client Error. Repository Not Found for url: {url}\nPlease make sure ...",
+                response=types.SimpleNamespace(headers={}, request=url))
+        dest = tmp_path / "hub" / repo_id / (revision or "main")
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in repos[repo_id].iterdir():
+            if any(f.match(p) for p in allow_patterns or ["*"]):
+                shutil.copy(f, dest / f.name)
+        return str(dest)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return repos, calls
+
+
+def test_hf_hub_transformers_repo(tmp_path, fake_hub):
+    repos, calls = fake_hub
+    peer = hf_vit("ViT-Ti/16")
+    peer.save_pretrained(tmp_path / "repo")
+    repos["google/vit-tiny"] = tmp_path / "repo"
+    with torch.no_grad():
+        ref = peer(pixel_values=images(224)).logits
+    assert_close(vitkit_logits("ViT-Ti/16", "hf-hub:google/vit-tiny@v1.0", 224), ref)
+    assert calls == [("google/vit-tiny", "v1.0", ("*.json", "*.safetensors"))]
+
+
+def test_hf_hub_timm_repo_with_only_pickles(tmp_path, fake_hub):
+    """A timm repository (config.json without model_type) holding only pytorch_model.bin: the second, narrower
+    download fetches it, and it is read as a timm state dict with weights_only=True."""
+    repos, calls = fake_hub
+    peer = randomize(timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=CLASSES))
+    (tmp_path / "repo").mkdir()
+    save_timm(peer, tmp_path / "repo" / "pytorch_model.bin")
+    (tmp_path / "repo" / "config.json").write_text('{"architecture": "vit_tiny_patch16_224", "num_classes": 10}')
+    repos["timm/vit_tiny"] = tmp_path / "repo"
+    with torch.no_grad():
+        ref = peer(images(224))
+    assert_close(vitkit_logits("ViT-Ti/16", "hf-hub:timm/vit_tiny", 224), ref)
+    assert [c[2] for c in calls] == [("*.json", "*.safetensors"), ("*.json", "*.bin", "*.pth", "*.npz")]
+
+
+def test_hf_hub_missing_repo_is_one_line(fake_hub):
+    with pytest.raises(CheckpointError) as e:
+        vitkit.create_model("ViT-Ti/16", weights="hf-hub:nobody/nothing")
+    msg = str(e.value)
+    assert msg.startswith("hf-hub:nobody/nothing: download failed (RepositoryNotFoundError") and "\n" not in msg
+
+
+@pytest.fixture
+def http_root(tmp_path, monkeypatch):
+    """A folder served at http://127.0.0.1:PORT/ for the test (loopback only), and an empty vitkit cache."""
+    root = tmp_path / "served"
+    root.mkdir()
+    monkeypatch.setenv("VITKIT_CACHE", str(tmp_path / "cache"))
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}", server
+    server.shutdown()
+    server.server_close()
+
+
+def test_url_download_is_cached(tmp_path, http_root):
+    root, base, server = http_root
+    google_npz(root / "ViT-Ti_16.npz", *TI)
+    ref = timm_from_npz(root / "ViT-Ti_16.npz", *TI, 224)
+    with torch.no_grad():
+        ref = ref(images(224))
+    url = f"{base}/ViT-Ti_16.npz"
+    assert_close(vitkit_logits("ViT-Ti/16", url, 224), ref)
+    cached = list((tmp_path / "cache").rglob("ViT-Ti_16.npz"))
+    assert len(cached) == 1 and cached[0].read_bytes() == (root / "ViT-Ti_16.npz").read_bytes()
+    server.shutdown()  # the second load must come from the cache
+    assert_close(vitkit_logits("ViT-Ti/16", url, 224), ref)
+
+
+def test_url_not_found_is_one_line(http_root):
+    _, base, _ = http_root
+    with pytest.raises(CheckpointError) as e:
+        vitkit.create_model("ViT-Ti/16", weights=f"{base}/missing.npz")
+    msg = str(e.value)
+    assert "missing.npz: download failed (HTTP Error 404" in msg and "\n" not in msg
