@@ -1,6 +1,6 @@
 """Vision Transformer (Dosovitskiy et al., ICLR 2021), in one file.
 
-Image -> patches (conv, stride = patch; or a BiT ResNet stem + 1x1 patches for the hybrid) ->
+Image -> patches (conv, stride = patch; or a BiT ResNet stem / small conv stem + 1x1 patches, hybrid) ->
 [class] token + learned position embeddings -> pre-LN encoder blocks -> LayerNorm -> pool -> head.
 Parameter names follow timm, so timm state dicts load as they are; the other formats are renamed to
 these in `vitkit.weights`.
@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .convstem import ConvStem
 from .resnetv2 import ResNetV2Stem
 
 # width, depth, mlp_dim, heads (paper Table 1; Ti and S from DeiT / AugReg)
@@ -41,6 +42,7 @@ class ViTConfig:
     norm_eps: float = 1e-6
     hybrid_layers: tuple[int, ...] | None = None  # ResNet-v2 stage depths, e.g. (3, 4, 9) for R50
     hybrid_width: int = 64  # ResNet-v2 root width (stage i has 4 * 2**i times as many channels)
+    conv_stem: tuple[int, ...] | None = None  # channels of 3x3 conv+BN+GELU layers before the patches (small images)
     dropout: float = 0.0
     attn_dropout: float = 0.0
     drop_path: float = 0.0  # stochastic depth rate of the last block (linearly increasing)
@@ -53,6 +55,10 @@ class ViTConfig:
         self.img_size = tuple(int(s) for s in self.img_size)
         if self.hybrid_layers is not None:
             self.hybrid_layers = tuple(self.hybrid_layers)
+        if self.conv_stem is not None:
+            self.conv_stem = tuple(self.conv_stem)
+            if self.hybrid_layers or not self.conv_stem:
+                raise ValueError("conv_stem needs at least one layer and excludes hybrid_layers")
         if self.pool not in ("token", "gap"):
             raise ValueError(f"pool must be 'token' or 'gap', not {self.pool!r}")
         if self.pool == "token" and not self.class_token:
@@ -63,6 +69,8 @@ class ViTConfig:
     @property
     def reduction(self) -> int:
         """Input pixels per token along each axis."""
+        if self.conv_stem:
+            return self.patch_size * 2 ** (len(self.conv_stem) - 1)
         return self.patch_size * (4 * 2 ** (len(self.hybrid_layers) - 1) if self.hybrid_layers else 1)
 
     @property
@@ -163,6 +171,9 @@ class PatchEmbed(nn.Module):
         cin = cfg.in_chans
         if cfg.hybrid_layers:
             self.backbone = ResNetV2Stem(cfg.hybrid_layers, cfg.in_chans, cfg.hybrid_width)
+            cin = self.backbone.out_channels
+        elif cfg.conv_stem:
+            self.backbone = ConvStem(cfg.conv_stem, cfg.in_chans)
             cin = self.backbone.out_channels
         self.proj = nn.Conv2d(cin, cfg.width, cfg.patch_size, stride=cfg.patch_size)
 
