@@ -1,0 +1,474 @@
+"""Labelled image datasets for training and evaluation.
+
+DATA is one of: an ImageFolder directory (`train/` + `val/` subfolders, or class folders directly), a
+.tar/.tar.gz of one (extracted once into a cache keyed by the archive's hash), `digits` (scikit-learn's
+8x8 digits), `cifar10`/`cifar100` (torchvision; a local root, downloaded there when online), or WebDataset
+shards (`shards-{000000..000099}.tar`, samples with an image and a `cls`). Small images (CIFAR-size) are
+decoded once into a uint8 tensor cache, so later runs start in a second.
+
+Everything that makes a dataset unusable (missing path, no classes, an empty class folder) raises DataError
+before any work; single unreadable images are skipped, counted and reported, never fatal.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import random
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, Subset, get_worker_info
+from torchvision import tv_tensors
+
+from .images import IMAGE_SUFFIXES, ImageError, _to_rgb, load_image
+
+BUILTIN = ("digits", "cifar10", "cifar100")
+PRELOAD_MAX_PIXELS = 64 * 64  # "auto": preload images up to this size (CIFAR is 32x32)
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as given; the message names it and says why."""
+
+
+@dataclass
+class Data:
+    train: Dataset | None  # gives (image, label); None when only evaluating
+    val: Dataset | None
+    class_names: list[str]
+    name: str
+    split: dict = field(default_factory=dict)  # how `val` was carved out, recorded in checkpoints
+    skipped: list[str] = field(default_factory=list)  # unreadable files found while preparing
+
+
+# --- sources --------------------------------------------------------------------------------------------
+class TensorImages(Dataset):
+    """Decoded uint8 images (N, C, H, W) in memory."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return tv_tensors.Image(self.images[i]), int(self.labels[i])
+
+
+class FileImages(Dataset):
+    """Image files read on demand with vitkit's robust reader (raises ImageError for a bad file)."""
+
+    def __init__(self, paths: list[Path], labels: list[int]):
+        self.paths, self.labels = paths, torch.tensor(labels, dtype=torch.long)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return load_image(self.paths[i])[0], int(self.labels[i])
+
+
+class Transformed(Dataset):
+    """Applies `transform` to each image. Keys may be (epoch, index): the transform's random draws are then
+    seeded by (seed, epoch, index), so augmentation does not depend on workers, resumption or rank.
+    An unreadable image gives (None, message) for the collate function to drop and report."""
+
+    def __init__(self, base: Dataset, transform, seed: int | None = None):
+        self.base, self.transform, self.seed = base, transform, seed
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        try:
+            img, label = self.base[i]
+        except ImageError as e:
+            return None, str(e)
+        if self.seed is None:
+            return self.transform(img), label
+        with seeded(self.seed, epoch, i):
+            return self.transform(img), label
+
+
+@contextlib.contextmanager
+def seeded(*key: int):
+    """Torch's CPU random draws inside come from a generator seeded by `key`; the state outside is kept.
+    (A tuple of ints hashes the same in every process, unlike strings.)"""
+    gen = torch.random.default_generator
+    saved = gen.get_state()
+    gen.manual_seed(hash(key) & (2**63 - 1))
+    try:
+        yield
+    finally:
+        gen.set_state(saved)
+
+
+def collate(items: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str]]:
+    """(images, labels, messages of skipped images)."""
+    good = [(x, y) for x, y in items if x is not None]
+    skipped = [y for x, y in items if x is None]
+    if not good:
+        return None, None, skipped
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), skipped
+
+
+# --- opening DATA ---------------------------------------------------------------------------------------
+def cache_root(cache_dir: str | None) -> Path:
+    root = Path(cache_dir or os.environ.get("VITKIT_CACHE") or Path.home() / ".cache" / "vitkit")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def is_shards(spec: str) -> bool:
+    return "{" in spec and ".tar" in spec
+
+
+def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, split_seed: int = 0,
+              root: str | None = None, preload="auto", cache_dir: str | None = None,
+              evaluate_only: bool = False, shards: dict | None = None) -> Data:
+    """DATA -> Data(train, val, class_names). With evaluate_only, `val` holds what to evaluate: the val/
+    folder or held-out split when there is one, else everything."""
+    name = spec
+    skipped: list[str] = []
+    if spec in BUILTIN:
+        train, held = _builtin(spec, root, cache_dir)
+    elif is_shards(spec):
+        return _shards(spec, val, shards or {}, evaluate_only)
+    else:
+        folder = Path(spec)
+        if not folder.exists():
+            raise DataError(f"{spec}: no such file or directory")
+        if folder.is_file():
+            folder = _extract(folder, cache_dir)
+        train_dir, val_dir = _layout(folder)
+        train, skipped = _folder(train_dir, preload, cache_dir)
+        held = None
+        if val_dir is not None:
+            held, more = _folder(val_dir, preload, cache_dir, like=train.class_names)
+            skipped += more
+    class_names = train.class_names
+    split = {"path": spec, "val_split": 0.0, "split_seed": split_seed}
+    if val is not None:  # a separate validation dataset, classes matched by name
+        other = open_data(val, root=root, preload=preload, cache_dir=cache_dir, evaluate_only=True)
+        held = _relabel(other.val, other.class_names, class_names, val)
+        skipped += other.skipped
+    elif val_split > 0:  # carved out of train (in place of a val/ folder or test split, if any)
+        train_idx, val_idx = stratified_split(train.labels, val_split, split_seed)
+        train, held = Subset(train, train_idx.tolist()), Subset(train, val_idx.tolist())
+        split["val_split"] = val_split
+    if evaluate_only:  # evaluate the held-out part if there is one, else everything
+        return Data(None, train if held is None else held, class_names, name, split, skipped)
+    return Data(train, held, class_names, name, split, skipped)
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, val indices): the same fraction of every class held out, reproducibly."""
+    labels = torch.as_tensor(labels)
+    g = torch.Generator().manual_seed(seed)
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        held[idx[torch.randperm(len(idx), generator=g)[: round(len(idx) * fraction)]]] = True
+    return (~held).nonzero().flatten(), held.nonzero().flatten()
+
+
+def _labelled(ds: Dataset, class_names: list[str]) -> Dataset:
+    ds.class_names = class_names
+    return ds
+
+
+def _builtin(name: str, root: str | None, cache_dir: str | None) -> tuple[Dataset, Dataset | None]:
+    if name == "digits":  # 1797 8x8 grey images with values 0..16, as RGB uint8
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = torch.from_numpy(np.rint(d.images * (255 / 16)).astype(np.uint8))[:, None].repeat(1, 3, 1, 1)
+        return _labelled(TensorImages(x, torch.from_numpy(d.target).long()), [str(i) for i in range(10)]), None
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    root = Path(root or cache_root(cache_dir) / "datasets")
+    out = []
+    for train in (True, False):
+        try:
+            ds = cls(str(root), train=train, download=False)
+        except RuntimeError:
+            try:
+                ds = cls(str(root), train=train, download=True)
+            except Exception as e:
+                raise DataError(f"{name}: not found under {root} and could not be downloaded ({type(e).__name__}); "
+                                f"set data.root to a folder holding {cls.base_folder}/") from None
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        out.append(_labelled(TensorImages(images, torch.tensor(ds.targets)), list(ds.classes)))
+    return out[0], out[1]  # the official test split is the validation set
+
+
+def _extract(archive: Path, cache_dir: str | None) -> Path:
+    """A .tar/.tar.gz extracted once into the cache, keyed by the archive's content hash."""
+    h = hashlib.blake2b(digest_size=12)
+    with open(archive, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    dest = cache_root(cache_dir) / f"extracted-{h.hexdigest()}"
+    if dest.is_dir():
+        return dest
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".extract-"))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")  # no absolute paths, links out of the tree, devices
+        os.replace(tmp, dest)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        if dest.is_dir():  # another process (a DDP rank) finished first
+            return dest
+        raise DataError(f"{archive}: not a readable .tar/.tar.gz archive ({e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _layout(folder: Path) -> tuple[Path, Path | None]:
+    """(train folder, val folder or None). Wrapper folders holding a single folder are looked through."""
+    while True:
+        entries = [e for e in folder.iterdir() if not e.name.startswith(".")]
+        dirs = {e.name.lower(): e for e in entries if e.is_dir()}
+        if "train" in dirs:
+            return dirs["train"], dirs.get("val") or dirs.get("validation")
+        if len(entries) == 1 and dirs:
+            folder = entries[0]
+            continue
+        return folder, None
+
+
+def _folder(root: Path, preload, cache_dir: str | None, like: list[str] | None = None) -> tuple[Dataset, list[str]]:
+    """An ImageFolder (one subfolder per class). `like`: the training classes these must be among."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class folders (expected {root}/<class>/<image>)")
+    if like is not None and (extra := sorted(set(classes) - set(like))):
+        raise DataError(f"{root}: classes {extra[:5]} are not among the training classes")
+    index = {c: i for i, c in enumerate(like or classes)}
+    paths, labels = [], []
+    for c in classes:
+        files = sorted(f for f in (root / c).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{root / c}: empty class folder (no image files)")
+        paths += files
+        labels += [index[c]] * len(files)
+    files_ds = _labelled(FileImages(paths, labels), like or classes)
+    if preload is False or (preload == "auto" and not _small(paths)):
+        return files_ds, []
+    return _preload(files_ds, root, cache_dir)
+
+
+def _small(paths: list[Path]) -> bool:
+    from PIL import Image
+
+    for p in paths[:8]:  # the first readable one decides
+        try:
+            with Image.open(p) as im:
+                return im.width * im.height <= PRELOAD_MAX_PIXELS
+        except Exception:
+            continue
+    return False
+
+
+class _Decode(Dataset):
+    def __init__(self, files: FileImages, size: tuple[int, int]):
+        self.files, self.size = files, size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            img = self.files[i][0]
+        except ImageError as e:
+            return None, str(e)
+        if img.size != self.size:
+            img = img.resize(self.size)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), i
+
+
+def _preload(files: FileImages, root: Path, cache_dir: str | None) -> tuple[Dataset, list[str]]:
+    """Decode every image once into a uint8 tensor (cached on disk, keyed by the files' names, sizes and
+    times). Images of another size than the first are resized to it."""
+    h = hashlib.blake2b(digest_size=12)
+    for p, label in zip(files.paths, files.labels.tolist()):
+        st = p.stat()
+        h.update(f"{p.relative_to(root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    cache = cache_root(cache_dir) / f"preload-{h.hexdigest()}.pt"
+    if cache.is_file():
+        d = torch.load(cache, weights_only=True)
+    else:
+        size = next((img.size for i in range(len(files)) if (img := _try(files, i)) is not None), None)
+        if size is None:
+            raise DataError(f"{root}: none of the {len(files)} image files is readable")
+        loader = torch.utils.data.DataLoader(_Decode(files, size), batch_size=500, collate_fn=collate,
+                                             num_workers=min(4, os.cpu_count() or 1))
+        images, keep, skipped = [], [], []
+        for x, index, bad in loader:
+            skipped += bad
+            if x is not None:
+                images.append(x), keep.append(index)
+        d = {"images": torch.cat(images), "labels": files.labels[torch.cat(keep)], "skipped": skipped}
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(d, tmp)
+        os.replace(tmp, cache)
+    return _labelled(TensorImages(d["images"], d["labels"]), files.class_names), list(d["skipped"])
+
+
+def _try(files: FileImages, i: int):
+    try:
+        return files[i][0]
+    except ImageError:
+        return None
+
+
+def _relabel(ds: Dataset, names: list[str], target: list[str], source: str) -> Dataset:
+    """Labels of `ds` (classes `names`) renumbered into `target`'s classes, matched by name."""
+    missing = sorted(set(names) - set(target))
+    if missing:
+        raise DataError(f"{source}: classes {missing[:5]}{' ...' if len(missing) > 5 else ''} are not among the "
+                        f"{len(target)} classes {target[:5]}{' ...' if len(target) > 5 else ''}")
+    if names == target[: len(names)]:
+        return ds
+    mapping = torch.tensor([target.index(n) for n in names])
+    if isinstance(ds, ShardStream):
+        ds.label_map = mapping
+        return ds
+    return _Relabelled(ds, mapping)
+
+
+class _Relabelled(Dataset):
+    def __init__(self, base: Dataset, mapping: torch.Tensor):
+        self.base, self.mapping = base, mapping
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        return img, int(self.mapping[label])
+
+
+def relabel(data: Data, target: list[str]) -> Data:
+    """Renumber the evaluation set's labels into `target` (a checkpoint's classes), matched by name."""
+    data.val = _relabel(data.val, data.class_names, target, data.name)
+    return data
+
+
+# --- WebDataset shards ----------------------------------------------------------------------------------
+def _shards(spec: str, val: str | None, opts: dict, evaluate_only: bool) -> Data:
+    import webdataset as wds
+
+    urls = wds.shardlists.expand_urls(spec)
+    missing = [u for u in urls if "://" not in u and not Path(u).is_file()]
+    if missing:
+        raise DataError(f"{spec}: {len(missing)} of {len(urls)} shards missing, e.g. {missing[0]}")
+    names_file = Path(urls[0]).parent / "classes.txt"
+    count, labels = (opts.get("epoch_size"), None) if opts.get("epoch_size") else _count(urls)
+    if names_file.is_file():
+        class_names = [s.strip() for s in names_file.read_text().splitlines() if s.strip()]
+    elif labels:
+        class_names = [str(i) for i in range(max(labels) + 1)]
+    else:
+        raise DataError(f"{spec}: put the class names in {names_file} (one per line, in label order)")
+    stream = ShardStream(urls, count, shuffle_buffer=opts.get("shuffle_buffer", 2000))
+    val_urls = wds.shardlists.expand_urls(val) if val else None
+    held = ShardStream(val_urls, _count(val_urls)[0], shuffle_buffer=0) if val else None
+    data = Data(stream, held, class_names, spec, {"path": spec, "val_split": 0.0, "split_seed": 0})
+    if evaluate_only:
+        data.train, data.val = None, held or ShardStream(urls, count, shuffle_buffer=0)
+    return data
+
+
+def _count(urls: list[str]) -> tuple[int, list[int]]:
+    """Samples and labels in local shards (one pass over the archives)."""
+    n, labels = 0, set()
+    for u in urls:
+        with tarfile.open(u) as tar:
+            for m in tar:
+                if m.name.endswith(".cls"):
+                    n += 1
+                    labels.add(int(tar.extractfile(m).read()))
+    return n, sorted(labels)
+
+
+class ShardStream(IterableDataset):
+    """Samples of WebDataset shards, each decoded and transformed. For training, `configure` sets the epoch
+    (shard order and shuffle are seeded by it), the process's rank and whether to repeat the shards so
+    that every rank can take the same number of batches."""
+
+    def __init__(self, urls: list[str], size: int | None, shuffle_buffer: int):
+        self.urls, self.size, self.shuffle_buffer = urls, size, shuffle_buffer
+        self.label_map: torch.Tensor | None = None  # labels renumbered into a checkpoint's classes
+        self.transform, self.seed, self.epoch, self.rank, self.world, self.repeat = None, None, 0, 0, 1, False
+
+    def __len__(self):
+        return self.size or 0
+
+    def configure(self, transform, seed=None, epoch=0, rank=0, world=1, repeat=False) -> "ShardStream":
+        self.transform, self.seed, self.epoch, self.rank, self.world, self.repeat = \
+            transform, seed, epoch, rank, world, repeat
+        return self
+
+    def __iter__(self):
+        import webdataset as wds
+
+        worker = get_worker_info()
+        wid, nworkers = (worker.id, worker.num_workers) if worker else (0, 1)
+        part, parts = self.rank * nworkers + wid, self.world * nworkers
+        urls = list(self.urls)
+        if self.seed is not None:
+            random.Random(hash((self.seed, self.epoch))).shuffle(urls)
+        by_shard = len(urls) >= parts  # enough shards: each reader gets its own, else every n-th sample
+        if by_shard:
+            urls = urls[part::parts]
+        ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, repeat=self.repeat,
+                            empty_check=False, handler=wds.warn_and_continue)
+        if self.seed is not None and self.shuffle_buffer > 1:
+            ds = ds.shuffle(self.shuffle_buffer, rng=random.Random(hash((self.seed, self.epoch, part))))
+        for n, sample in enumerate(ds):
+            if not by_shard and n % parts != part:
+                continue
+            yield self._decode(sample, n)
+
+    def _decode(self, sample: dict, n: int):
+        key = next((k for k in sample if k.lower() in {s[1:] for s in IMAGE_SUFFIXES}), None)
+        where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        try:
+            if key is None:
+                raise ImageError(f"{where}: no image in sample")
+            label = int(sample["cls"])
+            label = label if self.label_map is None else int(self.label_map[label])
+            from PIL import Image
+
+            with Image.open(io.BytesIO(sample[key])) as im:
+                im.load()
+                img = _to_rgb(im)[0]
+        except (ImageError, KeyError, ValueError, OSError) as e:
+            return None, str(e) if isinstance(e, ImageError) else f"{where}: unreadable ({e})"
+        if self.seed is None:
+            return self.transform(img), label
+        with seeded(self.seed, self.epoch, n):
+            return self.transform(img), label
+
+
+def in_memory(ds: Dataset) -> bool:
+    """Whether the images are decoded already (then loader worker processes only cost)."""
+    while isinstance(ds, (Subset, _Relabelled, Transformed)):
+        ds = ds.dataset if isinstance(ds, Subset) else ds.base
+    return isinstance(ds, TensorImages)
+
+
+def describe(data: Data) -> str:
+    parts = [f"{len(ds)} {what}" for ds, what in ((data.train, "train"), (data.val, "val")) if ds is not None]
+    return f"{data.name}: {len(data.class_names)} classes, {' / '.join(parts)} images"
+

@@ -1,0 +1,89 @@
+"""`vitkit train`: a recipe (YAML) + flags -> a run directory. Named flags are shortcuts for recipe keys;
+`--set SECTION.KEY=VALUE` reaches any key. Runs unchanged under `torchrun --nproc_per_node N`."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+# flag -> recipe key
+FLAG_KEYS = {"data": "data.path", "val_data": "data.val", "val_split": "data.val_split", "model": "model.name",
+             "weights": "model.weights", "img_size": "model.img_size", "batch_size": "data.batch_size",
+             "workers": "data.num_workers", "lr": "optim.lr", "epochs": "train.epochs",
+             "time_budget": "train.time_budget", "seed": "train.seed", "device": "train.device"}
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="ImageFolder dir (train/ + val/, or class folders with --val-split), .tar(.gz) "
+                                  "of one, digits, cifar10, cifar100, or WebDataset shards 'shards-{000..099}.tar'")
+    p.add_argument("--recipe", help="recipe YAML (recipes/*.yaml); values not in it take the defaults")
+    p.add_argument("--model", help="model name (`vitkit models`), e.g. ViT-B/16")
+    p.add_argument("--weights", help="start from this checkpoint (fine-tuning)")
+    p.add_argument("--out", help="run directory (default runs/<data>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly where its last checkpoint left off")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--time-budget", type=float, metavar="MINUTES",
+                   help="stop gracefully after this long (the schedule is fitted to it), then evaluate and save")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch (all processes, all accumulation steps)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--val-split", type=float, help="hold out this fraction of the training images")
+    p.add_argument("--val-data", help="a separate validation DATA")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int, help="data-loading processes")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any recipe value, e.g. --set optim.lr=0.01 --set augment.mixup=0.8 (repeatable)")
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+
+
+def resolve_recipe(args: argparse.Namespace) -> tuple[dict, Path, bool]:
+    """(validated recipe, run dir, resuming?) from the flags; every problem raised as one RecipeError."""
+    from . import recipe as R
+
+    overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
+    for text in args.set:
+        section, key, value = R.parse_override(text)
+        overrides[f"{section}.{key}"] = value
+    if args.resume:
+        run = Path(args.resume)
+        if args.recipe or args.out:
+            raise R.RecipeError("--resume RUN_DIR takes its recipe and directory from the run; drop --recipe/--out")
+        if not (run / "state.pt").is_file() or not (run / "recipe.yaml").is_file():
+            raise R.RecipeError(f"--resume {run}: not a run directory (no state.pt and recipe.yaml in it)")
+        saved = R.load(run / "recipe.yaml")
+        return R.load(None, overrides, base=saved), run, True
+    recipe = R.load(args.recipe, overrides)
+    name = Path(recipe["data"]["path"]).name.split(".")[0] or "run"
+    run = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (run / "state.pt").exists():
+        raise R.RecipeError(f"--out {run} already holds a run; continue it with --resume {run} or pick another --out")
+    return recipe, run, False
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+
+    from ..cli import UserError
+    from ..data.datasets import DataError
+    from . import recipe as R
+    from .trainer import TrainingError, train
+
+    threads = torch.get_num_threads()
+    try:
+        recipe, run, resume = resolve_recipe(args)
+        if args.print_recipe:
+            print(R.to_yaml(recipe), end="")
+            return 0
+        if recipe["train"]["threads"]:
+            torch.set_num_threads(recipe["train"]["threads"])
+        return train(recipe, run, resume)
+    except (R.RecipeError, DataError) as e:
+        raise UserError(str(e)) from None
+    except TrainingError as e:
+        logging.getLogger("vitkit").error("vitkit train: %s", e)
+        return 1
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,122 @@
+"""One process or many (torchrun): the same code path. DDP by default, FSDP (fully_shard) for big models;
+only rank 0 writes files."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def init(cls, device: str = "auto") -> "Dist":
+        """Joins the process group when started by torchrun (WORLD_SIZE > 1)."""
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", local)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        return cls(rank, world, local, dev)
+
+    def any(self, *flags: bool) -> list[bool]:
+        """Each flag true on every rank if it is true on any (to stop together); one all-reduce."""
+        if self.world == 1:
+            return [bool(f) for f in flags]
+        t = torch.tensor([float(f) for f in flags], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def broadcast(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, 0)
+        return t.item()
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def same_weights(self, model: nn.Module) -> tuple[bool, str]:
+        """Whether every rank holds bit-identical weights (DDP replicas must); with the digest of rank 0's."""
+        import hashlib
+
+        h = hashlib.sha1()
+        for t in model.state_dict().values():
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digests = [h.hexdigest()]
+        if self.world > 1:
+            digests = [None] * self.world
+            dist.all_gather_object(digests, h.hexdigest())
+        return len(set(digests)) == 1, digests[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
+    """DDP, or FSDP2 sharding each block and then the rest (parameters, gradients, optimizer state sharded)."""
+    if d.world == 1:
+        return model
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        return fully_shard(model)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
+def full_state(model: nn.Module, optimizer=None, sharded: bool = False) -> tuple[dict, dict | None]:
+    """Model (and optimizer) state as full CPU tensors, under every strategy (FSDP gathers the shards;
+    then only rank 0 gets them)."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=opts),
+            get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None)
+
+
+def load_full_state(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict | None, sharded: bool) -> None:
+    if not sharded:
+        model.load_state_dict(model_sd)
+        if optim_sd is not None:
+            optimizer.load_state_dict(optim_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_sd, options=opts)
+    if optim_sd is not None:
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)

@@ -1,0 +1,189 @@
+"""`vitkit eval`: top-1, top-5 and per-class accuracy of a checkpoint on a labelled dataset, and its
+confusion matrix as a picture. Dataset classes are matched to the checkpoint's classes by name.
+
+The `evaluate` function is also what training validates with.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+log = logging.getLogger("vitkit")
+
+
+@dataclass
+class EvalResult:
+    confusion: torch.Tensor  # (K, K) counts; rows: true class, columns: predicted class
+    top5_correct: int
+    loss_sum: float
+    class_names: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return int(self.confusion.sum())
+
+    @property
+    def top1(self) -> float:
+        return float(self.confusion.diag().sum()) / max(self.n, 1)
+
+    @property
+    def top5(self) -> float:
+        return self.top5_correct / max(self.n, 1)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.n, 1)
+
+    def per_class(self) -> dict[str, dict]:
+        """Accuracy and count of every class that has samples."""
+        counts = self.confusion.sum(1)
+        return {name: {"accuracy": float(self.confusion[i, i]) / int(counts[i]), "n": int(counts[i])}
+                for i, name in enumerate(self.class_names) if counts[i]}
+
+    def to_json(self) -> dict:
+        return {"top1": self.top1, "top5": self.top5, "n": self.n, "loss": self.loss,
+                "per_class": self.per_class(), "skipped": self.skipped}
+
+
+def autocast(device: torch.device, amp: str):
+    """bf16/fp16 autocast, or nothing. 'auto': bf16 on a GPU that has it, full precision on a CPU."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def eval_loader(dataset, transform, batch_size: int, workers: int, rank: int = 0, world: int = 1) -> DataLoader:
+    """In order, each rank taking every world-th image (no padding, so nothing is counted twice)."""
+    from ..data.datasets import ShardStream, Transformed, collate
+
+    if isinstance(dataset, ShardStream):
+        ds = dataset.configure(transform, rank=rank, world=world)
+    else:
+        ds = Transformed(Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset, transform)
+    return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+
+
+@torch.no_grad()
+def evaluate(model, loader, class_names: list[str], device: torch.device, amp: str = "none",
+             channels_last: bool = False, dist=None, progress: bool = False) -> EvalResult:
+    from tqdm import tqdm
+
+    k = len(class_names)
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(k, k, dtype=torch.long, device=device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # top-5 correct, loss
+    skipped: list[str] = []
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for x, y, bad in tqdm(loader, desc="eval", leave=False, disable=not progress, unit="batch"):
+        skipped += bad
+        if x is None:
+            continue
+        x, y = x.to(device, non_blocking=True).contiguous(memory_format=fmt), y.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(x)
+        logits = logits.float()
+        confusion.index_put_((y, logits.argmax(1)), torch.ones_like(y), accumulate=True)
+        sums[0] += (logits.topk(min(5, k), dim=1).indices == y[:, None]).any(1).sum()
+        sums[1] += F.cross_entropy(logits, y, reduction="sum")
+    if dist is not None:
+        dist.sum(confusion), dist.sum(sums)
+    model.train(was_training)
+    return EvalResult(confusion.cpu(), int(sums[0]), float(sums[1]), class_names, skipped)
+
+
+# --- the command ----------------------------------------------------------------------------------------
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cli import add_model_arguments
+
+    p.add_argument("--data", required=True,
+                   help="ImageFolder dir (its val/ if it has train/+val/, else all of it), .tar(.gz), digits, "
+                        "cifar10, cifar100, or WebDataset shards")
+    add_model_arguments(p)
+    p.add_argument("--val-split", type=float,
+                   help="evaluate only this held-out fraction (default: the split recorded in the checkpoint "
+                        "when DATA is its training data)")
+    p.add_argument("--split-seed", type=int, help="seed of the held-out split (default: the checkpoint's, or 0)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, help="image-decoding processes (default: none for data decoded in "
+                                                "memory, else up to 4)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-root", help="where torchvision's CIFAR lives (downloaded there when online)")
+    p.add_argument("--out", default=".", help="folder for confusion.png (default: current folder)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, n, per_class, ...)")
+
+
+def recorded_split(weights: str | None, data: str) -> dict:
+    """The held-out split a vitkit training run recorded in its checkpoint, if DATA is that run's data."""
+    from ..weights.vitkit_format import read_metadata
+
+    if not weights or not str(weights).endswith(".safetensors"):
+        return {}
+    rec = ((read_metadata(Path(weights)) or {}).get("data")) or {}
+    same = rec.get("path") == data or (Path(data).exists() and Path(rec.get("path", "")).resolve() == Path(data).resolve())
+    return rec if same else {}
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..cli import UserError, model_from_args
+    from ..data.datasets import DataError, describe, in_memory, open_data, relabel
+    from ..data.images import eval_transform
+    from .distributed import Dist
+    from .report import plot_confusion
+
+    device = Dist.init(args.device).device
+    model = model_from_args(args).to(device)
+    split = recorded_split(args.weights, args.data)
+    val_split = args.val_split if args.val_split is not None else split.get("val_split", 0.0)
+    split_seed = args.split_seed if args.split_seed is not None else split.get("split_seed", 0)
+    try:
+        data = open_data(args.data, val_split=val_split, split_seed=split_seed, root=args.data_root,
+                         evaluate_only=True)
+        names = model.class_names
+        if names is None:  # a checkpoint without class names: only positions can be matched
+            if len(data.class_names) != model.cfg.num_classes:
+                raise UserError(f"--weights {args.weights}: the checkpoint names no classes and has "
+                                f"{model.cfg.num_classes}, the data {len(data.class_names)}; cannot match them")
+            log.warning("the checkpoint names no classes: matching the data's %d classes by position",
+                        len(data.class_names))
+            names = data.class_names
+        data = relabel(data, names)
+    except DataError as e:
+        raise UserError(str(e)) from None
+    what = f"held-out {val_split:.0%} (seed {split_seed})" if val_split else "all"
+    log.info("evaluating on %s: %s", describe(data), what)
+    workers = args.workers if args.workers is not None else 0 if in_memory(data.val) else min(4, os.cpu_count() or 1)
+    loader = eval_loader(data.val, eval_transform(model.preprocess, model.cfg.img_size), args.batch_size, workers)
+    result = evaluate(model, loader, list(names), device, args.amp, progress=not args.json)
+    result.skipped = data.skipped + result.skipped  # found while preloading, and while evaluating
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    present = sorted({i for i, c in enumerate(result.confusion.sum(1).tolist()) if c} |
+                     {i for i, c in enumerate(result.confusion.sum(0).tolist()) if c})
+    png = plot_confusion(result.confusion[present][:, present], [names[i] for i in present], out / "confusion.png",
+                         f"{Path(args.weights).name} on {data.name}: top-1 {result.top1:.2%}")
+    if args.json:
+        print(json.dumps({**result.to_json(), "data": data.name, "split": what, "weights": str(args.weights),
+                          "confusion_png": str(png) if png else None}))
+    else:
+        width = max(len(n) for n in result.per_class())
+        for name, c in result.per_class().items():
+            print(f"  {name:<{width}}  {c['accuracy']:7.2%}  ({c['n']})")
+        print(f"top-1 {result.top1:.2%}  top-5 {result.top5:.2%}  loss {result.loss:.4f}  on {result.n} images"
+              + (f"  confusion matrix: {png}" if png else ""))
+    if result.skipped:
+        log.warning("%d unreadable images skipped:\n  %s", len(result.skipped), "\n  ".join(result.skipped))
+    return 0

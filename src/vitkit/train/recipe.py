@@ -1,0 +1,278 @@
+"""Training recipes: one nested dict (model, data, augment, optim, schedule, train), read from YAML,
+overridden from the command line (`--set optim.lr=0.1`), and checked in full before any work starts.
+
+Every key has a default and a check below; a recipe file only states what differs. Unknown keys and bad
+values are reported together in one error.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from ..models.vit import ViTConfig
+
+
+class RecipeError(ValueError):
+    """An invalid recipe (file, value or override); the message names every bad key."""
+
+
+# --- value checks: each returns None when fine, else what is wrong --------------------------------------
+def _number(lo=None, hi=None, integer=False, optional=False, lo_open=False, hi_open=False) -> Callable:
+    def check(v):
+        if v is None:
+            return None if optional else "is required"
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+            return f"must be {'an integer' if integer else 'a number'}, not {v!r}"
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            return f"must be {'>' if lo_open else '>='} {lo}, not {v}"
+        if hi is not None and (v > hi or (hi_open and v == hi)):
+            return f"must be {'<' if hi_open else '<='} {hi}, not {v}"
+        return None
+    return check
+
+
+def _choice(*options, optional=False) -> Callable:
+    def check(v):
+        if v is None and optional:
+            return None
+        return None if v in options else f"must be one of {list(options)}, not {v!r}"
+    return check
+
+
+def _flag(optional=False) -> Callable:
+    return lambda v: None if isinstance(v, bool) or (optional and v is None) else f"must be true or false, not {v!r}"
+
+
+def _text(optional=True) -> Callable:
+    def check(v):
+        if v is None:
+            return None if optional else "is required"
+        return None if isinstance(v, str) else f"must be a string, not {v!r}"
+    return check
+
+
+def _numbers(length=None, lo=None, hi=None, optional=True, integer=False) -> Callable:
+    item = _number(lo, hi, integer=integer)
+
+    def check(v):
+        if v is None and optional:
+            return None
+        if not isinstance(v, (list, tuple)) or (length is not None and len(v) != length):
+            return f"must be a list of {length or 'some'} numbers, not {v!r}"
+        return next((f"item {x!r} {e}" for x in v if (e := item(x))), None)
+    return check
+
+
+def _size(v):
+    """An image size: one integer or [height, width]."""
+    if v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+        return None
+    return _numbers(2, lo=1, optional=False, integer=True)(v)
+
+
+_opt_int = _number(lo=1, integer=True, optional=True)
+_rate = _number(0, 1, optional=True, hi_open=True)
+
+# section -> key -> (default, check). Sources of the values are cited in recipes/*.yaml.
+SCHEMA: dict[str, dict[str, tuple[Any, Callable]]] = {
+    "model": {
+        "name": (None, _text()),  # a `vitkit models` name; None: build from the fields below
+        "weights": (None, _text()),  # start from a checkpoint (fine-tuning); head and positions are fitted
+        "img_size": (None, _size), "patch_size": (None, _opt_int), "width": (None, _opt_int),
+        "depth": (None, _opt_int), "num_heads": (None, _opt_int), "mlp_dim": (None, _opt_int),
+        "pool": (None, _choice("token", "gap", optional=True)), "class_token": (None, _flag(True)),
+        "fc_norm": (None, _flag(True)), "qkv_bias": (None, _flag(True)),
+        "representation_size": (None, _number(0, integer=True, optional=True)),  # 0: no pre-logits layer
+        "hybrid_layers": (None, _numbers(lo=1, integer=True)), "dropout": (None, _rate),
+        "attn_dropout": (None, _rate), "drop_path": (None, _rate), "zero_head": (None, _flag(True)),
+        "mean": (None, _numbers(3)), "std": (None, _numbers(3, lo=1e-6)),
+        "crop_pct": (None, _number(0, 1, optional=True, lo_open=True)),
+        "interpolation": (None, _choice("bicubic", "bilinear", "nearest", optional=True)),
+    },
+    "data": {
+        "path": (None, _text(optional=False)),  # folder, .tar(.gz), digits, cifar10, cifar100, shards-{..}.tar
+        "val": (None, _text()),  # a separate validation DATA (else val/ of the folder, or val_split)
+        "val_split": (0.0, _number(0, 1, hi_open=True)),  # held-out fraction of train (stratified)
+        "split_seed": (0, _number(0, integer=True)),
+        "batch_size": (64, _number(1, integer=True)),  # global: all processes and accumulation steps
+        "eval_batch_size": (256, _number(1, integer=True)),
+        "num_workers": (0, _number(0, integer=True)),
+        "preload": ("auto", _choice("auto", True, False)),  # decode small images once into a tensor cache
+        "cache_dir": (None, _text()),  # default $VITKIT_CACHE or ~/.cache/vitkit
+        "root": (None, _text()),  # torchvision CIFAR root (downloaded there when online)
+        "epoch_size": (None, _opt_int),  # WebDataset: samples per epoch (counted from the shards if unset)
+        "shuffle_buffer": (2000, _number(1, integer=True)),  # WebDataset sample shuffle buffer
+    },
+    "augment": {
+        "crop": ("pad", _choice("pad", "random_resized", "resize")),
+        "padding": (0, _number(0, integer=True)),  # "pad": random crop after zero padding (CIFAR: 4)
+        "scale": ([0.08, 1.0], _numbers(2, lo=0.0, hi=1.0, optional=False)),  # "random_resized" area range
+        "hflip": (0.0, _number(0, 1)),
+        "auto_augment": (None, _choice("randaugment", "trivialaugment", optional=True)),
+        "randaugment_ops": (2, _number(1, integer=True)), "randaugment_magnitude": (9, _number(0, 30, integer=True)),
+        "mixup": (0.0, _number(0)), "cutmix": (0.0, _number(0)),  # Beta(alpha, alpha); 0 = off
+        "label_smoothing": (0.0, _number(0, 1, hi_open=True)),
+        "random_erasing": (0.0, _number(0, 1)),
+    },
+    "optim": {
+        "name": ("adamw", _choice("adamw", "adam", "sgd")),
+        "lr": (1e-3, _number(0, lo_open=True)),
+        "weight_decay": (0.0, _number(0)),  # not applied to biases, norms, position embeddings, [class] token
+        "betas": ([0.9, 0.999], _numbers(2, lo=0.0, hi=0.999999, optional=False)),
+        "momentum": (0.9, _number(0, 1, hi_open=True)), "nesterov": (False, _flag()),
+        "clip_grad_norm": (None, _number(0, lo_open=True, optional=True)),  # global norm
+        "accum_steps": (1, _number(1, integer=True)),
+    },
+    "schedule": {
+        "name": ("cosine", _choice("cosine", "linear", "constant")),
+        "warmup_steps": (0, _number(0, integer=True)),
+        "warmup_fraction": (0.0, _number(0, 1, hi_open=True)),  # of all steps; the larger warm-up wins
+        "min_lr": (0.0, _number(0)),
+    },
+    "train": {
+        "epochs": (10, _number(1, integer=True)),  # with a time budget: the most epochs to run
+        "max_steps": (None, _opt_int),
+        "time_budget": (None, _number(0, lo_open=True, optional=True)),  # minutes, the whole run
+        "seed": (0, _number(0, integer=True)),
+        "device": ("auto", _text(optional=False)),
+        "threads": (None, _opt_int),  # CPU threads for the math (default: torch's, one per core)
+        "amp": ("auto", _choice("auto", "bf16", "fp16", "none")),  # auto: bf16 on GPUs that have it
+        "channels_last": (False, _flag()), "compile": (False, _flag()),
+        # fused-attention kernel; None: torch's choice. On CPUs "math" is faster for short sequences (64 tokens)
+        "attention": (None, _choice("math", "flash", "efficient", optional=True)),
+        "ema_decay": (None, _number(0, 1, optional=True, lo_open=True, hi_open=True)),
+        "eval_every": (1, _number(1, integer=True)),  # epochs
+        "checkpoint_minutes": (10.0, _number(0, lo_open=True)),  # mid-epoch training-state saves
+        "checkpoint_every_steps": (None, _opt_int),
+        "log_every": (10, _number(1, integer=True)),
+        "distributed": ("ddp", _choice("ddp", "fsdp")),
+    },
+}
+VIT_FIELDS = {f.name for f in dataclasses.fields(ViTConfig)}
+SCHEMA["model"].update({f: (None, lambda v: None) for f in sorted(VIT_FIELDS - set(SCHEMA["model"]))
+                        if f != "num_classes"})  # other ViTConfig fields: checked by building the config
+PREPROCESS_KEYS = ("mean", "std", "crop_pct", "interpolation")
+
+
+def defaults() -> dict:
+    return {s: {k: copy.deepcopy(d) for k, (d, _) in keys.items()} for s, keys in SCHEMA.items()}
+
+
+def _unknown(section: str, key: str | None = None) -> str:
+    if key is None:
+        near = difflib.get_close_matches(section, SCHEMA, n=1)
+        return f"unknown section {section!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+    near = difflib.get_close_matches(key, SCHEMA[section], n=1)
+    return f"unknown key {section}.{key}" + (f" (did you mean {section}.{near[0]}?)" if near else "")
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _numeric(v):
+    """YAML 1.1 reads 1e-3 as a string; a number is meant."""
+    if isinstance(v, list):
+        return [_numeric(x) for x in v]
+    return float(v) if isinstance(v, str) and _NUMBER.fullmatch(v.strip()) else v
+
+
+def merge(recipe: dict, update: dict, source: str) -> dict:
+    """Recipe values from `update` (nested dict) over `recipe`; unknown keys are errors."""
+    if not isinstance(update, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of sections, not {type(update).__name__}")
+    problems = []
+    for section, values in update.items():
+        if section not in SCHEMA:
+            problems.append(_unknown(section))
+        elif not isinstance(values, dict):
+            problems.append(f"{section}: must be a mapping of keys, not {values!r}")
+        else:
+            for key, value in values.items():
+                if key in SCHEMA[section]:
+                    recipe[section][key] = _numeric(value)
+                else:
+                    problems.append(_unknown(section, key))
+    if problems:
+        raise RecipeError(f"{source}: " + "; ".join(problems))
+    return recipe
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'optim.lr=0.1' -> ('optim', 'lr', 0.1); the value is read as YAML (numbers, lists, null, true)."""
+    key, sep, value = text.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise RecipeError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. optim.lr=0.01")
+    try:
+        return section, name, yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {text!r}: unreadable value ({e.problem})") from None
+
+
+def load(path: str | Path | None, overrides: dict[str, Any] | None = None, base: dict | None = None) -> dict:
+    """Defaults <- recipe file (or `base`) <- overrides {"section.key": value}; then validated."""
+    recipe = copy.deepcopy(base) if base is not None else defaults()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"--recipe {path}: no such file")
+        try:
+            merge(recipe, yaml.safe_load(path.read_text()) or {}, str(path))
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    nested: dict = {}
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        nested.setdefault(section, {})[key] = value
+    merge(recipe, nested, "override")
+    validate(recipe)
+    return recipe
+
+
+def validate(r: dict) -> None:
+    """Check every value and the combinations that cannot work; one RecipeError listing all problems."""
+    problems = [f"{s}.{k} {err}" for s, keys in SCHEMA.items() for k, (_, check) in keys.items()
+                if (err := check(r[s][k]))]
+    problems = [p + " (give --data)" if p == "data.path is required" else p for p in problems]
+    m, d, o = r["model"], r["data"], r["optim"]
+    if not problems:
+        missing = [k for k in ("img_size", "patch_size", "width", "depth", "num_heads", "mlp_dim") if m[k] is None]
+        if not m["name"] and not m["weights"] and missing:
+            problems.append(f"model: give model.name (see `vitkit models`), model.weights, or the fields "
+                            f"{', '.join('model.' + k for k in missing)}")
+        elif not m["weights"]:  # the architecture must be buildable (a checkpoint's is checked when read)
+            from ..models.registry import build_config
+            try:
+                build_config(m["name"], **model_fields(m), num_classes=2) if m["name"] else \
+                    ViTConfig(**model_fields(m), num_classes=2)
+            except (ValueError, TypeError) as e:
+                problems.append(f"model{'.name' if 'unknown model' in str(e) else ''}: {e}")
+        if m["weights"] and not Path(m["weights"]).exists():
+            problems.append(f"model.weights {m['weights']}: no such file")
+        if d["batch_size"] % o["accum_steps"]:
+            problems.append(f"data.batch_size {d['batch_size']} is not divisible by optim.accum_steps "
+                            f"{o['accum_steps']}")
+    if problems:
+        raise RecipeError("invalid recipe: " + "; ".join(problems))
+
+
+def model_fields(m: dict) -> dict:
+    """The recipe's ViTConfig fields that are set."""
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in m.items() if k in VIT_FIELDS and v is not None}
+
+
+class _Dumper(yaml.SafeDumper):
+    """Sections as blocks, lists on one line."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
+def to_yaml(r: dict) -> str:
+    return yaml.dump(r, Dumper=_Dumper, sort_keys=False, default_flow_style=False)

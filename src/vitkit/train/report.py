@@ -1,0 +1,115 @@
+"""What a run leaves to read: metrics.csv, TensorBoard events, training-curves and confusion-matrix PNGs."""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("vitkit")
+COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5",
+           "images_per_s", "elapsed_s"]
+
+
+class Metrics:
+    """One CSV row per evaluation (appended, so a resumed run continues the file) + TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.csv_path, self.enabled, self.tb = run_dir / "metrics.csv", enabled, None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            log.warning("tensorboard is not installed: metrics go to metrics.csv only")
+
+    def scalars(self, step: int, **values: float) -> None:
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def row(self, **values) -> None:
+        if not self.enabled:
+            return
+        new = not self.csv_path.exists()
+        with open(self.csv_path, "a", newline="") as f:
+            w = csv.DictWriter(f, COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in values.items() if k in COLUMNS})
+        self.scalars(values["step"], **{f"{'val' if k.startswith('val') else 'train'}/{k}": v
+                                         for k, v in values.items() if k.startswith(("val_", "train_")) and v != ""})
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: float(v) if v not in ("", None) else None for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _figure(ncols: int, width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(1, ncols, figsize=(width, height))
+
+
+def plot_curves(metrics_csv: Path, out: Path) -> Path | None:
+    """Loss (train, val), validation accuracy and learning rate against epochs."""
+    rows = read_metrics(metrics_csv) if metrics_csv.exists() else []
+    if not rows:
+        return None
+    plt, fig, (ax_loss, ax_acc, ax_lr) = _figure(3, 13, 3.6)
+    epochs = [r["epoch"] for r in rows]
+    for key, label in (("train_loss", "train"), ("val_loss", "val")):
+        pts = [(e, r[key]) for e, r in zip(epochs, rows) if r[key] is not None]
+        if pts:
+            ax_loss.plot(*zip(*pts), marker=".", label=label)
+    for key, label in (("train_acc", "train top-1"), ("val_top1", "val top-1"), ("val_top5", "val top-5")):
+        pts = [(e, 100 * r[key]) for e, r in zip(epochs, rows) if r[key] is not None]
+        if pts:
+            ax_acc.plot(*zip(*pts), marker=".", label=label)
+    ax_lr.plot(epochs, [r["lr"] for r in rows], marker=".")
+    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy (%)"), (ax_lr, "learning rate")):
+        ax.set_title(title), ax.set_xlabel("epoch"), ax.grid(alpha=0.3)
+    ax_loss.legend(), ax_acc.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_confusion(confusion: torch.Tensor, names: list[str], out: Path, title: str = "") -> Path | None:
+    """Row-normalised confusion matrix (rows: true class, columns: predicted); counts written when few classes."""
+    k = len(names)
+    if k > 100:
+        log.warning("%d classes: confusion-matrix picture skipped (numbers are in the JSON output)", k)
+        return None
+    size = min(4 + 0.35 * k, 30)
+    plt, fig, ax = _figure(1, size + 1.5, size)
+    c = confusion.double()
+    rates = c / c.sum(1, keepdim=True).clamp(min=1)
+    im = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ticks = list(range(k))
+    ax.set_xticks(ticks, names, rotation=90 if k > 10 else 0, fontsize=8)
+    ax.set_yticks(ticks, names, fontsize=8)
+    ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(title)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if confusion[i, j]:
+                    ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,471 @@
+"""The training loop, top to bottom: data -> model -> optimizer -> steps -> evaluate/save each epoch.
+
+Never lose a run: the training state (model, optimizer, EMA, scaler, step, RNG states, data position) is
+written atomically every epoch, every `checkpoint_minutes` and on SIGTERM/SIGINT; `--resume` continues from
+it exactly, mid-epoch included, because the data order and every augmentation draw are functions of
+(seed, epoch, index) and the learning rate is a function of (step, total_steps).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from ..data.augment import batch_mixer, train_transform
+from ..data.datasets import ShardStream, Transformed, collate, describe, open_data
+from ..data.images import eval_transform
+from ..models.vit import ViT, ViTConfig
+from .distributed import Dist, full_state, load_full_state, wrap
+from .evaluate import autocast, eval_loader, evaluate
+from .recipe import PREPROCESS_KEYS, RecipeError, model_fields, to_yaml
+from .report import Metrics, plot_curves
+
+log = logging.getLogger("vitkit")
+STATE, LAST, BEST, RECIPE = "state.pt", "last.safetensors", "best.safetensors", "recipe.yaml"
+PROBE_STEPS = 20  # steps timed (after 3 warm-up steps) to fit the schedule into a time budget
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss); the message says where and what is still on disk."""
+
+
+# --- building blocks ------------------------------------------------------------------------------------
+def build_model(m: dict, class_names: list[str]) -> ViT:
+    """From a name, a checkpoint (fine-tuning: zero head for new classes, positions resampled) or fields."""
+    from .. import create_model, load_model
+    from ..weights.vitkit_format import is_vitkit_checkpoint
+
+    fields, k = model_fields(m), len(class_names)
+    if m["name"]:
+        model = create_model(m["name"], weights=m["weights"], **{**fields, "num_classes": k})
+    elif m["weights"]:
+        if not is_vitkit_checkpoint(m["weights"]):
+            raise RecipeError(f"model.weights {m['weights']}: not a vitkit checkpoint, so set model.name too")
+        model = load_model(m["weights"], **{**fields, "num_classes": k})
+    else:
+        model = ViT(ViTConfig(**fields, num_classes=k))
+    model.preprocess.update({key: m[key] for key in PREPROCESS_KEYS if m[key] is not None})
+    model.class_names = list(class_names)
+    return model.train()
+
+
+def make_optimizer(model: torch.nn.Module, o: dict) -> torch.optim.Optimizer:
+    """Weight decay on weight matrices only: not on biases, norms, position embeddings or the [class] token."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    if o["name"] == "sgd":
+        return torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"])
+    cls = torch.optim.AdamW if o["name"] == "adamw" else torch.optim.Adam
+    return cls(groups, lr=o["lr"], betas=tuple(o["betas"]))
+
+
+def lr_at(step: int, total: int, s: dict, base_lr: float) -> float:
+    """Linear warm-up, then cosine / linear decay to min_lr (or constant)."""
+    warmup = min(max(s["warmup_steps"], round(s["warmup_fraction"] * total)), max(total - 1, 0))
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    p = min((step - warmup) / max(total - warmup, 1), 1.0)
+    shape = {"cosine": 0.5 * (1 + math.cos(math.pi * p)), "linear": 1 - p, "constant": 1.0}[s["name"]]
+    return s["min_lr"] + (base_lr - s["min_lr"]) * shape
+
+
+def ema_model(model: torch.nn.Module, decay: float):
+    """Exponential moving average of the weights; the decay ramps up as (1+n)/(10+n) early in training."""
+    from torch.optim.swa_utils import AveragedModel
+
+    def update(averaged, current, n):
+        d = min(decay, (1 + float(n)) / (10 + float(n)))
+        torch._foreach_lerp_(averaged, current, 1 - d)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler yielding (epoch, index) keys, optionally from a position within the epoch."""
+
+    def __init__(self, dataset, world: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in list(super().__iter__())[self.start:])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    kind, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM/SIGINT set a flag that the loop checks after each step; a second SIGINT interrupts at once."""
+    caught: list[int] = []
+
+    def handler(sig, frame):
+        if caught and sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        caught.append(sig)
+
+    installed = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            installed[sig] = signal.signal(sig, handler)
+    try:
+        yield caught
+    finally:
+        for sig, old in installed.items():
+            signal.signal(sig, old)
+
+
+def attention_kernel(name: str | None):
+    """Pin scaled_dot_product_attention to one implementation for the whole run (None: torch chooses)."""
+    if name is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([{"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+                         "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]])
+
+
+# --- the run --------------------------------------------------------------------------------------------
+def train(r: dict, run_dir: Path, resume: bool = False) -> int:
+    t0 = time.time()
+    M, D, A, O, T = r["model"], r["data"], r["augment"], r["optim"], r["train"]
+    d = Dist.init(T["device"])
+    if T["ema_decay"] and T["distributed"] == "fsdp" and d.world > 1:
+        raise RecipeError("train.ema_decay is not supported with train.distributed=fsdp")
+    state = torch.load(run_dir / STATE, map_location="cpu", weights_only=True) if resume else None
+
+    # data: every problem with it is reported here, before any work
+    data = open_data(D["path"], val=D["val"], val_split=D["val_split"], split_seed=D["split_seed"], root=D["root"],
+                     preload=D["preload"], cache_dir=D["cache_dir"],
+                     shards={"epoch_size": D["epoch_size"], "shuffle_buffer": D["shuffle_buffer"]})
+    names = data.class_names
+    if state is not None and state["class_names"] != names:
+        raise RecipeError(f"--resume: the data's classes {names[:5]}... differ from the run's "
+                          f"{state['class_names'][:5]}...")
+    accum = O["accum_steps"]
+    micro, rest = divmod(D["batch_size"], d.world * accum)
+    if rest or not micro:
+        raise RecipeError(f"data.batch_size {D['batch_size']} is not divisible by {d.world} processes x "
+                          f"{accum} accumulation steps")
+    stream = isinstance(data.train, ShardStream)
+    n_train = len(data.train)
+    steps_per_epoch = n_train // D["batch_size"]
+    if steps_per_epoch == 0:
+        raise RecipeError(f"data.batch_size {D['batch_size']} is larger than the {n_train} training images")
+
+    # model, optimizer, EMA, precision
+    torch.manual_seed(T["seed"])  # the same initial weights on every rank
+    model = build_model(M, names).to(d.device)
+    img_size = model.cfg.img_size
+    if T["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    ema = ema_model(model, T["ema_decay"]) if T["ema_decay"] else None
+    wrapped = wrap(model, d, T["distributed"])
+    sharded = d.world > 1 and T["distributed"] == "fsdp"
+    optimizer = make_optimizer(model, O)
+    amp = T["amp"]
+    scaler = torch.amp.GradScaler(d.device.type, enabled=amp == "fp16")
+    step_model = torch.compile(wrapped) if T["compile"] else wrapped
+    eval_model = ema.module if ema is not None else (wrapped if sharded else model)
+    mixer = batch_mixer(A, len(names))
+    fmt = torch.channels_last if T["channels_last"] else torch.contiguous_format
+    train_tf = train_transform(A, img_size, model.preprocess)
+    val_loader = None if data.val is None else eval_loader(
+        data.val, eval_transform(model.preprocess, img_size), D["eval_batch_size"], D["num_workers"], d.rank, d.world)
+
+    # where we are: fresh, or exactly where the saved state left off
+    step, best, elapsed_before, skipped = 0, -1.0, 0.0, set(data.skipped)
+    total = min(T["epochs"] * steps_per_epoch, T["max_steps"] or sys.maxsize)
+    epoch_stats = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, images (this epoch)
+    torch.manual_seed(T["seed"] + d.rank)  # per-rank randomness (dropout, mixup) from here on
+    if state is not None:
+        load_full_state(wrapped if sharded else model, optimizer, state["model"], state["optimizer"], sharded)
+        if ema is not None and state["ema"] is not None:
+            ema.load_state_dict(state["ema"])
+        scaler.load_state_dict(state["scaler"])
+        step, best, elapsed_before = state["step"], state["best_top1"], state["elapsed"]
+        total = state["total_steps"] if T["time_budget"] else total
+        skipped |= set(state["skipped"])
+        epoch_stats = state["epoch_stats"]
+        if state["world"] == d.world:
+            set_rng_state(state["rng"][d.rank])
+        else:
+            log.warning("resuming with %d processes instead of %d: random draws will differ", d.world, state["world"])
+    elif d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RECIPE).write_text(to_yaml(r))
+    metrics = Metrics(run_dir, d.main)
+    if d.main:
+        log.info("%s | %s | %s params | %d steps of %d images (%d per process x %d accumulation) | %s",
+                 describe(data), f"ViT {model.cfg.width}w x {model.cfg.depth} @ {img_size[0]}px",
+                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", total, D["batch_size"], micro, accum,
+                 f"resuming at step {step}" if state is not None else f"run dir {run_dir}")
+
+    def clock() -> float:
+        return elapsed_before + time.time() - t0
+
+    def batches(epoch: int, position: int):
+        """The epoch's optimizer steps from `position` on, each a list of `accum` micro-batches."""
+        if stream:
+            ds = data.train.configure(train_tf, T["seed"], epoch, d.rank, d.world, repeat=True)
+            loader = iter(DataLoader(ds, batch_size=micro, num_workers=D["num_workers"], collate_fn=collate,
+                                     generator=torch.Generator().manual_seed(T["seed"])))
+            for _ in range(position * accum):  # a stream can only be skipped by reading it
+                next(loader)
+        else:
+            sampler.set_epoch(epoch)
+            sampler.start = position * micro * accum
+            loader = iter(train_loader)
+        for _ in range(steps_per_epoch - position):
+            yield [next(loader) for _ in range(accum)]
+
+    if not stream:
+        sampler = EpochSampler(data.train, d.world, d.rank, T["seed"])
+        train_loader = DataLoader(Transformed(data.train, train_tf, T["seed"]), batch_size=micro, sampler=sampler,
+                                  drop_last=True, num_workers=D["num_workers"], collate_fn=collate,
+                                  persistent_workers=D["num_workers"] > 0, pin_memory=d.device.type == "cuda",
+                                  generator=torch.Generator().manual_seed(T["seed"]))  # keeps global RNG untouched
+
+    def save(weights: bool, val=None) -> None:
+        """The training state; with `weights` also last.safetensors (and best.safetensors when val is the best)."""
+        model_sd, optim_sd = full_state(wrapped if sharded else model, optimizer, sharded)
+        rngs = [rng_state()]
+        if d.world > 1:
+            rngs = [None] * d.world
+            torch.distributed.all_gather_object(rngs, rng_state())
+        if d.main:
+            atomic_save({"step": step, "total_steps": total, "model": model_sd, "optimizer": optim_sd,
+                         "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
+                         "rng": rngs, "best_top1": best, "elapsed": clock(), "epoch_stats": epoch_stats.clone(),
+                         "skipped": sorted(skipped), "class_names": names, "world": d.world}, run_dir / STATE)
+            if resume and (run_dir / RECIPE).read_text() != to_yaml(r):  # changed on resuming: now in force
+                tmp = run_dir / f".{RECIPE}.tmp"
+                tmp.write_text(to_yaml(r))
+                os.replace(tmp, run_dir / RECIPE)
+            if weights:
+                export = ema.module if ema is not None else _plain(model, model_sd, sharded)
+                extra = {"data": data.split, "train": {"step": step, "epoch": step / steps_per_epoch,
+                                                       "val_top1": val.top1 if val else None, "ema": ema is not None}}
+                from .. import save_model
+
+                save_model(export, run_dir / LAST, **extra)
+                if val is not None and val.top1 >= best or data.val is None:
+                    save_model(export, run_dir / BEST, **extra)
+        d.barrier()
+
+    def gradients(group: list) -> tuple[torch.Tensor, bool]:
+        """Forward and backward over the step's micro-batches, gradients clipped: (mean loss, non-finite?)."""
+        step_loss = torch.zeros((), dtype=torch.float64, device=d.device)
+        for i, (x, y, bad) in enumerate(group):
+            skipped.update(bad)
+            if x is None:
+                continue
+            x = x.to(d.device, non_blocking=True).contiguous(memory_format=fmt)
+            y = hard = y.to(d.device, non_blocking=True)
+            if mixer is not None:
+                x, y = mixer(x, y)
+            sync = i == accum - 1 or not hasattr(wrapped, "no_sync")  # DDP: all-reduce on the last one only
+            with contextlib.nullcontext() if sync else wrapped.no_sync():
+                with autocast(d.device, amp):
+                    logits = step_model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=A["label_smoothing"])
+                scaler.scale(loss / accum).backward()
+            step_loss += loss.detach() / accum
+            epoch_stats.add_(torch.tensor([loss.item() * len(hard), (logits.argmax(1) == hard).sum().item(),
+                                           len(hard)], dtype=torch.float64))
+        scaler.unscale_(optimizer)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), O["clip_grad_norm"] or float("inf"))
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+        return step_loss, not (torch.isfinite(step_loss) and (torch.isfinite(gnorm) or amp == "fp16"))
+
+    # --- the loop -------------------------------------------------------------------------------------------
+    budget = T["time_budget"] * 60 if T["time_budget"] else None
+    last_eval_s, last_save_s, last_ckpt, last_plot, steps_here = 0.0, 0.0, time.time(), time.time(), 0
+    probe_t = None
+    exit_code = 0
+    with stop_signals() as caught, attention_kernel(T["attention"]):
+        while step < total:
+            epoch, position = divmod(step, steps_per_epoch)
+            if position == 0:
+                epoch_stats.zero_()
+            epoch_t, epoch_step0 = time.time(), step
+            bar = tqdm(total=steps_per_epoch, initial=position, desc=f"epoch {epoch + 1}", unit="step",
+                       leave=False, disable=not d.main or None, dynamic_ncols=True)
+            stop = nonfinite = False
+            for group in batches(epoch, position):
+                lr = lr_at(step, total, r["schedule"], O["lr"])
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                step_loss, bad_step = gradients(group)
+                time_up = budget is not None and clock() + last_eval_s + last_save_s + 0.01 * budget >= budget
+                nonfinite, stop_now, time_up = d.any(bad_step, bool(caught), time_up)
+                if nonfinite:
+                    break
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update_parameters(model)
+                step, steps_here = step + 1, steps_here + 1
+                if d.main:
+                    rate = (step - epoch_step0) * D["batch_size"] / (time.time() - epoch_t)
+                    left = (budget - clock()) if budget else (total - step) * D["batch_size"] / rate
+                    bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}",
+                                    left=_hms(left), refresh=False)
+                    bar.update()
+                    if step % T["log_every"] == 0:
+                        metrics.scalars(step, **{"train/loss_step": step_loss.item(), "train/lr": lr})
+                # fit the schedule to a time budget: time PROBE_STEPS steps, then how many fit
+                if budget is not None and steps_here == 3:
+                    probe_t = time.time()
+                if budget is not None and steps_here == 3 + PROBE_STEPS:
+                    per_step = (time.time() - probe_t) / PROBE_STEPS
+                    n_val = len(data.val) if data.val is not None else 0
+                    last_eval_s = last_eval_s or n_val / (3 * D["batch_size"] / per_step)  # eval ~3x train speed
+                    total = _fit(step, total, budget - clock(), per_step, last_eval_s / T["eval_every"] /
+                                 steps_per_epoch, d)
+                    log.info("time budget: %.2f s/step -> %d steps (%.1f epochs)", per_step, total,
+                             total / steps_per_epoch)
+                mid_save = (T["checkpoint_every_steps"] and step % T["checkpoint_every_steps"] == 0
+                            or time.time() - last_ckpt > 60 * T["checkpoint_minutes"])
+                if stop_now or time_up or step >= total or step % steps_per_epoch == 0:
+                    stop = stop_now
+                    break
+                if mid_save:
+                    save(weights=False)
+                    last_ckpt = time.time()
+            bar.close()
+            if nonfinite:
+                raise TrainingError(
+                    f"loss or gradient became non-finite at step {step + 1} (epoch {epoch + 1}, lr {lr:.3g}); "
+                    f"stopped without saving: the last good checkpoint is {run_dir / STATE} "
+                    f"(step {_saved_step(run_dir)}). Try a lower optim.lr, optim.clip_grad_norm or train.amp=none")
+            if stop:
+                save(weights=True)
+                if d.main:
+                    log.warning("stopped by %s at step %d; everything is saved: vitkit train --resume %s",
+                                signal.Signals(caught[0]).name if caught else "a signal on another rank", step, run_dir)
+                exit_code = 128 + (caught[0] if caught else 0)
+                break
+
+            # end of an epoch, or of the run: evaluate, save, log
+            train_s = time.time() - epoch_t
+            finished = step >= total or time_up
+            val = None
+            if val_loader is not None and ((epoch + 1) % T["eval_every"] == 0 or finished):
+                t_eval = time.time()
+                val = evaluate(eval_model, val_loader, names, d.device, amp, T["channels_last"], d)
+                last_eval_s = time.time() - t_eval
+                skipped.update(val.skipped)
+            epoch_stats_all = d.sum(epoch_stats.clone().to(d.device)).cpu()
+            improved = val is not None and val.top1 > best
+            if val is not None:
+                best = max(best, val.top1)
+            t_save = time.time()
+            save(weights=True, val=val)
+            last_ckpt, last_save_s = time.time(), time.time() - t_save
+            if budget is not None and not finished:  # re-fit the budget with this epoch's real times
+                overhead = (last_eval_s / T["eval_every"] + last_save_s) / steps_per_epoch
+                total = _fit(step, total, budget - clock(), train_s / max(step - epoch_step0, 1), overhead, d)
+            if d.main:
+                loss_avg, acc = (epoch_stats_all[0] / epoch_stats_all[2].clamp(min=1)).item(), \
+                    (epoch_stats_all[1] / epoch_stats_all[2].clamp(min=1)).item()
+                rate = (step - epoch_step0) * D["batch_size"] / max(train_s, 1e-9)
+                metrics.row(epoch=round(step / steps_per_epoch, 3), step=step, lr=lr, train_loss=loss_avg,
+                            train_acc=acc, val_loss=val.loss if val else "", val_top1=val.top1 if val else "",
+                            val_top5=val.top5 if val else "", images_per_s=rate, elapsed_s=clock())
+                shown = (f"  val {val.top1:6.2%} (top-5 {val.top5:.2%}, loss {val.loss:.3f}){' *' if improved else ''}"
+                         if val else "")
+                print(f"epoch {step / steps_per_epoch:5.1f}/{total / steps_per_epoch:.0f}  loss {loss_avg:.4f}  "
+                      f"acc {acc:6.2%}{shown}  lr {lr:.2e}  {rate:,.0f} img/s  {_hms(clock())}", flush=True)
+                if finished or time.time() - last_plot > 60:
+                    plot_curves(metrics.csv_path, run_dir / "curves.png")
+                    last_plot = time.time()
+            if time_up:
+                log.info("time budget of %.1f min reached at step %d", T["time_budget"], step)
+                break
+    if d.world > 1 and not sharded:  # DDP replicas must agree bit for bit; say so
+        same, digest = d.same_weights(model)
+        if d.main:
+            (log.info if same else log.error)("%d processes end with %s weights (sha1 of rank 0: %s)", d.world,
+                                              "identical" if same else "DIFFERENT", digest[:12])
+    if d.main:
+        plot_curves(metrics.csv_path, run_dir / "curves.png")
+        metrics.close()
+        if skipped:
+            log.warning("%d unreadable images were skipped:\n  %s", len(skipped), "\n  ".join(sorted(skipped)))
+        if exit_code == 0:
+            log.info("done in %s: best val top-1 %s -> %s", _hms(clock()), f"{best:.2%}" if best >= 0 else "n/a",
+                     run_dir / BEST)
+    d.close()
+    return exit_code
+
+
+def _fit(step: int, cap: int, seconds_left: float, per_step: float, overhead_per_step: float, d: Dist) -> int:
+    """Steps that fit in the time left (5% kept for the last evaluation and saving), at most `cap`."""
+    fit = step + int(0.95 * seconds_left / (per_step + overhead_per_step))
+    return int(d.broadcast(max(step + 1, min(cap, fit))))
+
+
+def _plain(model: ViT, sd: dict, sharded: bool) -> ViT:
+    """The model as a plain (unsharded) ViT for saving."""
+    if not sharded:
+        return model
+    plain = ViT(model.cfg)
+    plain.load_state_dict(sd)
+    plain.preprocess, plain.class_names = dict(model.preprocess), model.class_names
+    return plain
+
+
+def _saved_step(run_dir: Path) -> str:
+    try:
+        return str(torch.load(run_dir / STATE, map_location="cpu", weights_only=True)["step"])
+    except (OSError, RuntimeError, KeyError):
+        return "none yet"
+
+
+def _hms(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"

@@ -1,0 +1,59 @@
+"""ViTConfig.conv_stem: a small 3x3 conv + BatchNorm + GELU stem in place of the patchify (hybrid for small images)."""
+import pytest
+import torch
+
+import vitkit
+from vitkit.models.vit import ViTConfig
+
+TINY = dict(img_size=32, width=32, depth=1, num_heads=2, mlp_dim=64, num_classes=10, class_token=False, pool="gap")
+
+
+def test_each_layer_after_the_first_halves_the_resolution():
+    cfg = ViTConfig(patch_size=1, conv_stem=(8, 16, 24), **TINY)
+    assert cfg.reduction == 4 and cfg.grid == (8, 8)
+    model = vitkit.ViT(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert model.patch_embed(x).shape == (2, 32, 8, 8)
+    assert model.forward_features(x).shape == (2, 64, 32)
+    assert model(x).shape == (2, 10)
+    sd = model.state_dict()
+    assert sd["patch_embed.backbone.0.conv.weight"].shape == (8, 3, 3, 3)
+    assert sd["patch_embed.backbone.2.conv.weight"].shape == (24, 16, 3, 3)
+    assert sd["patch_embed.backbone.2.bn.running_var"].shape == (24,)
+    assert sd["patch_embed.proj.weight"].shape == (32, 24, 1, 1)
+    # patch_size still applies on top of the stem, as for the ResNet hybrid
+    assert ViTConfig(patch_size=2, conv_stem=(8, 16, 24), **TINY).grid == (4, 4)
+
+
+def test_the_stem_downsamples_with_strided_convs():
+    stem = vitkit.ViT(ViTConfig(patch_size=1, conv_stem=(4, 4), **TINY)).patch_embed.backbone
+    assert [layer.conv.stride for layer in stem] == [(1, 1), (2, 2)]
+
+
+def test_default_and_hybrid_models_are_unchanged():
+    plain = vitkit.ViT(ViTConfig(patch_size=4, **TINY))
+    assert ViTConfig().conv_stem is None
+    assert not any("backbone" in k for k in plain.state_dict())
+    hybrid = ViTConfig(patch_size=1, hybrid_layers=(1,), hybrid_width=32, **TINY)
+    assert hybrid.reduction == 4 and "patch_embed.backbone.stem.conv.weight" in vitkit.ViT(hybrid).state_dict()
+
+
+@pytest.mark.parametrize("bad", [dict(conv_stem=()), dict(conv_stem=(8,), hybrid_layers=(1,))])
+def test_invalid_stems_are_refused(bad):
+    with pytest.raises(ValueError, match="conv_stem"):
+        ViTConfig(patch_size=1, **TINY, **bad)
+
+
+def test_save_load_round_trip_keeps_weights_and_batchnorm_statistics(tmp_path):
+    torch.manual_seed(0)
+    model = vitkit.ViT(ViTConfig(patch_size=1, conv_stem=(8, 16, 24), **TINY)).train()
+    model(torch.randn(8, 3, 32, 32) * 3 + 1)  # moves the BatchNorm running statistics off their defaults
+    model.eval()
+    path = vitkit.save_model(model, tmp_path / "stem.safetensors")
+    loaded = vitkit.load_model(path)
+    assert loaded.cfg.conv_stem == (8, 16, 24) and loaded.cfg.grid == (8, 8)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert not torch.equal(model.patch_embed.backbone[0].bn.running_mean, torch.zeros(8))

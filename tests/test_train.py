@@ -1,0 +1,317 @@
+"""`vitkit train` / `vitkit eval` on real data (digits, image folders, archives, shards) with tiny models:
+run-directory files read back, eval numbers against a direct computation, fine-tuning, time budget,
+non-finite loss, bad inputs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import vitkit
+from vitkit.cli import main
+from vitkit.data.datasets import open_data, stratified_split
+from vitkit.models.vit import resample_pos_embed
+from vitkit.train import recipe as R
+from vitkit.train.report import read_metrics
+from vitkit.train.trainer import build_model, lr_at
+
+from train_utils import ROOT, TINY, digit_images, write_recipe
+
+
+def train_ok(*args: str) -> None:
+    assert main(["train", *args]) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-epoch run of the tiny ViT on digits (20% held out)."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    run = tmp / "run"
+    train_ok("--recipe", str(write_recipe(tmp / "tiny.yaml")), "--out", str(run))
+    return run
+
+
+def digits_tensors():
+    """Digits as the model sees them, computed here without vitkit's data code: (N,3,8,8) in [-1,1], labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(np.rint(d.images * (255 / 16)).astype(np.uint8)).float().div(255)
+    return ((x - 0.5) / 0.5)[:, None].repeat(1, 3, 1, 1), torch.from_numpy(d.target)
+
+
+# --- the run directory ------------------------------------------------------------------------------------
+def test_run_dir_files_read_back(tiny_run):
+    assert set(p.name for p in tiny_run.iterdir()) >= {"recipe.yaml", "metrics.csv", "tensorboard", "best.safetensors",
+                                                       "last.safetensors", "state.pt", "curves.png"}
+    recipe = yaml.safe_load((tiny_run / "recipe.yaml").read_text())
+    assert recipe == R.load(None, base=recipe)  # complete and valid as written
+    assert recipe["model"]["width"] == 32 and recipe["data"]["path"] == "digits"
+
+    rows = read_metrics(tiny_run / "metrics.csv")
+    steps_per_epoch = int(1797 * 0.8 + 0.5) // 64  # 1438 training images, 64 per step
+    assert [r["epoch"] for r in rows] == [1.0, 2.0] and [r["step"] for r in rows] == [steps_per_epoch, 2 * steps_per_epoch]
+    assert all(0 <= r["val_top1"] <= r["val_top5"] <= 1 and r["train_loss"] > 0 for r in rows)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tiny_run / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("val/val_top1")] == pytest.approx([r["val_top1"] for r in rows], abs=1e-5)
+
+    state = torch.load(tiny_run / "state.pt", weights_only=True)  # plain tensors and containers only
+    assert state["step"] == 2 * steps_per_epoch and state["class_names"] == [str(i) for i in range(10)]
+    last = vitkit.load_model(tiny_run / "last.safetensors")
+    assert last.class_names == [str(i) for i in range(10)] and last.preprocess["crop_pct"] == 1.0
+    for k, v in last.state_dict().items():  # last.safetensors = the model of the training state (no EMA)
+        assert torch.equal(v, state["model"][k]), k
+    best = vitkit.load_model(tiny_run / "best.safetensors")
+    assert best.cfg.width == 32 and best.cfg.img_size == (8, 8)
+    with Image.open(tiny_run / "curves.png") as im:
+        assert im.format == "PNG" and im.width > 500
+
+
+def test_eval_matches_direct_computation(tiny_run, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--data", "digits", "--weights", str(tiny_run / "best.safetensors"), "--json",
+                 "--workers", "0", "--out", str(tmp_path)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    # the checkpoint recorded its held-out split; recompute it and the predictions by hand
+    x, y = digits_tensors()
+    _, val_idx = stratified_split(y, 0.2, 0)
+    model = vitkit.load_model(tiny_run / "best.safetensors")
+    with torch.no_grad():
+        logits = model(x[val_idx])
+    y = y[val_idx]
+    assert got["n"] == len(val_idx) == 359
+    assert got["top1"] == pytest.approx((logits.argmax(1) == y).double().mean().item(), abs=1e-12)
+    assert got["top5"] == pytest.approx((logits.topk(5, 1).indices == y[:, None]).any(1).double().mean().item(), abs=1e-12)
+    for c in range(10):
+        m = y == c
+        assert got["per_class"][str(c)]["n"] == int(m.sum())
+        assert got["per_class"][str(c)]["accuracy"] == pytest.approx((logits[m].argmax(1) == c).double().mean().item())
+    # and the best checkpoint's accuracy is the best validation accuracy the run logged
+    from vitkit.weights.vitkit_format import read_metadata
+
+    assert got["top1"] == read_metadata(tiny_run / "best.safetensors")["train"]["val_top1"]
+    assert got["top1"] == pytest.approx(max(r["val_top1"] for r in read_metrics(tiny_run / "metrics.csv")), abs=1e-6)
+    assert (tmp_path / "confusion.png").stat().st_size > 0
+
+
+def test_eval_folder_classes_matched_by_name(tiny_run, tmp_path, capsys):
+    """A folder with only classes 3 and 7 (labels 0 and 1 there), one corrupt file: matched by name, skipped."""
+    files = digit_images(tmp_path / "two", ["3", "7"], per_class=10)
+    (tmp_path / "two" / "7" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    capsys.readouterr()
+    assert main(["eval", "--data", str(tmp_path / "two"), "--weights", str(tiny_run / "best.safetensors"),
+                 "--json", "--workers", "0", "--out", str(tmp_path)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    model = vitkit.load_model(tiny_run / "best.safetensors")
+    x = torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for c in "37" for p in files[c]])
+    with torch.no_grad():
+        pred = model((x.float() / 255 - 0.5) / 0.5).argmax(1)
+    truth = torch.tensor([3] * 10 + [7] * 10)
+    assert got["n"] == 20 and set(got["per_class"]) == {"3", "7"}
+    assert got["top1"] == pytest.approx((pred == truth).double().mean().item())
+    assert len(got["skipped"]) == 1 and "broken.png" in got["skipped"][0]
+
+    (tmp_path / "two" / "cat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "two" / "cat" / "a.png")
+    assert main(["eval", "--data", str(tmp_path / "two"), "--weights", str(tiny_run / "best.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "vitkit eval: error:" in err and "'cat'" in err
+
+
+# --- fine-tuning, budget, failures ------------------------------------------------------------------------
+def test_finetune_interpolates_positions_and_zeroes_head(tiny_run, tmp_path):
+    """The paper's fine-tuning: new classes get a zero head; 16 px instead of 8 px resamples positions in 2D."""
+    recipe = R.load(None, {"data.path": "digits", "model.weights": str(tiny_run / "best.safetensors"),
+                           "model.img_size": 16})
+    model = build_model(recipe["model"], ["0", "1", "2"])
+    source = vitkit.load_model(tiny_run / "best.safetensors")
+    assert model.cfg.grid == (8, 8) and model.head.weight.shape == (3, 32)
+    assert not model.head.weight.any() and not model.head.bias.any()
+    assert torch.equal(model.pos_embed, resample_pos_embed(source.pos_embed, (8, 8), (4, 4), num_prefix=0))
+    assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+    digit_images(tmp_path / "three", ["0", "1", "2"], per_class=30)
+    recipe_file = write_recipe(tmp_path / "ft.yaml", model={"img_size": 16},
+                               optim={"name": "sgd", "lr": 0.03, "clip_grad_norm": 1.0},
+                               data={"path": str(tmp_path / "three"), "val_split": 0.2, "batch_size": 16},
+                               train={"epochs": 1, "threads": 1})
+    train_ok("--recipe", str(recipe_file), "--weights", str(tiny_run / "best.safetensors"), "--out", str(tmp_path / "ft"))
+    tuned = vitkit.load_model(tmp_path / "ft" / "best.safetensors")
+    assert tuned.class_names == ["0", "1", "2"] and tuned.cfg.img_size == (16, 16)
+
+
+def test_time_budget_stops_gracefully(tmp_path):
+    run = tmp_path / "run"
+    train_ok("--recipe", str(write_recipe(tmp_path / "r.yaml")), "--epochs", "1000", "--time-budget", "0.1",
+             "--out", str(run))
+    state = torch.load(run / "state.pt", weights_only=True)
+    assert 0 < state["step"] < 1000 * 22 and state["total_steps"] < 1000 * 22  # the schedule was fitted
+    assert state["elapsed"] < 6 + 20  # 6 s budget; slack for a busy machine
+    rows = read_metrics(run / "metrics.csv")
+    assert rows[-1]["step"] == state["step"] and rows[-1]["val_top1"] is not None  # evaluated at the end
+    assert vitkit.load_model(run / "best.safetensors").class_names is not None
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = {f: hashlib.sha1((run / f).read_bytes()).hexdigest() for f in ("state.pt", "last.safetensors",
+                                                                            "recipe.yaml")}
+    capsys.readouterr()
+    code = main(["train", "--resume", str(run), "--epochs", "3", "--set", "optim.lr=1e30"])
+    assert code == 1
+    assert before == {f: hashlib.sha1((run / f).read_bytes()).hexdigest() for f in before}
+
+
+def test_resume_extends_a_finished_run(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    train_ok("--resume", str(run), "--epochs", "3")
+    assert [r["epoch"] for r in read_metrics(run / "metrics.csv")] == [1.0, 2.0, 3.0]
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["train"]["epochs"] == 3  # the recipe now in force
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == 3 * 22
+
+
+def test_lr_schedule():
+    s = {"name": "cosine", "warmup_steps": 10, "warmup_fraction": 0.0, "min_lr": 0.0}
+    assert [lr_at(i, 110, s, 1.0) for i in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert lr_at(60, 110, s, 1.0) == pytest.approx(0.5) and lr_at(110, 110, s, 1.0) == pytest.approx(0.0)
+    lin = {**s, "name": "linear", "warmup_steps": 0, "warmup_fraction": 0.1, "min_lr": 0.1}
+    assert lr_at(10, 100, lin, 1.0) == pytest.approx(1.0) and lr_at(55, 100, lin, 1.0) == pytest.approx(0.55)
+
+
+# --- data sources -----------------------------------------------------------------------------------------
+def test_folder_archive_and_corrupt_images(tmp_path, caplog):
+    """train/ + val/ folders, the same as .tar.gz, a corrupt file skipped and listed; --val-split stratified."""
+    digit_images(tmp_path / "ds" / "train", ["1", "2", "5"], per_class=40)
+    digit_images(tmp_path / "ds" / "val", ["1", "2", "5"], per_class=10, offset=40)
+    (tmp_path / "ds" / "train" / "2" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with tarfile.open(tmp_path / "ds.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "ds", arcname="ds")
+    cache = str(tmp_path / "cache")
+    folder = open_data(str(tmp_path / "ds"), cache_dir=cache)
+    archive = open_data(str(tmp_path / "ds.tar.gz"), cache_dir=cache)
+    for data in (folder, archive):
+        assert data.class_names == ["1", "2", "5"] and (len(data.train), len(data.val)) == (120, 30)
+        assert len(data.skipped) == 1 and "bad.jpg" in data.skipped[0]
+        assert torch.equal(data.train.images, folder.train.images)  # decoded once into the tensor cache
+    single = open_data(str(tmp_path / "ds" / "train"), val_split=0.25, split_seed=3, cache_dir=cache)
+    val_labels = torch.tensor([single.train.dataset.labels[i] for i in single.val.indices])
+    assert val_labels.bincount().tolist() == [10, 10, 10]  # stratified
+
+    skipped = skipped_in_training(tmp_path, data={"path": str(tmp_path / "ds.tar.gz"), "batch_size": 20,
+                                                  "cache_dir": cache, "val_split": 0.0})
+    assert len(skipped) == 1 and "bad.jpg" in skipped[0]
+    assert "1 unreadable images were skipped" in caplog.text
+
+
+def skipped_in_training(tmp_path, **sections) -> list[str]:
+    """Train one epoch; the unreadable images the training state lists."""
+    recipe = write_recipe(tmp_path / "r.yaml", **sections, train={"epochs": 1})
+    train_ok("--recipe", str(recipe), "--out", str(tmp_path / "run"))
+    return torch.load(tmp_path / "run" / "state.pt", weights_only=True)["skipped"]
+
+
+def test_files_decoded_on_demand_skip_corrupt(tmp_path):
+    """Without preloading, a corrupt file is found while training: dropped from its batch, listed."""
+    digit_images(tmp_path / "ds", ["0", "1"], per_class=20)
+    (tmp_path / "ds" / "1" / "bad.png").write_bytes(b"not an image")
+    skipped = skipped_in_training(tmp_path, data={"path": str(tmp_path / "ds"), "val_split": 0.25, "preload": False,
+                                                  "batch_size": 10})
+    assert len(skipped) == 1 and "bad.png" in skipped[0]
+
+
+def test_webdataset_shards(tmp_path):
+    import webdataset as wds
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for shard in range(2):
+        with wds.TarWriter(str(tmp_path / f"digits-{shard:03d}.tar")) as sink:
+            for i in range(shard * 300, shard * 300 + 300):
+                px = np.rint(d.images[i] * (255 / 16)).astype(np.uint8)
+                sink.write({"__key__": f"{i:05d}", "png": np.stack([px] * 3, -1), "cls": int(d.target[i])})
+    spec = str(tmp_path / "digits-{000..001}.tar")
+    data = open_data(spec)
+    assert len(data.train) == 600 and data.class_names == [str(i) for i in range(10)]
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", data={"path": spec, "val": spec, "val_split": 0.0, "batch_size": 50},
+                          train={"epochs": 1})
+    train_ok("--recipe", str(recipe), "--out", str(run))
+    assert read_metrics(run / "metrics.csv")[-1]["step"] == 12
+
+
+# --- bad inputs: one clear line, exit code 2, nothing started ----------------------------------------------
+@pytest.mark.parametrize("args, expected", [
+    (["--data", "/no/such/folder"], "/no/such/folder: no such file or directory"),
+    (["--set", "optim.lr=-1"], "optim.lr must be > 0"),
+    (["--set", "optim.lrr=0.1"], "did you mean optim.lr?"),
+    (["--set", "augment.crop=zoom"], "augment.crop must be one of"),
+    (["--set", "optim.lr=-1", "--set", "train.epochs=0"], "train.epochs must be >= 1"),  # all problems at once
+    (["--set", "optim"], "expected SECTION.KEY=VALUE"),
+    (["--set", "optim.accum_steps=3"], "not divisible by optim.accum_steps"),
+    (["--batch-size", "5000"], "larger than the 1438 training images"),
+    (["--model", "ViT-Q/3"], "unknown model"),
+    (["--weights", "/no/weights.safetensors"], "no such file"),
+    (["--recipe", "/no/recipe.yaml"], "/no/recipe.yaml: no such file"),
+    (["--resume", "/tmp"], "not a run directory"),
+])
+def test_bad_inputs_one_line_error(tmp_path, capsys, args, expected):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    args = args if "--recipe" in args or "--resume" in args else ["--recipe", str(recipe), *args]
+    capsys.readouterr()
+    assert main(["train", *args, *([] if "--resume" in args else ["--out", str(tmp_path / "run")])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vitkit train: error:") and "\n" not in err and expected in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_class_folder_and_existing_run(tiny_run, tmp_path, capsys):
+    digit_images(tmp_path / "ds", ["0", "1"], per_class=5)
+    (tmp_path / "ds" / "2").mkdir()
+    recipe = write_recipe(tmp_path / "r.yaml")
+    for args, expected in ((["--data", str(tmp_path / "ds")], "empty class folder"),
+                           (["--out", str(tiny_run)], "already holds a run")):
+        capsys.readouterr()
+        assert main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "x"), *args]) == 2
+        assert expected in capsys.readouterr().err
+
+
+def test_recipes_in_repo_are_valid():
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        text = path.read_text()
+        assert text.startswith("#"), f"{path.name}: say where its values come from"
+        R.load(path, {"data.path": "digits"})
+
+
+def test_overrides_and_print_recipe(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    capsys.readouterr()
+    assert main(["train", "--recipe", str(recipe), "--lr", "0.5", "--set", "augment.scale=[0.5, 1]",
+                 "--set", "train.ema_decay=0.99", "--epochs", "7", "--print-recipe"]) == 0
+    r = yaml.safe_load(capsys.readouterr().out)
+    assert r["optim"]["lr"] == 0.5 and r["augment"]["scale"] == [0.5, 1] and r["train"]["ema_decay"] == 0.99
+    assert r["train"]["epochs"] == 7 and r["model"] == {**R.defaults()["model"], **TINY["model"]}
+
+
+def test_loader_workers_do_not_change_the_result(tmp_path):
+    """Augmentation draws are seeded per (seed, epoch, image): 0 or 2 loader processes train the same weights."""
+    weights = []
+    for workers in (0, 2):
+        recipe = write_recipe(tmp_path / f"r{workers}.yaml", data={"num_workers": workers},
+                              augment={"crop": "pad", "padding": 1, "auto_augment": "trivialaugment"},
+                              train={"epochs": 1})
+        train_ok("--recipe", str(recipe), "--out", str(tmp_path / f"run{workers}"))
+        weights.append(vitkit.load_model(tmp_path / f"run{workers}" / "last.safetensors").state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
