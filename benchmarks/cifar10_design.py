@@ -40,6 +40,7 @@ CANDIDATES = {  # name -> ViTConfig fields
     "conv3-w128": dict(patch_size=1, width=128, depth=6, num_heads=4, mlp_dim=256, conv_stem=(32, 64, 128)),
     "conv3-w256d4": dict(patch_size=1, width=256, depth=4, num_heads=4, mlp_dim=512, conv_stem=(32, 64, 128)),
     "conv4-w256": dict(patch_size=1, width=256, depth=6, num_heads=4, mlp_dim=512, conv_stem=(32, 64, 128, 256)),
+    "conv5p2-w256": dict(patch_size=2, width=256, depth=6, num_heads=4, mlp_dim=512, conv_stem=(32, 64, 64, 128, 128)),
 }
 
 

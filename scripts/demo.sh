@@ -4,6 +4,7 @@
 #   scripts/demo.sh [RUN_DIR]        (default runs/digits; about a minute on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/setup.sh  # creates .venv and installs vitkit the first time
 VITKIT=${VITKIT:-$( [ -x .venv/bin/vitkit ] && echo .venv/bin/vitkit || echo vitkit )}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 RUN=${1:-runs/digits}

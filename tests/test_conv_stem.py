@@ -8,7 +8,7 @@ from vitkit.models.vit import ViTConfig
 TINY = dict(img_size=32, width=32, depth=1, num_heads=2, mlp_dim=64, num_classes=10, class_token=False, pool="gap")
 
 
-def test_each_layer_after_the_first_halves_the_resolution():
+def test_each_widening_layer_halves_the_resolution():
     cfg = ViTConfig(patch_size=1, conv_stem=(8, 16, 24), **TINY)
     assert cfg.reduction == 4 and cfg.grid == (8, 8)
     model = vitkit.ViT(cfg).eval()
@@ -26,8 +26,10 @@ def test_each_layer_after_the_first_halves_the_resolution():
 
 
 def test_the_stem_downsamples_with_strided_convs():
-    stem = vitkit.ViT(ViTConfig(patch_size=1, conv_stem=(4, 4), **TINY)).patch_embed.backbone
-    assert [layer.conv.stride for layer in stem] == [(1, 1), (2, 2)]
+    stem = vitkit.ViT(ViTConfig(patch_size=1, conv_stem=(4, 4), **TINY)).patch_embed.backbone  # same width: stride 1
+    assert [layer.conv.stride[0] for layer in stem] == [1, 1]
+    stem = vitkit.ViT(ViTConfig(patch_size=1, conv_stem=(4, 8, 8, 16, 16), **TINY)).patch_embed.backbone
+    assert [layer.conv.stride[0] for layer in stem] == [1, 2, 1, 2, 1]
 
 
 def test_default_and_hybrid_models_are_unchanged():

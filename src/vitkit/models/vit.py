@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .convstem import ConvStem
+from .convstem import ConvStem, stem_strides
 from .resnetv2 import ResNetV2Stem
 
 # width, depth, mlp_dim, heads (paper Table 1; Ti and S from DeiT / AugReg)
@@ -42,7 +42,8 @@ class ViTConfig:
     norm_eps: float = 1e-6
     hybrid_layers: tuple[int, ...] | None = None  # ResNet-v2 stage depths, e.g. (3, 4, 9) for R50
     hybrid_width: int = 64  # ResNet-v2 root width (stage i has 4 * 2**i times as many channels)
-    conv_stem: tuple[int, ...] | None = None  # channels of 3x3 conv+BN+GELU layers before the patches (small images)
+    conv_stem: tuple[int, ...] | None = None  # widths of 3x3 conv+BN+GELU layers before the patches; a wider
+    # layer than the previous one has stride 2, e.g. (32, 64, 64, 128): 4x smaller (hybrid for small images)
     dropout: float = 0.0
     attn_dropout: float = 0.0
     drop_path: float = 0.0  # stochastic depth rate of the last block (linearly increasing)
@@ -70,7 +71,7 @@ class ViTConfig:
     def reduction(self) -> int:
         """Input pixels per token along each axis."""
         if self.conv_stem:
-            return self.patch_size * 2 ** (len(self.conv_stem) - 1)
+            return self.patch_size * 2 ** stem_strides(self.conv_stem).count(2)
         return self.patch_size * (4 * 2 ** (len(self.hybrid_layers) - 1) if self.hybrid_layers else 1)
 
     @property
