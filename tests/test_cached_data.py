@@ -22,7 +22,7 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 
 @pytest.fixture()
 def folder_tar(tmp_path):
-    """train/{cat,dog}/*.png (lossless, 8x8), plus a corrupt file and a stray file outside any class folder."""
+    """train/{cat,dog}/*.png (lossless, 8x8), a corrupt train/cat/broken.jpg and one val/cat image."""
     rng = np.random.default_rng(0)
     pictures = {f"train/{c}/{i}.png": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
                 for c in ("dog", "cat") for i in range(3)}
@@ -35,18 +35,21 @@ def folder_tar(tmp_path):
         for name, pixels in pictures.items():
             add(name, png_bytes(pixels))
         add("train/cat/broken.jpg", b"\xff\xd8 not really a jpeg")
+        add("val/cat/9.png", png_bytes(np.zeros((8, 8, 3), np.uint8)))
     return path, pictures
 
 
 def test_decode_orders_by_class_and_path_and_skips_broken_images(folder_tar):
     path, pictures = folder_tar
-    data = decode_folder(path)
+    data = decode_folder(path, subset="train")
     assert data.classes == ["cat", "dog"]
     assert data.images.dtype == torch.uint8 and data.images.shape == (6, 3, 8, 8)
     assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]
     for i, name in enumerate(sorted(pictures, key=lambda n: (n.split("/")[1], n))):
         assert torch.equal(data.images[i], torch.from_numpy(pictures[name]).permute(2, 0, 1))
     assert len(data.skipped) == 1 and data.skipped[0].startswith("train/cat/broken.jpg:")
+    everything = decode_folder(path)  # without a subset, train/cat and val/cat are one class
+    assert everything.labels.tolist() == [0, 0, 0, 0, 1, 1, 1]
 
 
 def test_decode_resizes_when_asked_and_refuses_mixed_sizes(tmp_path):

@@ -30,6 +30,7 @@ def test_the_stem_downsamples_with_strided_convs():
     assert [layer.conv.stride[0] for layer in stem] == [1, 1]
     stem = vitkit.ViT(ViTConfig(patch_size=1, conv_stem=(4, 8, 8, 16, 16), **TINY)).patch_embed.backbone
     assert [layer.conv.stride[0] for layer in stem] == [1, 2, 1, 2, 1]
+    assert ViTConfig(patch_size=2, conv_stem=(4, 8, 8, 16, 16), **TINY).grid == (4, 4)
 
 
 def test_default_and_hybrid_models_are_unchanged():

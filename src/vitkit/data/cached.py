@@ -65,19 +65,26 @@ def _decode(name: str, data: bytes, size: int | None) -> torch.Tensor:
     return x
 
 
-def decode_folder(source: str | Path, size: int | None = None) -> CachedImages:
+def _existing(source: str | Path) -> Path:
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such file or directory")
+    return source
+
+
+def decode_folder(source: str | Path, size: int | None = None, subset: str | None = None) -> CachedImages:
     """Decode an ImageFolder (directory or .tar/.tar.gz, `[root/]class/image`) into one tensor.
 
     Classes are the sorted folder names; images are ordered by (class, path) so the result does not depend
     on the archive order. Unreadable images are skipped and listed. Without `size`, all images must share
-    one size.
+    one size. `subset` keeps only images below a folder of that name (e.g. "train" of train/ + val/).
     """
-    source = Path(source)
-    if not source.exists():
-        raise FileNotFoundError(f"{source}: no such file or directory")
+    source = _existing(source)
     found, skipped = [], []
     for name, read in _members(source):
         parts = Path(name).parts
+        if subset is not None and subset not in parts[:-2]:
+            continue
         if len(parts) < 2:
             skipped.append(f"{name}: not inside a class folder")
             continue
@@ -97,23 +104,23 @@ def decode_folder(source: str | Path, size: int | None = None) -> CachedImages:
                         classes, skipped)
 
 
-def cache_path(source: str | Path, size: int | None = None, cache_dir: str | Path | None = None) -> Path:
-    """Where the decoded copy of `source` lives: keyed by its absolute path, size in bytes, mtime and `size`."""
-    source = Path(source).resolve()
+def cache_path(source: str | Path, size: int | None = None, cache_dir: str | Path | None = None,
+               subset: str | None = None) -> Path:
+    """Where the decoded copy of `source` lives: keyed by its absolute path, bytes, mtime, `size` and `subset`."""
+    source = _existing(source).resolve()
     st = source.stat()
-    key = f"{CACHE_VERSION}|{source}|{st.st_size}|{st.st_mtime_ns}|{size}"
+    key = f"{CACHE_VERSION}|{source}|{st.st_size}|{st.st_mtime_ns}|{size}|{subset}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     return Path(cache_dir or DEFAULT_CACHE) / f"{source.name.split('.')[0]}-{digest}.safetensors"
 
 
-def load_cached(source: str | Path, size: int | None = None, cache_dir: str | Path | None = None) -> CachedImages:
-    """`decode_folder(source, size)`, read from the cache when there, else decoded and written (atomically)."""
+def load_cached(source: str | Path, size: int | None = None, cache_dir: str | Path | None = None,
+                subset: str | None = None) -> CachedImages:
+    """`decode_folder(...)`, read from the cache when there, else decoded and written (atomically)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    if not Path(source).exists():
-        raise FileNotFoundError(f"{source}: no such file or directory")
-    path = cache_path(source, size, cache_dir)
+    path = cache_path(source, size, cache_dir, subset)
     if path.is_file():
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -122,7 +129,7 @@ def load_cached(source: str | Path, size: int | None = None, cache_dir: str | Pa
                                     json.loads(meta["skipped"]))
         except Exception:  # a damaged cache is rebuilt, never trusted
             pass
-    data = decode_folder(source, size)
+    data = decode_folder(source, size, subset)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
