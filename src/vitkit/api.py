@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from .models import ViT, ViTConfig, build_config
 from .weights import CheckpointError, read_checkpoint, load_into
 
@@ -27,7 +29,8 @@ def create_model(name: str, *, weights: str | Path | None = None, num_classes: i
         if num_classes is None:
             num_classes = ckpt.config.get("num_classes")
     cfg, preprocess = build_config(name, **{**facts, **overrides}, num_classes=num_classes, img_size=img_size)
-    model = ViT(cfg)
+    with torch.device("meta" if ckpt is not None else "cpu"):  # no random init for weights about to be loaded
+        model = ViT(cfg)
     model.preprocess.update(preprocess)
     if ckpt is not None:
         for note in load_into(model, ckpt, source=str(weights)):
@@ -41,7 +44,8 @@ def load_model(path: str | Path, **overrides) -> ViT:
     if ckpt.format != "vitkit":
         raise CheckpointError(f"{path}: a {ckpt.format} checkpoint, which does not say its architecture; "
                               f"use create_model(NAME, weights=...) or `vitkit convert` it first")
-    model = ViT(ViTConfig.from_dict({**ckpt.config, **overrides}))
+    with torch.device("meta"):
+        model = ViT(ViTConfig.from_dict({**ckpt.config, **overrides}))
     load_into(model, ckpt, source=str(path))
     return model.eval()
 

@@ -213,7 +213,8 @@ class ViT(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
         if num_classes:
             nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)
-        self.head.to(self.pos_embed.device)
+        device = self.pos_embed.device  # a model built on "meta" for loading gets a real head
+        self.head.to("cpu" if device.type == "meta" else device)
 
     # --- tokens -------------------------------------------------------------------------------
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

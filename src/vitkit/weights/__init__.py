@@ -206,7 +206,8 @@ def load_into(model, ckpt: Checkpoint, source: str = "checkpoint") -> list[str]:
     if heads and heads != model.cfg.num_heads:
         raise CheckpointError(f"{source} has {heads} attention heads, the model {model.cfg.num_heads}: choose a "
                               f"model name with {heads} heads or pass num_heads={heads}")
-    model.load_state_dict(sd)
+    # assign: a model built on the meta device takes the checkpoint's tensors as they are (no second copy)
+    model.load_state_dict({k: v.to(own[k].dtype).contiguous() for k, v in sd.items()}, assign=True)
     if ckpt.preprocess:
         model.preprocess.update(ckpt.preprocess)
     if ckpt.class_names and len(ckpt.class_names) == model.cfg.num_classes:
