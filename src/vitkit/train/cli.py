@@ -79,6 +79,8 @@ def run_train(args: argparse.Namespace) -> int:
             return 0
         if recipe["train"]["threads"]:
             torch.set_num_threads(recipe["train"]["threads"])
+        # late in a run, with a small learning rate, denormal floats made CPU steps ~8x slower (cifar10 trials)
+        torch.set_flush_denormal(True)
         return train(recipe, run, resume)
     except (R.RecipeError, DataError) as e:
         raise UserError(str(e)) from None
@@ -87,3 +89,4 @@ def run_train(args: argparse.Namespace) -> int:
         return 1
     finally:
         torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
