@@ -150,6 +150,8 @@ def test_non_vitkit_weights_need_model(tmp_path, image_zoo):
     torch.save(model.state_dict(), tmp_path / "timm.pth")
     r = vitkit_cli("predict", image_zoo[1][0], "--weights", tmp_path / "timm.pth")
     assert r.returncode == 2 and "--model" in r.stderr
+    r = vitkit_cli("predict", image_zoo[1][0], "--weights", "hf-hub:google/vit-base-patch16-224")
+    assert r.returncode == 2 and "--model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_imagenet_labels_and_real_photos(tmp_path):

@@ -47,7 +47,7 @@ def model_from_args(args: argparse.Namespace, **overrides):
         return create_model(args.model, weights=args.weights, **overrides)
     if args.weights is None:
         raise UserError("give --weights (a vitkit checkpoint) or --model NAME")
-    if not is_vitkit_checkpoint(args.weights):
+    if str(args.weights).startswith(("hf-hub:", "http://", "https://")) or not is_vitkit_checkpoint(args.weights):
         raise UserError(f"--weights {args.weights}: not a vitkit checkpoint, so its architecture is unknown; "
                         f"add --model NAME (see `vitkit models`)")
     return load_model(args.weights, **overrides)
