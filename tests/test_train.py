@@ -20,7 +20,7 @@ from vitkit.data.datasets import open_data, stratified_split
 from vitkit.models.vit import resample_pos_embed
 from vitkit.train import recipe as R
 from vitkit.train.report import read_metrics
-from vitkit.train.trainer import build_model, lr_at
+from vitkit.train.trainer import attention_kernel, build_model, lr_at, pick_attention
 
 from train_utils import ROOT, TINY, digit_images, write_recipe
 
@@ -140,6 +140,11 @@ def test_finetune_interpolates_positions_and_zeroes_head(tiny_run, tmp_path):
     assert not model.head.weight.any() and not model.head.bias.any()
     assert torch.equal(model.pos_embed, resample_pos_embed(source.pos_embed, (8, 8), (4, 4), num_prefix=0))
     assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    digits = [str(i) for i in range(10)]  # the checkpoint's own classes keep its head; other ones, or
+    letters = list("abcdefghij")          # zero_head, get a zero head even with as many classes
+    for names, zero_head, kept in ((digits, None, True), (letters, None, False), (digits, True, False)):
+        m = build_model({**recipe["model"], "img_size": 8, "zero_head": zero_head}, names)
+        assert torch.equal(m.head.weight, source.head.weight) == kept and m.head.weight.any() == kept
 
     digit_images(tmp_path / "three", ["0", "1", "2"], per_class=30)
     recipe_file = write_recipe(tmp_path / "ft.yaml", model={"img_size": 16},
@@ -189,6 +194,21 @@ def test_lr_schedule():
     assert lr_at(60, 110, s, 1.0) == pytest.approx(0.5) and lr_at(110, 110, s, 1.0) == pytest.approx(0.0)
     lin = {**s, "name": "linear", "warmup_steps": 0, "warmup_fraction": 0.1, "min_lr": 0.1}
     assert lr_at(10, 100, lin, 1.0) == pytest.approx(1.0) and lr_at(55, 100, lin, 1.0) == pytest.approx(0.55)
+
+
+def test_attention_kernel_choice_and_its_effect():
+    cpu = torch.device("cpu")
+    assert pick_attention("auto", cpu, "bf16", 65) == "math" and pick_attention("auto", cpu, "fp16", 160) == "math"
+    assert pick_attention("auto", cpu, "bf16", 197) is None  # ViT-B/16 at 224 px: the fused kernel is faster
+    assert pick_attention("auto", cpu, "none", 65) is None and pick_attention("auto", cpu, "auto", 65) is None
+    assert pick_attention("auto", torch.device("cuda"), "bf16", 65) is None
+    assert pick_attention("default", cpu, "bf16", 65) is None and pick_attention("flash", cpu, "none", 65) == "flash"
+    model = vitkit.create_model("ViT-Ti/16", img_size=32, num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fused = model(x)
+        with attention_kernel("math"):  # pinned: the same numbers by another kernel
+            torch.testing.assert_close(model(x), fused, atol=1e-5, rtol=1e-4)
 
 
 # --- data sources -----------------------------------------------------------------------------------------

@@ -210,11 +210,11 @@ class ViT(nn.Module):
     def reset_head(self, num_classes: int) -> None:
         """Replace the classifier by a zero-initialised one (what the paper does for fine-tuning)."""
         self.cfg.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        device = self.pos_embed.device  # a model built on "meta" for loading gets a real head
+        with torch.device("cpu" if device.type == "meta" else device):
+            self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
         if num_classes:
             nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)
-        device = self.pos_embed.device  # a model built on "meta" for loading gets a real head
-        self.head.to("cpu" if device.type == "meta" else device)
 
     # --- tokens -------------------------------------------------------------------------------
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -144,8 +144,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Callable]]] = {
         "threads": (None, _opt_int),  # CPU threads for the math (default: torch's, one per core)
         "amp": ("auto", _choice("auto", "bf16", "fp16", "none")),  # auto: bf16 on GPUs that have it
         "channels_last": (False, _flag()), "compile": (False, _flag()),
-        # fused-attention kernel; None: torch's choice. On CPUs "math" is faster for short sequences (64 tokens)
-        "attention": (None, _choice("math", "flash", "efficient", optional=True)),
+        # attention kernel; auto: "math" on a CPU under bf16/fp16 autocast, else torch's choice ("default")
+        "attention": ("auto", _choice("auto", "default", "math", "flash", "efficient")),
         "ema_decay": (None, _number(0, 1, optional=True, lo_open=True, hi_open=True)),
         "eval_every": (1, _number(1, integer=True)),  # epochs
         "checkpoint_minutes": (10.0, _number(0, lo_open=True)),  # mid-epoch training-state saves

@@ -57,6 +57,9 @@ def build_model(m: dict, class_names: list[str]) -> ViT:
         model = load_model(m["weights"], **{**fields, "num_classes": k})
     else:
         model = ViT(ViTConfig(**fields, num_classes=k))
+    other_classes = model.class_names is not None and model.class_names != list(class_names)
+    if m["weights"] and (m["zero_head"] or other_classes):  # the paper's zero-initialised head for new classes,
+        model.reset_head(k)  # even when their number matches the checkpoint's
     model.preprocess.update({key: m[key] for key in PREPROCESS_KEYS if m[key] is not None})
     model.class_names = list(class_names)
     return model.train()
@@ -156,14 +159,24 @@ def stop_signals():
             signal.signal(sig, old)
 
 
-def attention_kernel(name: str | None):
-    """Pin scaled_dot_product_attention to one implementation for the whole run (None: torch chooses)."""
-    if name is None:
+def pick_attention(name: str | None, device: torch.device, amp: str, tokens: int) -> str | None:
+    """The scaled_dot_product_attention kernel a run pins ("math", "flash", "efficient"; None: torch chooses).
+    "auto": on a CPU under bf16/fp16 autocast, for sequences of up to 160 tokens, the unfused "math" kernel:
+    there its backward pass beats the fused flash kernel's (whole steps 1.31x faster at 65 tokens, 1.10x at 145,
+    0.95x at 197: BENCHMARKS.md, training throughput); elsewhere torch's choice."""
+    if name == "auto":
+        return "math" if device.type == "cpu" and amp in ("bf16", "fp16") and tokens <= 160 else None
+    return None if name == "default" else name
+
+
+def attention_kernel(kernel: str | None):
+    """Pin scaled_dot_product_attention to one implementation (None: leave torch's choice)."""
+    if kernel is None:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([{"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
-                         "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]])
+                         "efficient": SDPBackend.EFFICIENT_ATTENTION}[kernel]])
 
 
 # --- the run --------------------------------------------------------------------------------------------
@@ -216,7 +229,7 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
 
     # where we are: fresh, or exactly where the saved state left off
     step, best, elapsed_before, skipped = 0, -1.0, 0.0, set(data.skipped)
-    total = min(T["epochs"] * steps_per_epoch, T["max_steps"] or sys.maxsize)
+    total = limit = min(T["epochs"] * steps_per_epoch, T["max_steps"] or sys.maxsize)  # a budget fits total <= limit
     epoch_stats = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, images (this epoch)
     torch.manual_seed(T["seed"] + d.rank)  # per-rank randomness (dropout, mixup) from here on
     if state is not None:
@@ -321,10 +334,12 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
 
     # --- the loop -------------------------------------------------------------------------------------------
     budget = T["time_budget"] * 60 if T["time_budget"] else None
+    tokens = model.num_prefix_tokens + math.prod(model.cfg.grid)
     last_eval_s, last_save_s, last_ckpt, last_plot, steps_here = 0.0, 0.0, time.time(), time.time(), 0
+    train_s_here = 0.0  # seconds of training steps (no evaluation, no saving) in this process
     probe_t = None
     exit_code = 0
-    with stop_signals() as caught, attention_kernel(T["attention"]):
+    with stop_signals() as caught, attention_kernel(pick_attention(T["attention"], d.device, amp, tokens)):
         while step < total:
             epoch, position = divmod(step, steps_per_epoch)
             if position == 0:
@@ -363,7 +378,7 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
                     per_step = (time.time() - probe_t) / PROBE_STEPS
                     n_val = len(data.val) if data.val is not None else 0
                     last_eval_s = last_eval_s or n_val / (3 * D["batch_size"] / per_step)  # eval ~3x train speed
-                    total = _fit(step, total, budget - clock(), per_step, last_eval_s / T["eval_every"] /
+                    total = _fit(step, limit, budget - clock(), per_step, last_eval_s / T["eval_every"] /
                                  steps_per_epoch, d)
                     log.info("time budget: %.2f s/step -> %d steps (%.1f epochs)", per_step, total,
                              total / steps_per_epoch)
@@ -391,6 +406,7 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
 
             # end of an epoch, or of the run: evaluate, save, log
             train_s = time.time() - epoch_t
+            train_s_here += train_s
             finished = step >= total or time_up
             val = None
             if val_loader is not None and ((epoch + 1) % T["eval_every"] == 0 or finished):
@@ -405,9 +421,11 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
             t_save = time.time()
             save(weights=True, val=val)
             last_ckpt, last_save_s = time.time(), time.time() - t_save
-            if budget is not None and not finished:  # re-fit the budget with this epoch's real times
+            if budget is not None and not finished:  # re-fit the budget with the real times so far
                 overhead = (last_eval_s / T["eval_every"] + last_save_s) / steps_per_epoch
-                total = _fit(step, total, budget - clock(), train_s / max(step - epoch_step0, 1), overhead, d)
+                # the mean step time so far, not the last epoch's: one slow epoch on a shared machine should
+                # not shorten the run for good (the count may grow back, up to the recipe's limit)
+                total = _fit(step, limit, budget - clock(), train_s_here / max(steps_here, 1), overhead, d)
             if d.main:
                 loss_avg, acc = (epoch_stats_all[0] / epoch_stats_all[2].clamp(min=1)).item(), \
                     (epoch_stats_all[1] / epoch_stats_all[2].clamp(min=1)).item()

@@ -25,7 +25,6 @@ class Checkpoint:
     config: dict = field(default_factory=dict)  # architecture facts the file states (ViTConfig fields)
     preprocess: dict | None = None
     class_names: list[str] | None = None
-    model_name: str | None = None
     pos_resample: dict = field(default_factory=dict)  # resample_pos_embed options of the source codebase
 
 

@@ -1,0 +1,137 @@
+"""Training throughput: a vitkit training step vs timm's ViT of the same shape under a plain PyTorch loop.
+
+    .venv/bin/python benchmarks/bench_train.py [--repeats 5] [--amp bf16 none] [--models cifar S/16]
+
+Models: a CIFAR-size ViT (ViT-Ti widths, patch 4, 32 px, 10 classes, batch 128) and ViT-S/16 at 224 px
+(1000 classes, batch 32), random weights and data. One step is the same code for everyone: forward under the
+precision's autocast, label-smoothed cross-entropy, backward, gradient-norm clipping at 1, AdamW step.
+
+- vitkit: model, optimizer, autocast and attention kernel as `vitkit train` sets them up (`make_optimizer`,
+  `autocast`, `attention_kernel` with the recipe default `train.attention: auto`).
+- timm: `timm.models.VisionTransformer` with `torch.optim.AdamW` and torch's own kernel choice, which is
+  what a plain loop gets; and again with the kernel pinned the way vitkit pins it, to show where a
+  difference comes from.
+
+Each peer runs `--repeats` timed steps after two warm-up steps; two interleaved rounds, best median kept.
+`--kernel-sweep` instead times timm's ViT-S/16 (and Ti/4) under bf16 with the math and the flash kernel at
+several sequence lengths: the measurement behind `train.attention: auto`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import vitkit
+from vitkit.models.registry import decode_variant
+from vitkit.train.evaluate import autocast
+from vitkit.train.trainer import attention_kernel, make_optimizer, pick_attention
+
+SETUPS = {  # name -> (ViTConfig fields, batch)
+    "cifar": (dict(decode_variant("Ti", 4), img_size=32, num_classes=10), 128),
+    "S/16": (dict(decode_variant("S", 16), img_size=224, num_classes=1000), 32),
+}
+OPTIM = {"name": "adamw", "lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.05}
+
+
+def timm_model(cfg: dict) -> torch.nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=cfg["img_size"], patch_size=cfg["patch_size"], num_classes=cfg["num_classes"],
+                             embed_dim=cfg["width"], depth=cfg["depth"], num_heads=cfg["num_heads"],
+                             mlp_ratio=cfg["mlp_dim"] / cfg["width"])
+
+
+def step_rate(model, optimizer, x, y, amp: str, kernel, repeats: int) -> float:
+    """Images/s of full training steps (median of `repeats` after 2 warm-up steps)."""
+    cpu = torch.device("cpu")
+    times = []
+    with kernel:
+        for i in range(2 + repeats):
+            t = time.perf_counter()
+            with autocast(cpu, amp):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=0.1)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i >= 2:
+                times.append(time.perf_counter() - t)
+    return len(x) / statistics.median(times)
+
+
+def peers(setup: str, amp: str, attention: str) -> dict:
+    """name -> (model, optimizer, kernel context factory)."""
+    cfg, _ = SETUPS[setup]
+    torch.manual_seed(0)
+    ours = vitkit.ViT(vitkit.ViTConfig(**cfg)).train()
+    theirs = timm_model(cfg).train()
+    n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
+    assert n_ours == n_theirs, f"{setup}: {n_ours} vs {n_theirs} parameters"
+    kernel = pick_attention(attention, torch.device("cpu"), amp, ours.num_prefix_tokens + math.prod(ours.cfg.grid))
+    timm_opt = torch.optim.AdamW(theirs.parameters(), lr=OPTIM["lr"], weight_decay=OPTIM["weight_decay"])
+    return {
+        "vitkit": (ours, make_optimizer(ours, OPTIM), lambda: attention_kernel(kernel)),
+        "timm": (theirs, timm_opt, contextlib.nullcontext),
+        f"timm, {kernel or 'default'} kernel": (theirs, timm_opt, lambda: attention_kernel(kernel)),
+    }, kernel
+
+
+def kernel_sweep(repeats: int) -> None:
+    print("| model | img px | tokens | batch | math img/s | flash img/s | math / flash |")
+    print("|---|---|---|---|---|---|---|")
+    for variant, patch, size, batch in (("S", 16, 128, 32), ("S", 16, 160, 32), ("S", 16, 192, 32),
+                                        ("S", 16, 224, 32), ("Ti", 4, 32, 128), ("Ti", 4, 48, 128)):
+        cfg = dict(decode_variant(variant, patch), img_size=size, num_classes=10)
+        torch.manual_seed(0)
+        model = timm_model(cfg).train()
+        optimizer = torch.optim.AdamW(model.parameters())
+        x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+        rate = {k: max(step_rate(model, optimizer, x, y, "bf16", attention_kernel(k), repeats) for _ in range(2))
+                for k in ("math", "flash")}
+        print(f"| ViT-{variant}/{patch} | {size} | {(size // patch) ** 2 + 1} | {batch} | {rate['math']:.1f} | "
+              f"{rate['flash']:.1f} | {rate['math'] / rate['flash']:.2f}x |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    ap.add_argument("--amp", nargs="+", default=["bf16", "none"], choices=["bf16", "none"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--attention", default="auto", help="vitkit's train.attention (default: the recipe default)")
+    ap.add_argument("--kernel-sweep", action="store_true", help="math vs flash kernel by sequence length")
+    args = ap.parse_args()
+    if args.kernel_sweep:
+        return kernel_sweep(args.repeats)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f}\n")
+    print("| model | batch | precision | vitkit kernel | vitkit | timm | timm, same kernel | vitkit / timm | "
+          "vitkit / timm same kernel |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for setup in args.models:
+        cfg, batch = SETUPS[setup]
+        x = torch.randn(batch, 3, cfg["img_size"], cfg["img_size"])
+        y = torch.randint(0, cfg["num_classes"], (batch,))
+        for amp in args.amp:
+            runs, kernel = peers(setup, amp, args.attention)
+            rates: dict[str, list[float]] = {}
+            for _ in range(2):  # interleaved, so drift in machine speed hits every peer alike
+                for name, (model, optimizer, ctx) in runs.items():
+                    rates.setdefault(name, []).append(step_rate(model, optimizer, x, y, amp, ctx(), args.repeats))
+            ours, plain, pinned = (max(v) for v in rates.values())
+            label = "ViT-Ti/4 @ 32 px" if setup == "cifar" else "ViT-S/16 @ 224 px"
+            print(f"| {label} | {batch} | {'bf16 autocast' if amp == 'bf16' else 'fp32'} | {kernel or 'default'} | "
+                  f"{ours:.1f} | {plain:.1f} | {pinned:.1f} | {ours / plain:.2f}x | {ours / pinned:.2f}x |", flush=True)
+    print(f"\nimages/s of full training steps, best of 2 interleaved rounds of the median of {args.repeats} steps; "
+          f"load average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""zoo/cifar10-vit.safetensors, the committed result of recipes/cifar10.yaml's 60-minute run: it loads
+offline, `vitkit eval` reproduces its held-out accuracy on the shared CIFAR-10 images, `vitkit predict`
+names real CIFAR-10 photos."""
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+import vitkit
+
+from train_utils import ROOT, SHARED, run_vitkit
+
+ZOO = ROOT / "zoo" / "cifar10-vit.safetensors"
+CIFAR = SHARED / "cifar10" / "train.tar.gz"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+needs_cifar = pytest.mark.skipif(not CIFAR.is_file(), reason="../shared/data/cifar10/train.tar.gz not present")
+
+
+def recorded_top1() -> float:
+    """The held-out top-1 that BENCHMARKS.md states for the zoo checkpoint."""
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    return float(re.search(r"zoo/cifar10-vit\.safetensors.*?\*\*(\d+\.\d+)% held-out top-1\*\*", text, re.S)[1]) / 100
+
+
+def test_zoo_checkpoint_is_the_recipe_model():
+    assert ZOO.stat().st_size <= 20 * 2**20
+    model = vitkit.load_model(ZOO)
+    model_recipe = yaml.safe_load((ROOT / "recipes" / "cifar10.yaml").read_text())["model"]
+    cfg = model.cfg
+    assert (cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_dim, cfg.patch_size, list(cfg.conv_stem)) == (
+        model_recipe["width"], model_recipe["depth"], model_recipe["num_heads"], model_recipe["mlp_dim"],
+        model_recipe["patch_size"], model_recipe["conv_stem"])
+    assert model.class_names == CLASSES and cfg.img_size == (32, 32)
+
+
+@needs_cifar
+def test_zoo_eval_reproduces_the_recorded_held_out_accuracy(tmp_path):
+    done = run_vitkit("eval", "--data", str(CIFAR), "--weights", str(ZOO), "--json", "--out", str(tmp_path),
+                      timeout=900)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["n"] == 5000 and result["split"] == "held-out 10% (seed 0)"  # the split the run recorded
+    assert result["top1"] >= 0.85
+    assert result["top1"] == pytest.approx(recorded_top1(), abs=2e-4)
+
+
+@needs_cifar
+def test_zoo_predict_names_cifar_photos(tmp_path):
+    wanted = {c: 2 for c in CLASSES}  # two JPEGs of every class, straight from the archive
+    photos = []
+    with tarfile.open(CIFAR) as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) >= 2 and wanted.get(parts[-2], 0) > 0:
+                wanted[parts[-2]] -= 1
+                path = tmp_path / f"{parts[-2]}_{parts[-1]}"
+                path.write_bytes(tar.extractfile(member).read())
+                photos.append(path)
+                if not any(wanted.values()):
+                    break
+    done = run_vitkit("predict", *map(str, photos), "--weights", str(ZOO), "--json")
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(results) == 20
+    right = sum(r["top_k"][0]["label"] == Path(r["path"]).name.split("_")[0] for r in results)
+    assert right >= 15  # ~85% held-out accuracy; most of these were also training images
