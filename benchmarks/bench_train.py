@@ -1,6 +1,6 @@
 """Training throughput: a vitkit training step vs timm's ViT of the same shape under a plain PyTorch loop.
 
-    .venv/bin/python benchmarks/bench_train.py [--repeats 5] [--amp bf16 none] [--models cifar S/16]
+    .venv/bin/python benchmarks/bench_train.py [--repeats 5] [--amp bf16 none] [--models cifar S/16] [--compile]
 
 Models: a CIFAR-size ViT (ViT-Ti widths, patch 4, 32 px, 10 classes, batch 128) and ViT-S/16 at 224 px
 (1000 classes, batch 32), random weights and data. One step is the same code for everyone: forward under the
@@ -11,6 +11,9 @@ precision's autocast, label-smoothed cross-entropy, backward, gradient-norm clip
 - timm: `timm.models.VisionTransformer` with `torch.optim.AdamW` and torch's own kernel choice, which is
   what a plain loop gets; and again with the kernel pinned the way vitkit pins it, to show where a
   difference comes from.
+
+`--compile` adds both models under torch.compile (vitkit's `train.compile: true`); the first warm-up step
+compiles. bf16 rows are measured by default only on CPUs with native bf16 (AVX-512 bf16 / AMX).
 
 Each peer runs `--repeats` timed steps after two warm-up steps; two interleaved rounds, best median kept.
 `--kernel-sweep` instead times timm's ViT-S/16 (and Ti/4) under bf16 with the math and the flash kernel at
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 
 import vitkit
 from vitkit.models.registry import decode_variant
-from vitkit.train.evaluate import autocast
+from vitkit.train.evaluate import autocast, native_bf16
 from vitkit.train.trainer import attention_kernel, make_optimizer, pick_attention
 
 SETUPS = {  # name -> (ViTConfig fields, batch)
@@ -67,7 +70,7 @@ def step_rate(model, optimizer, x, y, amp: str, kernel, repeats: int) -> float:
     return len(x) / statistics.median(times)
 
 
-def peers(setup: str, amp: str, attention: str) -> dict:
+def peers(setup: str, amp: str, attention: str, compile: bool) -> dict:
     """name -> (model, optimizer, kernel context factory)."""
     cfg, _ = SETUPS[setup]
     torch.manual_seed(0)
@@ -77,11 +80,16 @@ def peers(setup: str, amp: str, attention: str) -> dict:
     assert n_ours == n_theirs, f"{setup}: {n_ours} vs {n_theirs} parameters"
     kernel = pick_attention(attention, torch.device("cpu"), amp, ours.num_prefix_tokens + math.prod(ours.cfg.grid))
     timm_opt = torch.optim.AdamW(theirs.parameters(), lr=OPTIM["lr"], weight_decay=OPTIM["weight_decay"])
-    return {
-        "vitkit": (ours, make_optimizer(ours, OPTIM), lambda: attention_kernel(kernel)),
+    ours_opt = make_optimizer(ours, OPTIM)
+    runs = {
+        "vitkit": (ours, ours_opt, lambda: attention_kernel(kernel)),
         "timm": (theirs, timm_opt, contextlib.nullcontext),
-        f"timm, {kernel or 'default'} kernel": (theirs, timm_opt, lambda: attention_kernel(kernel)),
-    }, kernel
+        "timm, same kernel": (theirs, timm_opt, lambda: attention_kernel(kernel)),
+    }
+    if compile:  # what train.compile: true does (torch.compile of the model), and the same for timm
+        runs["vitkit, compiled"] = (torch.compile(ours), ours_opt, lambda: attention_kernel(kernel))
+        runs["timm, compiled"] = (torch.compile(theirs), timm_opt, contextlib.nullcontext)
+    return runs, kernel
 
 
 def kernel_sweep(repeats: int) -> None:
@@ -103,32 +111,42 @@ def kernel_sweep(repeats: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
-    ap.add_argument("--amp", nargs="+", default=["bf16", "none"], choices=["bf16", "none"])
+    ap.add_argument("--amp", nargs="+", choices=["bf16", "none"],
+                    default=["bf16", "none"] if native_bf16(torch.device("cpu")) else ["none"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--attention", default="auto", help="vitkit's train.attention (default: the recipe default)")
     ap.add_argument("--kernel-sweep", action="store_true", help="math vs flash kernel by sequence length")
+    ap.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
     args = ap.parse_args()
     if args.kernel_sweep:
         return kernel_sweep(args.repeats)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs "
+          f"({torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16(torch.device('cpu'))}), "
           f"load average {os.getloadavg()[0]:.2f}\n")
-    print("| model | batch | precision | vitkit kernel | vitkit | timm | timm, same kernel | vitkit / timm | "
-          "vitkit / timm same kernel |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    header = None
     for setup in args.models:
         cfg, batch = SETUPS[setup]
         x = torch.randn(batch, 3, cfg["img_size"], cfg["img_size"])
         y = torch.randint(0, cfg["num_classes"], (batch,))
         for amp in args.amp:
-            runs, kernel = peers(setup, amp, args.attention)
+            runs, kernel = peers(setup, amp, args.attention, args.compile)
             rates: dict[str, list[float]] = {}
             for _ in range(2):  # interleaved, so drift in machine speed hits every peer alike
                 for name, (model, optimizer, ctx) in runs.items():
                     rates.setdefault(name, []).append(step_rate(model, optimizer, x, y, amp, ctx(), args.repeats))
-            ours, plain, pinned = (max(v) for v in rates.values())
+            best = {name: max(v) for name, v in rates.items()}
+            ratios = {"vitkit / timm": best["vitkit"] / best["timm"],
+                      "vitkit / timm same kernel": best["vitkit"] / best["timm, same kernel"]}
+            if args.compile:
+                ratios["vitkit compiled / timm"] = best["vitkit, compiled"] / best["timm"]
+                ratios["vitkit compiled / timm compiled"] = best["vitkit, compiled"] / best["timm, compiled"]
+            if header is None:
+                header = ["model", "batch", "precision", "vitkit kernel", *best, *ratios]
+                print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
             label = "ViT-Ti/4 @ 32 px" if setup == "cifar" else "ViT-S/16 @ 224 px"
-            print(f"| {label} | {batch} | {'bf16 autocast' if amp == 'bf16' else 'fp32'} | {kernel or 'default'} | "
-                  f"{ours:.1f} | {plain:.1f} | {pinned:.1f} | {ours / plain:.2f}x | {ours / pinned:.2f}x |", flush=True)
+            cells = [label, str(batch), "bf16 autocast" if amp == "bf16" else "fp32", kernel or "default",
+                     *(f"{v:.1f}" for v in best.values()), *(f"{v:.2f}x" for v in ratios.values())]
+            print("| " + " | ".join(cells) + " |", flush=True)
     print(f"\nimages/s of full training steps, best of 2 interleaved rounds of the median of {args.repeats} steps; "
           f"load average at the end {os.getloadavg()[0]:.2f}")
 

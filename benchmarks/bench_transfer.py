@@ -1,10 +1,10 @@
-"""Transfer at our scale (the paper's claim): a ViT pre-trained on CIFAR-10 at 32 px, fine-tuned at 64 px,
+"""Transfer at our scale (the paper's claim): a ViT pre-trained on CIFAR-10 at 32 px, fine-tuned at 48 px,
 against the same model trained from scratch with the same data, epochs and steps.
 
     .venv/bin/python benchmarks/bench_transfer.py [--targets cifar-1k digits-few digits-all] [--seeds 0 1 2]
 
 The pre-trained model is zoo/cifar10-vit.safetensors (recipes/cifar10.yaml's 60-minute run). Fine-tuning
-interpolates its 4x4 position embeddings to the 8x8 token grid of 64 px inputs and starts from a zero head.
+interpolates its 4x4 position embeddings to the 6x6 token grid of 48 px inputs and starts from a zero head.
 Arms (recipes in benchmarks/transfer/, everything else equal):
 - fine-tune, SGD: the paper's fine-tuning optimiser (SGD momentum 0.9, no weight decay, clipping at 1);
 - fine-tune, AdamW: the pre-trained start with the from-scratch optimiser (AdamW 6e-4, weight decay 0.05);
@@ -12,8 +12,8 @@ Arms (recipes in benchmarks/transfer/, everything else equal):
 - scratch, AdamW / scratch, SGD: the same model from random weights with either optimiser.
 Targets:
 - cifar-1k: CIFAR-10 images the pre-training never saw (its 5,000 held-out ones, the split recorded in the
-  checkpoint), upsampled to 64 px: 1,000 for training (100 per class), 4,000 held out; 20 epochs of 32;
-- digits-few / digits-all: scikit-learn's digits at 64 px, 10% (180) / 80% (1,437) for training, the rest
+  checkpoint), upsampled to 48 px: 1,000 for training (100 per class), 4,000 held out; 20 epochs of 32;
+- digits-few / digits-all: scikit-learn's digits at 48 px, 10% (180) / 80% (1,437) for training, the rest
   held out; 60 epochs of 32 / 15 epochs of 64.
 Each run is `vitkit train` in a child process; the table gives the held-out top-1 at the end of the run
 (mean and range over seeds) and the median training time per run (metrics.csv).
@@ -36,12 +36,12 @@ SGD = ["--set", "optim.name=sgd", "--set", "optim.lr=0.01", "--set", "optim.mome
 ADAMW = ["--set", "optim.name=adamw", "--set", "optim.lr=0.0006", "--set", "optim.betas=[0.9, 0.99]",
          "--set", "optim.weight_decay=0.05"]
 ARMS = {  # run-folder name -> (table label, flags)
-    "finetune-sgd": ("fine-tune, SGD", ["--recipe", str(RECIPES / "finetune64.yaml"), *SGD]),
-    "finetune-adamw": ("fine-tune, AdamW", ["--recipe", str(RECIPES / "finetune64.yaml"), *ADAMW]),
-    "finetune-sgd-32px": ("fine-tune, SGD, 32 px", ["--recipe", str(RECIPES / "finetune64.yaml"), *SGD,
+    "finetune-sgd": ("fine-tune, SGD", ["--recipe", str(RECIPES / "finetune48.yaml"), *SGD]),
+    "finetune-adamw": ("fine-tune, AdamW", ["--recipe", str(RECIPES / "finetune48.yaml"), *ADAMW]),
+    "finetune-sgd-32px": ("fine-tune, SGD, 32 px", ["--recipe", str(RECIPES / "finetune48.yaml"), *SGD,
                                                     "--img-size", "32"]),
-    "scratch-adamw": ("scratch, AdamW", ["--recipe", str(RECIPES / "scratch64.yaml"), *ADAMW]),
-    "scratch-sgd": ("scratch, SGD", ["--recipe", str(RECIPES / "scratch64.yaml"), *SGD]),
+    "scratch-adamw": ("scratch, AdamW", ["--recipe", str(RECIPES / "scratch48.yaml"), *ADAMW]),
+    "scratch-sgd": ("scratch, SGD", ["--recipe", str(RECIPES / "scratch48.yaml"), *SGD]),
 }
 TARGETS = {  # name -> (data flags, training length)
     "cifar-1k": (["--val-split", "0.8"], ["--epochs", "20", "--batch-size", "32", "--set", "train.eval_every=10"]),

@@ -21,6 +21,7 @@ from vitkit.models.vit import resample_pos_embed
 from vitkit.train import recipe as R
 from vitkit.train.report import read_metrics
 from vitkit.train.trainer import attention_kernel, build_model, lr_at, pick_attention
+from vitkit.weights.vitkit_format import read_metadata
 
 from train_utils import ROOT, TINY, digit_images, write_recipe
 
@@ -98,8 +99,7 @@ def test_eval_matches_direct_computation(tiny_run, tmp_path, capsys):
         assert got["per_class"][str(c)]["n"] == int(m.sum())
         assert got["per_class"][str(c)]["accuracy"] == pytest.approx((logits[m].argmax(1) == c).double().mean().item())
     # and the best checkpoint's accuracy is the best validation accuracy the run logged
-    from vitkit.weights.vitkit_format import read_metadata
-
+    
     assert got["top1"] == read_metadata(tiny_run / "best.safetensors")["train"]["val_top1"]
     assert got["top1"] == pytest.approx(max(r["val_top1"] for r in read_metrics(tiny_run / "metrics.csv")), abs=1e-6)
     assert (tmp_path / "confusion.png").stat().st_size > 0
@@ -335,3 +335,34 @@ def test_loader_workers_do_not_change_the_result(tmp_path):
         train_ok("--recipe", str(recipe), "--out", str(tmp_path / f"run{workers}"))
         weights.append(vitkit.load_model(tmp_path / f"run{workers}" / "last.safetensors").state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path):
+    """optim.accum_steps=4 (4 micro-batches of 16) takes the same optimizer steps as batches of 64 at once
+    (SGD: Adam would magnify the rounding differences in near-zero gradients step after step)."""
+    weights = []
+    for accum in (1, 4):
+        recipe = write_recipe(tmp_path / f"r{accum}.yaml", optim={"name": "sgd", "lr": 0.1, "accum_steps": accum},
+                              train={"epochs": 3})
+        train_ok("--recipe", str(recipe), "--out", str(tmp_path / f"run{accum}"))
+        weights.append(vitkit.load_model(tmp_path / f"run{accum}" / "last.safetensors").state_dict())
+    worst = max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0])
+    assert worst < 2e-5, f"largest difference: {worst:.2e}"  # float sums in another order, nothing more
+    losses = [row["train_loss"] for row in read_metrics(tmp_path / "run4" / "metrics.csv")]
+    assert losses[-1] < losses[0] - 0.1  # and it did train
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_follows_the_cpu(monkeypatch, caplog, native):
+    """train.amp=auto: bf16 only on CPUs that compute it natively (AVX-512 bf16 / AMX), fp32 on the others;
+    asking for bf16 on one without it works but warns."""
+    from vitkit.train.evaluate import training_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert training_precision(cpu, "auto") == ("bf16" if native else "none")
+    assert training_precision(cpu, "none") == "none"
+    caplog.clear()
+    assert training_precision(cpu, "bf16") == "bf16"
+    assert ("without native bf16" in caplog.text) != native

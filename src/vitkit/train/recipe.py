@@ -142,7 +142,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Callable]]] = {
         "seed": (0, _number(0, integer=True)),
         "device": ("auto", _text(optional=False)),
         "threads": (None, _opt_int),  # CPU threads for the math (default: torch's, one per core)
-        "amp": ("auto", _choice("auto", "bf16", "fp16", "none")),  # auto: bf16 on GPUs that have it
+        "amp": ("auto", _choice("auto", "bf16", "fp16", "none")),  # auto: bf16 where native (GPU, AVX-512 bf16, AMX)
         "channels_last": (False, _flag()), "compile": (False, _flag()),
         # attention kernel; auto: "math" on a CPU under bf16/fp16 autocast, else torch's choice ("default")
         "attention": ("auto", _choice("auto", "default", "math", "flash", "efficient")),

@@ -29,7 +29,7 @@ from ..data.datasets import ShardStream, Transformed, collate, describe, open_da
 from ..data.images import eval_transform
 from ..models.vit import ViT, ViTConfig
 from .distributed import Dist, full_state, load_full_state, wrap
-from .evaluate import autocast, eval_loader, evaluate
+from .evaluate import autocast, eval_loader, evaluate, training_precision
 from .recipe import PREPROCESS_KEYS, RecipeError, model_fields, to_yaml
 from .report import Metrics, plot_curves
 
@@ -217,7 +217,7 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
     wrapped = wrap(model, d, T["distributed"])
     sharded = d.world > 1 and T["distributed"] == "fsdp"
     optimizer = make_optimizer(model, O)
-    amp = T["amp"]
+    amp = training_precision(d.device, T["amp"])
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp == "fp16")
     step_model = torch.compile(wrapped) if T["compile"] else wrapped
     eval_model = ema.module if ema is not None else (wrapped if sharded else model)
@@ -250,9 +250,10 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
         (run_dir / RECIPE).write_text(to_yaml(r))
     metrics = Metrics(run_dir, d.main)
     if d.main:
-        log.info("%s | %s | %s params | %d steps of %d images (%d per process x %d accumulation) | %s",
+        log.info("%s | %s | %s params | %s | %d steps of %d images (%d per process x %d accumulation) | %s",
                  describe(data), f"ViT {model.cfg.width}w x {model.cfg.depth} @ {img_size[0]}px",
-                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", total, D["batch_size"], micro, accum,
+                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M",
+                 "fp32" if amp == "none" else f"{amp} autocast", total, D["batch_size"], micro, accum,
                  f"resuming at step {step}" if state is not None else f"run dir {run_dir}")
 
     def clock() -> float:
