@@ -16,8 +16,8 @@ precision's autocast, label-smoothed cross-entropy, backward, gradient-norm clip
 compiles. bf16 rows are measured by default only on CPUs with native bf16 (AVX-512 bf16 / AMX).
 
 Each peer runs `--repeats` timed steps after two warm-up steps; two interleaved rounds, best median kept.
-`--kernel-sweep` instead times timm's ViT-S/16 (and Ti/4) under bf16 with the math and the flash kernel at
-several sequence lengths: the measurement behind `train.attention: auto`.
+`--kernel-sweep` instead times timm's ViT-S/16 (and Ti/4) in the first `--amp` precision with the math and
+the flash kernel at several sequence lengths: the measurement behind `train.attention: auto`.
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def peers(setup: str, amp: str, attention: str, compile: bool) -> dict:
     return runs, kernel
 
 
-def kernel_sweep(repeats: int) -> None:
+def kernel_sweep(amp: str, repeats: int) -> None:
     print("| model | img px | tokens | batch | math img/s | flash img/s | math / flash |")
     print("|---|---|---|---|---|---|---|")
     for variant, patch, size, batch in (("S", 16, 128, 32), ("S", 16, 160, 32), ("S", 16, 192, 32),
@@ -102,7 +102,7 @@ def kernel_sweep(repeats: int) -> None:
         model = timm_model(cfg).train()
         optimizer = torch.optim.AdamW(model.parameters())
         x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
-        rate = {k: max(step_rate(model, optimizer, x, y, "bf16", attention_kernel(k), repeats) for _ in range(2))
+        rate = {k: max(step_rate(model, optimizer, x, y, amp, attention_kernel(k), repeats) for _ in range(2))
                 for k in ("math", "flash")}
         print(f"| ViT-{variant}/{patch} | {size} | {(size // patch) ** 2 + 1} | {batch} | {rate['math']:.1f} | "
               f"{rate['flash']:.1f} | {rate['math'] / rate['flash']:.2f}x |", flush=True)
@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
     args = ap.parse_args()
     if args.kernel_sweep:
-        return kernel_sweep(args.repeats)
+        return kernel_sweep(args.amp[0], args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs "
           f"({torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16(torch.device('cpu'))}), "
           f"load average {os.getloadavg()[0]:.2f}\n")

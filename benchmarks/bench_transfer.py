@@ -28,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "benchmarks" / "transfer"
 ZOO = ROOT / "zoo" / "cifar10-vit.safetensors"
@@ -70,12 +72,22 @@ def unseen_cifar(folder: Path) -> Path:
     return folder
 
 
+def finished(out: Path) -> bool:
+    from vitkit.weights.vitkit_format import read_metadata
+
+    if not (out / "last.safetensors").is_file():
+        return False
+    epochs = yaml.safe_load((out / "recipe.yaml").read_text())["train"]["epochs"]
+    return read_metadata(out / "last.safetensors")["train"]["epoch"] >= epochs
+
+
 def run(args: list[str], out: Path) -> tuple[float, float]:
     """(final held-out top-1, training seconds) of one `vitkit train` run; a finished run in `out` is reused."""
     from vitkit.weights.vitkit_format import read_metadata
 
-    if not (out / "last.safetensors").is_file():
-        done = subprocess.run([sys.executable, "-m", "vitkit", "train", *args, "--out", str(out)], cwd=ROOT,
+    if not finished(out):  # a run cut short (killed, machine restarted) continues where it stopped
+        resume = ["--resume", str(out)] if (out / "state.pt").is_file() else [*args, "--out", str(out)]
+        done = subprocess.run([sys.executable, "-m", "vitkit", "train", *resume], cwd=ROOT,
                               capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"{out}: vitkit train failed:\n{done.stderr[-2000:]}")
