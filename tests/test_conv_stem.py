@@ -33,6 +33,34 @@ def test_the_stem_downsamples_with_strided_convs():
     assert ViTConfig(patch_size=2, conv_stem=(4, 8, 8, 16, 16), **TINY).grid == (4, 4)
 
 
+def test_pooling_stem_convolves_at_full_resolution_then_max_pools(tmp_path):
+    cfg = ViTConfig(patch_size=1, conv_stem=(4, 8, 8), conv_stem_pool=True, **TINY)
+    assert cfg.grid == (16, 16)
+    model = vitkit.ViT(cfg).eval()
+    stem = model.patch_embed.backbone
+    assert [layer.conv.stride[0] for layer in stem] == [1, 1, 1]
+    for layer in stem:  # BatchNorm statistics away from the identity, so the reference below tests their use
+        torch.nn.init.uniform_(layer.bn.running_mean, -1, 1), torch.nn.init.uniform_(layer.bn.running_var, 0.5, 2)
+    x = torch.randn(2, 3, 32, 32)
+
+    def reference(x, layer, pool):  # conv -> 2x2 max-pool -> BatchNorm -> GELU, written out with torch.nn.functional
+        x = torch.nn.functional.conv2d(x, layer.conv.weight, padding=1)
+        x = torch.nn.functional.max_pool2d(x, 2) if pool else x
+        bn = layer.bn
+        return torch.nn.functional.gelu(torch.nn.functional.batch_norm(
+            x, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps))
+
+    expected = reference(reference(reference(x, stem[0], False), stem[1], True), stem[2], False)
+    torch.testing.assert_close(stem(x), expected)
+    assert model(x).shape == (2, 10)
+    loaded = vitkit.load_model(vitkit.save_model(model, tmp_path / "pool.safetensors"))
+    assert loaded.cfg.conv_stem_pool is True
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    strided = vitkit.ViT(ViTConfig(patch_size=1, conv_stem=(4, 8, 8), **TINY)).eval()
+    strided.load_state_dict(model.state_dict())  # same parameters, different downsampling
+    assert not torch.allclose(strided(x), model(x))
+
+
 def test_default_and_hybrid_models_are_unchanged():
     plain = vitkit.ViT(ViTConfig(patch_size=4, **TINY))
     assert ViTConfig().conv_stem is None

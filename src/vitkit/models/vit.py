@@ -44,6 +44,7 @@ class ViTConfig:
     hybrid_width: int = 64  # ResNet-v2 root width (stage i has 4 * 2**i times as many channels)
     conv_stem: tuple[int, ...] | None = None  # widths of 3x3 conv+BN+GELU layers before the patches; a wider
     # layer than the previous one has stride 2, e.g. (32, 64, 64, 128): 4x smaller (hybrid for small images)
+    conv_stem_pool: bool = False  # conv_stem halves the resolution by a 2x2 max-pool instead of stride 2
     dropout: float = 0.0
     attn_dropout: float = 0.0
     drop_path: float = 0.0  # stochastic depth rate of the last block (linearly increasing)
@@ -174,7 +175,7 @@ class PatchEmbed(nn.Module):
             self.backbone = ResNetV2Stem(cfg.hybrid_layers, cfg.in_chans, cfg.hybrid_width)
             cin = self.backbone.out_channels
         elif cfg.conv_stem:
-            self.backbone = ConvStem(cfg.conv_stem, cfg.in_chans)
+            self.backbone = ConvStem(cfg.conv_stem, cfg.in_chans, cfg.conv_stem_pool)
             cin = self.backbone.out_channels
         self.proj = nn.Conv2d(cin, cfg.width, cfg.patch_size, stride=cfg.patch_size)
 
