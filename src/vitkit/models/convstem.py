@@ -18,9 +18,9 @@ def stem_strides(channels: tuple[int, ...]) -> list[int]:
 class ConvBNAct(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, pool: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, stride=1 if pool else stride, padding=1, bias=False)  # BN: no bias
+        self.pool = pool and stride == 2  # downsample after the conv instead of inside it
+        self.conv = nn.Conv2d(cin, cout, 3, stride=1 if self.pool else stride, padding=1, bias=False)  # BN: no bias
         self.bn = nn.BatchNorm2d(cout)
-        self.pool = pool and stride == 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)
@@ -29,7 +29,7 @@ class ConvBNAct(nn.Module):
 
 class ConvStem(nn.Sequential):
     def __init__(self, channels: tuple[int, ...], in_chans: int = 3, pool: bool = False):
-        cins = (in_chans, *channels[:-1])
-        super().__init__(*(ConvBNAct(cin, cout, s, pool) for cin, cout, s in zip(cins, channels, stem_strides(channels))))
+        cins, strides = (in_chans, *channels[:-1]), stem_strides(channels)
+        super().__init__(*(ConvBNAct(cin, cout, s, pool) for cin, cout, s in zip(cins, channels, strides)))
         self.out_channels = channels[-1]
-        self.reduction = 2 ** stem_strides(channels).count(2)
+        self.reduction = 2 ** strides.count(2)
