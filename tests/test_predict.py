@@ -90,6 +90,21 @@ def test_classify_matches_direct_forward(tiny_ckpt, image_zoo):
         np.testing.assert_allclose([t["prob"] for t in r["top_k"]], top.values.numpy(), atol=1e-6)
 
 
+def test_classify_flip_tta(tiny_ckpt, image_zoo):
+    path, model = tiny_ckpt
+    good = image_zoo[1][:3]
+    results = list(vitkit.classify(vitkit.load_model(path), good, top_k=2, tta="flip"))
+    transform = eval_transform(model.preprocess, model.cfg.img_size)
+    x = torch.stack([transform(load_image(p)[0]) for p in good])
+    with torch.no_grad():
+        probs = ((model(x) + model(x.flip(-1))) / 2).softmax(-1)
+    top = probs.topk(2)
+    assert [[t["index"] for t in r["top_k"]] for r in results] == top.indices.tolist()
+    np.testing.assert_allclose([[t["prob"] for t in r["top_k"]] for r in results], top.values.numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="tta='rotate'"):
+        next(vitkit.classify(model, good, tta="rotate"))
+
+
 def test_conversions_keep_the_picture(image_zoo):
     d, _, _ = image_zoo
     ref = np.asarray(load_image(d / "rgb.jpg")[0], dtype=float)

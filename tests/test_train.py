@@ -11,6 +11,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
 
@@ -103,6 +104,30 @@ def test_eval_matches_direct_computation(tiny_run, tmp_path, capsys):
     assert got["top1"] == read_metadata(tiny_run / "best.safetensors")["train"]["val_top1"]
     assert got["top1"] == pytest.approx(max(r["val_top1"] for r in read_metrics(tiny_run / "metrics.csv")), abs=1e-6)
     assert (tmp_path / "confusion.png").stat().st_size > 0
+
+
+def test_flip_tta_in_training_and_eval(tmp_path, capsys):
+    """train.eval_tta / eval --tta flip score the mean of the logits of each image and its mirror image."""
+    run = tmp_path / "run"
+    train_ok("--recipe", str(write_recipe(tmp_path / "r.yaml", train={"epochs": 1, "eval_tta": "flip"})),
+             "--out", str(run))
+    capsys.readouterr()
+    assert main(["eval", "--data", "digits", "--weights", str(run / "best.safetensors"), "--json", "--tta", "flip",
+                 "--workers", "0", "--out", str(tmp_path)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    x, y = digits_tensors()
+    _, val_idx = stratified_split(y, 0.2, 0)
+    x, y = x[val_idx], y[val_idx]
+    model = vitkit.load_model(run / "best.safetensors")
+    with torch.no_grad():
+        plain = model(x)
+        averaged = (plain + model(x.flip(-1))) / 2
+    assert got["tta"] == "flip" and got["n"] == 359
+    assert got["top1"] == pytest.approx((averaged.argmax(1) == y).double().mean().item(), abs=1e-12)
+    assert got["loss"] == pytest.approx(F.cross_entropy(averaged, y).item(), rel=1e-5)
+    assert got["loss"] != pytest.approx(F.cross_entropy(plain, y).item(), rel=1e-3)  # digits are not mirror-symmetric
+    meta = read_metadata(run / "best.safetensors")["train"]
+    assert meta["val_tta"] == "flip" and meta["val_top1"] == got["top1"]  # the run validated the same way
 
 
 def test_eval_folder_classes_matched_by_name(tiny_run, tmp_path, capsys):

@@ -21,10 +21,11 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 needs_cifar = pytest.mark.skipif(not CIFAR.is_file(), reason="../shared/data/cifar10/train.tar.gz not present")
 
 
-def recorded_top1() -> float:
-    """The held-out top-1 that BENCHMARKS.md states for the zoo checkpoint."""
+def recorded_top1(tta: str = "none") -> float:
+    """The held-out top-1 that BENCHMARKS.md states for the zoo checkpoint (with `--tta flip`: its own line)."""
     text = (ROOT / "BENCHMARKS.md").read_text()
-    return float(re.search(r"zoo/cifar10-vit\.safetensors.*?\*\*(\d+\.\d+)% held-out top-1\*\*", text, re.S)[1]) / 100
+    claim = r"\*\*(\d+\.\d+)% held-out top-1" + (r"\*\*" if tta == "none" else rf" with `--tta {tta}`\*\*")
+    return float(re.search(r"zoo/cifar10-vit\.safetensors.*?" + claim, text, re.S)[1]) / 100
 
 
 def test_zoo_checkpoint_is_the_recipe_model():
@@ -39,14 +40,15 @@ def test_zoo_checkpoint_is_the_recipe_model():
 
 
 @needs_cifar
-def test_zoo_eval_reproduces_the_recorded_held_out_accuracy(tmp_path):
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_zoo_eval_reproduces_the_recorded_held_out_accuracy(tmp_path, tta):
     done = run_vitkit("eval", "--data", str(CIFAR), "--weights", str(ZOO), "--json", "--amp", "none",
-                      "--out", str(tmp_path), timeout=900)
+                      "--tta", tta, "--out", str(tmp_path), timeout=900)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["n"] == 5000 and result["split"] == "held-out 10% (seed 0)"  # the split the run recorded
-    assert result["top1"] >= 0.85
-    assert result["top1"] == pytest.approx(recorded_top1(), abs=2e-4)
+    assert result["top1"] >= 0.85 and result["tta"] == tta
+    assert result["top1"] == pytest.approx(recorded_top1(tta), abs=2e-4)
 
 
 @needs_cifar

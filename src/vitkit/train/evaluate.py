@@ -100,8 +100,10 @@ def eval_loader(dataset, transform, batch_size: int, workers: int, rank: int = 0
 
 @torch.no_grad()
 def evaluate(model, loader, class_names: list[str], device: torch.device, amp: str = "none",
-             channels_last: bool = False, dist=None, progress: bool = False) -> EvalResult:
+             channels_last: bool = False, dist=None, progress: bool = False, tta: str = "none") -> EvalResult:
     from tqdm import tqdm
+
+    from ..predict import tta_logits
 
     k = len(class_names)
     was_training = model.training
@@ -116,7 +118,7 @@ def evaluate(model, loader, class_names: list[str], device: torch.device, amp: s
             continue
         x, y = x.to(device, non_blocking=True).contiguous(memory_format=fmt), y.to(device, non_blocking=True)
         with autocast(device, amp):
-            logits = model(x)
+            logits = tta_logits(model, x, tta)
         logits = logits.float()
         confusion.index_put_((y, logits.argmax(1)), torch.ones_like(y), accumulate=True)
         sums[0] += (logits.topk(min(5, k), dim=1).indices == y[:, None]).any(1).sum()
@@ -130,6 +132,7 @@ def evaluate(model, loader, class_names: list[str], device: torch.device, amp: s
 # --- the command ----------------------------------------------------------------------------------------
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import add_model_arguments
+    from ..predict import add_tta_argument
 
     p.add_argument("--data", required=True,
                    help="ImageFolder dir (its val/ if it has train/+val/, else all of it), .tar(.gz), digits, "
@@ -147,6 +150,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="where torchvision's CIFAR lives (downloaded there when online)")
     p.add_argument("--out", default=".", help="folder for confusion.png (default: current folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, n, per_class, ...)")
+    add_tta_argument(p)
 
 
 def recorded_split(weights: str | None, data: str) -> dict:
@@ -190,7 +194,7 @@ def run_eval(args: argparse.Namespace) -> int:
     log.info("evaluating on %s: %s", describe(data), what)
     workers = args.workers if args.workers is not None else 0 if in_memory(data.val) else min(4, os.cpu_count() or 1)
     loader = eval_loader(data.val, eval_transform(model.preprocess, model.cfg.img_size), args.batch_size, workers)
-    result = evaluate(model, loader, list(names), device, args.amp, progress=not args.json)
+    result = evaluate(model, loader, list(names), device, args.amp, progress=not args.json, tta=args.tta)
     result.skipped = data.skipped + result.skipped  # found while preloading, and while evaluating
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,8 +203,8 @@ def run_eval(args: argparse.Namespace) -> int:
     png = plot_confusion(result.confusion[present][:, present], [names[i] for i in present], out / "confusion.png",
                          f"{Path(args.weights).name} on {data.name}: top-1 {result.top1:.2%}")
     if args.json:
-        print(json.dumps({**result.to_json(), "data": data.name, "split": what, "weights": str(args.weights),
-                          "confusion_png": str(png) if png else None}))
+        print(json.dumps({**result.to_json(), "data": data.name, "split": what, "tta": args.tta,
+                          "weights": str(args.weights), "confusion_png": str(png) if png else None}))
     else:
         width = max(len(n) for n in result.per_class())
         for name, c in result.per_class().items():

@@ -148,6 +148,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Callable]]] = {
         "attention": ("auto", _choice("auto", "default", "math", "flash", "efficient")),
         "ema_decay": (None, _number(0, 1, optional=True, lo_open=True, hi_open=True)),
         "eval_every": (1, _number(1, integer=True)),  # epochs
+        "eval_tta": ("none", _choice("none", "flip")),  # validation with test-time augmentation (vitkit eval --tta)
         "checkpoint_minutes": (10.0, _number(0, lo_open=True)),  # mid-epoch training-state saves
         "checkpoint_every_steps": (None, _opt_int),
         "log_every": (10, _number(1, integer=True)),

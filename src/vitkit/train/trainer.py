@@ -300,7 +300,8 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
             if weights:
                 export = ema.module if ema is not None else _plain(model, model_sd, sharded)
                 extra = {"data": data.split, "train": {"step": step, "epoch": step / steps_per_epoch,
-                                                       "val_top1": val.top1 if val else None, "ema": ema is not None}}
+                                                       "val_top1": val.top1 if val else None, "val_tta": T["eval_tta"],
+                                                       "ema": ema is not None}}
                 from .. import save_model
 
                 save_model(export, run_dir / LAST, **extra)
@@ -378,7 +379,8 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
                 if budget is not None and steps_here == 3 + PROBE_STEPS:
                     per_step = (time.time() - probe_t) / PROBE_STEPS
                     n_val = len(data.val) if data.val is not None else 0
-                    last_eval_s = last_eval_s or n_val / (3 * D["batch_size"] / per_step)  # eval ~3x train speed
+                    views = 2 if T["eval_tta"] == "flip" else 1  # eval ~3x train speed per view
+                    last_eval_s = last_eval_s or n_val * views / (3 * D["batch_size"] / per_step)
                     total = _fit(step, limit, budget - clock(), per_step, last_eval_s / T["eval_every"] /
                                  steps_per_epoch, d)
                     log.info("time budget: %.2f s/step -> %d steps (%.1f epochs)", per_step, total,
@@ -412,7 +414,7 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
             val = None
             if val_loader is not None and ((epoch + 1) % T["eval_every"] == 0 or finished):
                 t_eval = time.time()
-                val = evaluate(eval_model, val_loader, names, d.device, amp, T["channels_last"], d)
+                val = evaluate(eval_model, val_loader, names, d.device, amp, T["channels_last"], d, tta=T["eval_tta"])
                 last_eval_s = time.time() - t_eval
                 skipped.update(val.skipped)
             epoch_stats_all = d.sum(epoch_stats.clone().to(d.device)).cpu()
