@@ -16,6 +16,7 @@ from typing import Any, Callable
 import yaml
 
 from ..models.vit import ViTConfig
+from ..predict import TTA
 
 
 class RecipeError(ValueError):
@@ -148,7 +149,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Callable]]] = {
         "attention": ("auto", _choice("auto", "default", "math", "flash", "efficient")),
         "ema_decay": (None, _number(0, 1, optional=True, lo_open=True, hi_open=True)),
         "eval_every": (1, _number(1, integer=True)),  # epochs
-        "eval_tta": ("none", _choice("none", "flip")),  # validation with test-time augmentation (vitkit eval --tta)
+        "eval_tta": ("none", _choice(*TTA)),  # validation with test-time augmentation (vitkit eval --tta)
         "checkpoint_minutes": (10.0, _number(0, lo_open=True)),  # mid-epoch training-state saves
         "checkpoint_every_steps": (None, _opt_int),
         "log_every": (10, _number(1, integer=True)),
