@@ -391,3 +391,45 @@ def test_auto_precision_follows_the_cpu(monkeypatch, caplog, native):
     caplog.clear()
     assert training_precision(cpu, "bf16") == "bf16"
     assert ("without native bf16" in caplog.text) != native
+
+
+def test_batched_shift_flip_draws_the_per_image_augmentation():
+    """The batched path for in-memory images gives what train_transform gives: each output is the image
+    shifted within the zero padding and maybe mirrored, normalised; every shift occurs, flips at the set rate;
+    an image's draws follow its (epoch, index) key, not the batch it is in."""
+    from vitkit.data.augment import BatchShiftFlip, train_transform
+    from vitkit.data.datasets import Transformed, TensorImages
+
+    images = torch.randint(0, 256, (400, 3, 12, 12), dtype=torch.uint8)
+    ds = TensorImages(images, torch.arange(400) % 10)
+    pre = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.25], "interpolation": "bilinear"}
+    aug = {**R.defaults()["augment"], "crop": "pad", "padding": 2, "hflip": 0.5}
+    batched = BatchShiftFlip.applies(aug, ds, (12, 12), pre, seed=7)
+    x, y, skipped = batched.collate([batched[(3, i)] for i in range(400)])
+    assert x.shape == (400, 3, 12, 12) and torch.equal(y, ds.labels) and skipped == []
+
+    mean, std = torch.tensor(pre["mean"]).view(3, 1, 1), torch.tensor(pre["std"]).view(3, 1, 1)
+    seen, flips = set(), 0
+    for i in range(400):
+        padded = F.pad(images[i], (2, 2, 2, 2)).float() / 255
+        matches = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (0, 1)
+                   if torch.allclose(x[i], ((padded[:, dy:dy + 12, dx:dx + 12].flip(-1) if f else
+                                             padded[:, dy:dy + 12, dx:dx + 12]) - mean) / std, atol=1e-5)]
+        assert len(matches) == 1, i
+        seen.add(matches[0][:2])
+        flips += matches[0][2]
+    assert len(seen) == 25 and 160 < flips < 240
+
+    again, _, _ = batched.collate([batched[(3, i)] for i in (399, 5, 17)])  # other batch, same keys
+    assert torch.equal(again, x[[399, 5, 17]])
+    other_epoch, _, _ = batched.collate([batched[(4, i)] for i in range(400)])
+    assert (other_epoch - x).abs().amax(dim=(1, 2, 3)).gt(0).float().mean() > 0.8
+
+    plain = {**aug, "padding": 0, "hflip": 0.0}  # no draws: the same numbers as torchvision's pipeline
+    x0, _, _ = BatchShiftFlip.applies(plain, ds, (12, 12), pre, 0).collate([((0, i), *ds[i]) for i in range(8)])
+    ref = Transformed(ds, train_transform(plain, (12, 12), pre))
+    assert torch.allclose(x0, torch.stack([ref[i][0] for i in range(8)]), atol=1e-6)
+
+    for change in ({"crop": "random_resized"}, {"auto_augment": "trivialaugment"}, {"random_erasing": 0.25}):
+        assert BatchShiftFlip.applies({**aug, **change}, ds, (12, 12), pre, 0) is None
+    assert BatchShiftFlip.applies(aug, ds, (16, 16), pre, 0) is None  # images need resizing first

@@ -12,8 +12,10 @@ from safetensors.torch import load_file
 
 from train_utils import ROOT, env, train_in_subprocess
 
-# no randomness that differs by rank (dropout, Mixup), so one process and two see the same computation
-DETERMINISTIC = dict(data={"batch_size": 64}, train={"epochs": 2, "threads": 1}, optim={"lr": 0.001})
+# no randomness that differs by rank (dropout, Mixup), so one process and two see the same computation;
+# shifts and flips are drawn per image (seed, epoch, index), the same in both
+DETERMINISTIC = dict(data={"batch_size": 64}, train={"epochs": 2, "threads": 1}, optim={"lr": 0.001},
+                     augment={"crop": "pad", "padding": 1, "hflip": 0.5})
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..data.augment import batch_mixer, train_transform
+from ..data.augment import BatchShiftFlip, batch_mixer, train_transform
 from ..data.datasets import ShardStream, Transformed, collate, describe, open_data
 from ..data.images import eval_transform
 from ..models.vit import ViT, ViTConfig
@@ -276,8 +276,10 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
 
     if not stream:
         sampler = EpochSampler(data.train, d.world, d.rank, T["seed"])
-        train_loader = DataLoader(Transformed(data.train, train_tf, T["seed"]), batch_size=micro, sampler=sampler,
-                                  drop_last=True, num_workers=D["num_workers"], collate_fn=collate,
+        batched = BatchShiftFlip.applies(A, data.train, img_size, model.preprocess, T["seed"])
+        train_loader = DataLoader(batched or Transformed(data.train, train_tf, T["seed"]), batch_size=micro,
+                                  sampler=sampler, drop_last=True, num_workers=D["num_workers"],
+                                  collate_fn=batched.collate if batched else collate,
                                   persistent_workers=D["num_workers"] > 0, pin_memory=d.device.type == "cuda",
                                   generator=torch.Generator().manual_seed(T["seed"]))  # keeps global RNG untouched
 
