@@ -2,12 +2,16 @@
 
     .venv/bin/python benchmarks/bench_cifar_step.py [--variant NAME SECTION.KEY=VALUE ...]... [--rounds 4]
 
-A variant is the recipe with `--set`-style overrides (default: the recipe itself, and its pooling stem with 3
-blocks); each runs in the default memory format and in channels-last (`train.channels_last: true`). A step is
-bench_train.py's (forward, label-smoothed cross-entropy, backward, clipping at 1, AdamW) in the precision and
+A variant is the recipe with `--set`-style overrides (default: the recipe itself, and the session-2 model:
+strided stem, 6 blocks); each runs in the default memory format and in channels-last (what
+`train.channels_last` switches). A step is bench_train.py's (forward, label-smoothed cross-entropy, backward, clipping at 1, AdamW) in the precision and
 with the attention kernel that `vitkit train` picks on this machine, on random data at the recipe's batch
 size. The peers take turns, `--rounds` times; the table gives the median round, in images/s, and every round,
 because this host's speed drifts from minute to minute.
+
+Before the table it times the data side of a step: augmenting one batch of in-memory 32 px images with the
+recipe's shifts and flips, torchvision's per-image pipeline (`train_transform`, the general path) against
+the batched path `vitkit train` takes for such data (`BatchShiftFlip`).
 """
 from __future__ import annotations
 
@@ -16,15 +20,20 @@ import math
 import statistics
 from pathlib import Path
 
+import time
+
 import torch
 
 from bench_train import step_rate
+from vitkit.data.augment import BatchShiftFlip, train_transform
+from vitkit.data.datasets import TensorImages, Transformed
 from vitkit.train import recipe as R
 from vitkit.train.evaluate import training_precision
 from vitkit.train.trainer import attention_kernel, build_model, make_optimizer, pick_attention
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "cifar10.yaml"
-DEFAULT_VARIANTS = [["recipe"], ["pool stem, 3 blocks", "model.depth=3", "model.conv_stem_pool=true"]]
+DEFAULT_VARIANTS = [["recipe"], ["session-2 recipe (strided stem, 6 blocks)", "model.depth=6",
+                                 "model.conv_stem_pool=false"]]
 
 
 def peers(name: str, sets: list[str]) -> dict:
@@ -45,6 +54,26 @@ def peers(name: str, sets: list[str]) -> dict:
     return out
 
 
+def augmentation_ms(rounds: int) -> tuple[float, float]:
+    """Milliseconds to augment one batch of the recipe's size: (per-image transforms, batched), medians."""
+    r = R.load(RECIPE)
+    n, size = r["data"]["batch_size"], r["model"]["img_size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    images = TensorImages(torch.randint(0, 256, (n, 3, *size), dtype=torch.uint8), torch.arange(n) % 10)
+    pre = {k: r["model"][k] for k in ("mean", "std", "interpolation")}
+    per_image = Transformed(images, train_transform(r["augment"], size, pre), seed=0)
+    batched = BatchShiftFlip.applies(r["augment"], images, size, pre, seed=0)
+    ways = {"per-image": lambda e: [per_image[(e, i)] for i in range(n)],
+            "batched": lambda e: batched.collate([batched[(e, i)] for i in range(n)])}
+    times = {k: [] for k in ways}
+    for epoch in range(rounds):
+        for k, augment in ways.items():
+            t = time.perf_counter()
+            augment(epoch)
+            times[k].append(1000 * (time.perf_counter() - t))
+    return statistics.median(times["per-image"]), statistics.median(times["batched"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", nargs="+", action="append", metavar="NAME [SECTION.KEY=VALUE]",
@@ -53,6 +82,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per turn (after 2 warm-up steps)")
     args = ap.parse_args()
     torch.set_flush_denormal(True)  # as vitkit train does
+    per_image, batched = augmentation_ms(5 * args.rounds)
+    print(f"augmenting one batch ({R.load(RECIPE)['data']['batch_size']} images, the recipe's shifts and flips): "
+          f"per-image transforms {per_image:.1f} ms, batched {batched:.1f} ms ({per_image / batched:.1f}x), "
+          f"medians of {5 * args.rounds}")
     setups = {k: v for name, *sets in args.variant or DEFAULT_VARIANTS for k, v in peers(name, sets).items()}
     rates: dict[tuple, list[float]] = {k: [] for k in setups}
     for _ in range(args.rounds):
