@@ -4,8 +4,8 @@
 
 A variant is the recipe with `--set`-style overrides (default: the recipe itself, and the session-2 model:
 strided stem, 6 blocks); each runs in the default memory format and in channels-last (what
-`train.channels_last` switches). A step is bench_train.py's (forward, label-smoothed cross-entropy, backward, clipping at 1, AdamW) in the precision and
-with the attention kernel that `vitkit train` picks on this machine, on random data at the recipe's batch
+`train.channels_last` switches). A step is bench_train.py's (forward, label-smoothed cross-entropy, backward,
+clipping at 1, AdamW) in the precision and with the attention kernel that `vitkit train` picks on this machine, on random data at the recipe's batch
 size. The peers take turns, `--rounds` times; the table gives the median round, in images/s, and every round,
 because this host's speed drifts from minute to minute.
 
@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 import torch
 
