@@ -26,6 +26,7 @@ import torch
 from bench_train import step_rate
 from vitkit.data.augment import BatchShiftFlip, train_transform
 from vitkit.data.datasets import TensorImages, Transformed
+from vitkit.models.vit import ViTConfig
 from vitkit.train import recipe as R
 from vitkit.train.evaluate import training_precision
 from vitkit.train.trainer import attention_kernel, build_model, make_optimizer, pick_attention
@@ -53,11 +54,10 @@ def peers(name: str, sets: list[str]) -> dict:
     return out
 
 
-def augmentation_ms(rounds: int) -> tuple[float, float]:
-    """Milliseconds to augment one batch of the recipe's size: (per-image transforms, batched), medians."""
+def augmentation_ms(rounds: int) -> tuple[int, float, float]:
+    """(batch size, ms to augment one batch with per-image transforms, ms batched), medians of `rounds`."""
     r = R.load(RECIPE)
-    n, size = r["data"]["batch_size"], r["model"]["img_size"]
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    n, size = r["data"]["batch_size"], ViTConfig(img_size=r["model"]["img_size"]).img_size
     images = TensorImages(torch.randint(0, 256, (n, 3, *size), dtype=torch.uint8), torch.arange(n) % 10)
     pre = {k: r["model"][k] for k in ("mean", "std", "interpolation")}
     per_image = Transformed(images, train_transform(r["augment"], size, pre), seed=0)
@@ -70,7 +70,7 @@ def augmentation_ms(rounds: int) -> tuple[float, float]:
             t = time.perf_counter()
             augment(epoch)
             times[k].append(1000 * (time.perf_counter() - t))
-    return statistics.median(times["per-image"]), statistics.median(times["batched"])
+    return n, statistics.median(times["per-image"]), statistics.median(times["batched"])
 
 
 def main() -> None:
@@ -81,8 +81,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per turn (after 2 warm-up steps)")
     args = ap.parse_args()
     torch.set_flush_denormal(True)  # as vitkit train does
-    per_image, batched = augmentation_ms(5 * args.rounds)
-    print(f"augmenting one batch ({R.load(RECIPE)['data']['batch_size']} images, the recipe's shifts and flips): "
+    n, per_image, batched = augmentation_ms(5 * args.rounds)
+    print(f"augmenting one batch ({n} images, the recipe's shifts and flips): "
           f"per-image transforms {per_image:.1f} ms, batched {batched:.1f} ms ({per_image / batched:.1f}x), "
           f"medians of {5 * args.rounds}")
     setups = {k: v for name, *sets in args.variant or DEFAULT_VARIANTS for k, v in peers(name, sets).items()}

@@ -84,8 +84,8 @@ class BatchShiftFlip(Dataset):
         h = _mix(_mix(self.key ^ epochs.astype(np.uint64)) ^ indices.astype(np.uint64))
         n = np.uint64(2 * self.padding + 1)
         flip = (h >> np.uint64(40)).astype(np.float64) / 2.0**24 < self.hflip
-        return (torch.from_numpy((h % n).astype(np.int64)), torch.from_numpy((h >> np.uint64(20)) % n).long(),
-                torch.from_numpy(flip))
+        dy, dx = ((h >> np.uint64(bits)) % n for bits in (0, 20))  # independent bits of the hash
+        return torch.from_numpy(dy.astype(np.int64)), torch.from_numpy(dx.astype(np.int64)), torch.from_numpy(flip)
 
     def collate(self, items: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(normalised float images, labels, skipped: none, in-memory images are all readable)."""
