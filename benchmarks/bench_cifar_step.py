@@ -5,9 +5,10 @@
 A variant is the recipe with `--set`-style overrides (default: the recipe itself, and the session-2 model:
 strided stem, 6 blocks); each runs in the default memory format and in channels-last (what
 `train.channels_last` switches). A step is bench_train.py's (forward, label-smoothed cross-entropy, backward,
-clipping at 1, AdamW) in the precision and with the attention kernel that `vitkit train` picks on this machine, on random data at the recipe's batch
-size. The peers take turns, `--rounds` times; the table gives the median round, in images/s, and every round,
-because this host's speed drifts from minute to minute.
+clipping at 1, AdamW) in the precision and with the attention kernel that `vitkit train` picks on this machine,
+with its malloc settings, on random data at the recipe's batch size. The peers take turns, `--rounds` times;
+the table gives the median round, in images/s, and every round, because this host's speed drifts from minute
+to minute.
 
 Before the table it times the data side of a step: augmenting one batch of in-memory 32 px images with the
 recipe's shifts and flips, torchvision's per-image pipeline (`train_transform`, the general path) against
@@ -28,6 +29,7 @@ from vitkit.data.augment import BatchShiftFlip, train_transform
 from vitkit.data.datasets import TensorImages, Transformed
 from vitkit.models.vit import ViTConfig
 from vitkit.train import recipe as R
+from vitkit.train.cli import keep_freed_memory
 from vitkit.train.evaluate import training_precision
 from vitkit.train.trainer import attention_kernel, build_model, make_optimizer, pick_attention
 
@@ -80,7 +82,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per turn (after 2 warm-up steps)")
     args = ap.parse_args()
-    torch.set_flush_denormal(True)  # as vitkit train does
+    torch.set_flush_denormal(True)  # as vitkit train does, and it keeps freed memory for the next step
+    keep_freed_memory()
     n, per_image, batched = augmentation_ms(5 * args.rounds)
     print(f"augmenting one batch ({n} images, the recipe's shifts and flips): "
           f"per-image transforms {per_image:.1f} ms, batched {batched:.1f} ms ({per_image / batched:.1f}x), "

@@ -7,11 +7,13 @@ Models: a CIFAR-size ViT (ViT-Ti widths, patch 4, 32 px, 10 classes, batch 128) 
 precision's autocast, label-smoothed cross-entropy, backward, gradient-norm clipping at 1, AdamW step.
 
 - vitkit: model, optimizer, autocast and attention kernel as `vitkit train` sets them up (`make_optimizer`,
-  `autocast`, `attention_kernel` with the recipe default `train.attention: auto`).
-- timm: `timm.models.VisionTransformer` with `torch.optim.AdamW` and torch's own kernel choice, which is
-  what a plain loop gets; and again with the kernel pinned the way vitkit pins it, to show where a
-  difference comes from.
+  `autocast`, `attention_kernel` with the recipe default `train.attention: auto`), in a process whose malloc
+  keeps freed memory, as `vitkit train` leaves it (`keep_freed_memory`).
+- timm: `timm.models.VisionTransformer` with `torch.optim.AdamW`, torch's own kernel choice and glibc's
+  malloc defaults, which is what a plain loop gets; and again with vitkit's settings (the kernel pinned the
+  way vitkit pins it, malloc as vitkit leaves it), to show where a difference comes from.
 
+Every peer runs in a fresh process of its own (the malloc settings are process-wide and permanent).
 `--compile` adds both models under torch.compile (vitkit's `train.compile: true`); the first warm-up step
 compiles. bf16 rows are measured by default only on CPUs with native bf16 (AVX-512 bf16 / AMX).
 
@@ -23,9 +25,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -34,12 +39,14 @@ import torch.nn.functional as F
 import vitkit
 from vitkit.models.registry import decode_variant
 from vitkit.train.evaluate import autocast, native_bf16
+from vitkit.train.cli import keep_freed_memory
 from vitkit.train.trainer import attention_kernel, make_optimizer, pick_attention
 
 SETUPS = {  # name -> (ViTConfig fields, batch)
     "cifar": (dict(decode_variant("Ti", 4), img_size=32, num_classes=10), 128),
     "S/16": (dict(decode_variant("S", 16), img_size=224, num_classes=1000), 32),
 }
+PEERS = ["vitkit", "timm", "timm, vitkit's settings"]
 OPTIM = {"name": "adamw", "lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.05}
 
 
@@ -70,26 +77,35 @@ def step_rate(model, optimizer, x, y, amp: str, kernel, repeats: int) -> float:
     return len(x) / statistics.median(times)
 
 
-def peers(setup: str, amp: str, attention: str, compile: bool) -> dict:
-    """name -> (model, optimizer, kernel context factory)."""
+def peer(name: str, setup: str, amp: str, attention: str):
+    """(model, optimizer, kernel context factory, kernel name) of one peer, set up in this process."""
     cfg, _ = SETUPS[setup]
     torch.manual_seed(0)
     ours = vitkit.ViT(vitkit.ViTConfig(**cfg)).train()
-    theirs = timm_model(cfg).train()
-    n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
-    assert n_ours == n_theirs, f"{setup}: {n_ours} vs {n_theirs} parameters"
     kernel = pick_attention(attention, torch.device("cpu"), amp, ours.num_prefix_tokens + math.prod(ours.cfg.grid))
-    timm_opt = torch.optim.AdamW(theirs.parameters(), lr=OPTIM["lr"], weight_decay=OPTIM["weight_decay"])
-    ours_opt = make_optimizer(ours, OPTIM)
-    runs = {
-        "vitkit": (ours, ours_opt, lambda: attention_kernel(kernel)),
-        "timm": (theirs, timm_opt, contextlib.nullcontext),
-        "timm, same kernel": (theirs, timm_opt, lambda: attention_kernel(kernel)),
-    }
-    if compile:  # what train.compile: true does (torch.compile of the model), and the same for timm
-        runs["vitkit, compiled"] = (torch.compile(ours), ours_opt, lambda: attention_kernel(kernel))
-        runs["timm, compiled"] = (torch.compile(theirs), timm_opt, contextlib.nullcontext)
-    return runs, kernel
+    pinned = lambda: attention_kernel(kernel)  # noqa: E731
+    if name.startswith("vitkit"):
+        model, optimizer, ctx = ours, make_optimizer(ours, OPTIM), pinned
+    else:
+        model = timm_model(cfg).train()
+        n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, model))
+        assert n_ours == n_theirs, f"{setup}: {n_ours} vs {n_theirs} parameters"
+        optimizer = torch.optim.AdamW(model.parameters(), lr=OPTIM["lr"], weight_decay=OPTIM["weight_decay"])
+        ctx = pinned if name == "timm, vitkit's settings" else contextlib.nullcontext
+    if name in ("vitkit", "vitkit, compiled", "timm, vitkit's settings"):
+        keep_freed_memory()  # what `vitkit train` does to the process
+    if name.endswith("compiled"):  # what train.compile: true does (torch.compile of the model)
+        model = torch.compile(model)
+    return model, optimizer, ctx, kernel
+
+
+def rate_in_child(name: str, setup: str, amp: str, attention: str, repeats: int) -> tuple[float, str | None]:
+    """Each peer in a fresh process: `vitkit train`'s malloc settings are process-wide."""
+    out = subprocess.run([sys.executable, __file__, "--child", name, "--models", setup, "--amp", amp,
+                          "--attention", attention, "--repeats", str(repeats)],
+                         capture_output=True, text=True, check=True).stdout
+    rate, kernel = json.loads(out.splitlines()[-1])
+    return rate, kernel
 
 
 def kernel_sweep(amp: str, repeats: int) -> None:
@@ -117,26 +133,33 @@ def main() -> None:
     ap.add_argument("--attention", default="auto", help="vitkit's train.attention (default: the recipe default)")
     ap.add_argument("--kernel-sweep", action="store_true", help="math vs flash kernel by sequence length")
     ap.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
+    ap.add_argument("--child", choices=PEERS + ["vitkit, compiled", "timm, compiled"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.kernel_sweep:
         return kernel_sweep(args.amp[0], args.repeats)
+    if args.child:  # one peer, one setup, one precision: print [images/s, kernel]
+        cfg, batch = SETUPS[args.models[0]]
+        torch.manual_seed(1)
+        x = torch.randn(batch, 3, cfg["img_size"], cfg["img_size"])
+        y = torch.randint(0, cfg["num_classes"], (batch,))
+        model, optimizer, ctx, kernel = peer(args.child, args.models[0], args.amp[0], args.attention)
+        return print(json.dumps([step_rate(model, optimizer, x, y, args.amp[0], ctx(), args.repeats), kernel]))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs "
           f"({torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16(torch.device('cpu'))}), "
           f"load average {os.getloadavg()[0]:.2f}\n")
     header = None
     for setup in args.models:
-        cfg, batch = SETUPS[setup]
-        x = torch.randn(batch, 3, cfg["img_size"], cfg["img_size"])
-        y = torch.randint(0, cfg["num_classes"], (batch,))
+        _, batch = SETUPS[setup]
         for amp in args.amp:
-            runs, kernel = peers(setup, amp, args.attention, args.compile)
+            names = PEERS + (["vitkit, compiled", "timm, compiled"] if args.compile else [])
             rates: dict[str, list[float]] = {}
             for _ in range(2):  # interleaved, so drift in machine speed hits every peer alike
-                for name, (model, optimizer, ctx) in runs.items():
-                    rates.setdefault(name, []).append(step_rate(model, optimizer, x, y, amp, ctx(), args.repeats))
+                for name in names:
+                    rate, kernel = rate_in_child(name, setup, amp, args.attention, args.repeats)
+                    rates.setdefault(name, []).append(rate)
             best = {name: max(v) for name, v in rates.items()}
             ratios = {"vitkit / timm": best["vitkit"] / best["timm"],
-                      "vitkit / timm same kernel": best["vitkit"] / best["timm, same kernel"]}
+                      "vitkit / timm, vitkit's settings": best["vitkit"] / best["timm, vitkit's settings"]}
             if args.compile:
                 ratios["vitkit compiled / timm"] = best["vitkit, compiled"] / best["timm"]
                 ratios["vitkit compiled / timm compiled"] = best["vitkit, compiled"] / best["timm, compiled"]
