@@ -47,7 +47,7 @@ def test_zoo_eval_reproduces_the_recorded_held_out_accuracy(tmp_path, tta):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["n"] == 5000 and result["split"] == "held-out 10% (seed 0)"  # the split the run recorded
-    assert result["tta"] == tta and result["top1"] >= (0.85 if tta == "flip" else 0.84)  # the recipe evaluates with flip TTA
+    assert result["tta"] == tta and result["top1"] >= (0.87 if tta == "flip" else 0.85)  # issue 3: >= 85% held-out
     assert result["top1"] == pytest.approx(recorded_top1(tta), abs=2e-4)
 
 
