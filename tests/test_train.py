@@ -23,7 +23,7 @@ from vitkit.data.datasets import open_data, stratified_split
 from vitkit.models.vit import resample_pos_embed
 from vitkit.train import recipe as R
 from vitkit.train.report import read_metrics
-from vitkit.train.trainer import attention_kernel, build_model, lr_at, pick_attention
+from vitkit.train.trainer import attention_kernel, build_model, ema_model, lr_at, pick_attention
 from vitkit.weights.vitkit_format import read_metadata
 
 from train_utils import ROOT, TINY, digit_images, write_recipe
@@ -221,6 +221,27 @@ def test_lr_schedule():
     assert lr_at(60, 110, s, 1.0) == pytest.approx(0.5) and lr_at(110, 110, s, 1.0) == pytest.approx(0.0)
     lin = {**s, "name": "linear", "warmup_steps": 0, "warmup_fraction": 0.1, "min_lr": 0.1}
     assert lr_at(10, 100, lin, 1.0) == pytest.approx(1.0) and lr_at(55, 100, lin, 1.0) == pytest.approx(0.55)
+
+
+def test_ema_of_a_model_with_batchnorm():
+    """The recipe's hybrid models have BatchNorm, whose step counter is an integer buffer: averaged weights,
+    copied counter (it used to crash the first update)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    ema = ema_model(model, decay=0.5)
+    start = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model(torch.randn(2, 3, 8, 8))  # one batch: running statistics move, num_batches_tracked becomes 1
+    ema.update_parameters(model)  # first update: the average starts as a copy
+    ema.update_parameters(model)  # second: decay min(0.5, 2/11) -> 2/11 of the average, 9/11 of the model
+    assert torch.allclose(ema.module[0].weight, start + 1.0)
+    with torch.no_grad():
+        model[0].weight.add_(11.0)
+    model(torch.randn(2, 3, 8, 8))
+    ema.update_parameters(model)  # third: decay min(0.5, 3/12) = 1/4
+    assert torch.allclose(ema.module[0].weight, start + 1.0 + 11.0 * 0.75)
+    assert ema.module[1].num_batches_tracked.item() == 2 and ema.module[1].num_batches_tracked.dtype == torch.long
 
 
 def test_attention_kernel_choice_and_its_effect():

@@ -92,7 +92,10 @@ def ema_model(model: torch.nn.Module, decay: float):
     """Exponential moving average of the weights; the decay ramps up as (1+n)/(10+n) early in training."""
     from torch.optim.swa_utils import AveragedModel
 
-    def update(averaged, current, n):
+    def update(averaged, current, n):  # called once per (device, dtype) group
+        if not averaged[0].is_floating_point():  # BatchNorm's num_batches_tracked: a count, copied
+            torch._foreach_copy_(averaged, current)
+            return
         d = min(decay, (1 + float(n)) / (10 + float(n)))
         torch._foreach_lerp_(averaged, current, 1 - d)
 
