@@ -6,12 +6,13 @@ Models: a CIFAR-size ViT (ViT-Ti widths, patch 4, 32 px, 10 classes, batch 128) 
 (1000 classes, batch 32), random weights and data. One step is the same code for everyone: forward under the
 precision's autocast, label-smoothed cross-entropy, backward, gradient-norm clipping at 1, AdamW step.
 
-- vitkit: model, optimizer, autocast and attention kernel as `vitkit train` sets them up (`make_optimizer`,
-  `autocast`, `attention_kernel` with the recipe default `train.attention: auto`), in a process whose malloc
-  keeps freed memory, as `vitkit train` leaves it (`keep_freed_memory`).
-- timm: `timm.models.VisionTransformer` with `torch.optim.AdamW`, torch's own kernel choice and glibc's
-  malloc defaults, which is what a plain loop gets; and again with vitkit's settings (the kernel pinned the
-  way vitkit pins it, malloc as vitkit leaves it), to show where a difference comes from.
+- vitkit: model, optimizer, autocast and attention kernel as `vitkit train` sets them up (`make_optimizer`:
+  the fused AdamW kernel; `autocast`; `attention_kernel` with the recipe default `train.attention: auto`), in
+  a process whose malloc keeps freed memory, as `vitkit train` leaves it (`keep_freed_memory`).
+- timm: `timm.models.VisionTransformer` with `torch.optim.AdamW` (torch's default: a per-tensor loop on
+  CPU), torch's own kernel choice and glibc's malloc defaults, which is what a plain loop gets; and again
+  with vitkit's settings (vitkit's optimizer, the kernel pinned the way vitkit pins it, malloc as vitkit
+  leaves it), to show where a difference comes from.
 
 Every peer runs in a fresh process of its own (the malloc settings are process-wide and permanent).
 `--compile` adds both models under torch.compile (vitkit's `train.compile: true`); the first warm-up step
@@ -90,8 +91,11 @@ def peer(name: str, setup: str, amp: str, attention: str):
         model = timm_model(cfg).train()
         n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, model))
         assert n_ours == n_theirs, f"{setup}: {n_ours} vs {n_theirs} parameters"
-        optimizer = torch.optim.AdamW(model.parameters(), lr=OPTIM["lr"], weight_decay=OPTIM["weight_decay"])
-        ctx = pinned if name == "timm, vitkit's settings" else contextlib.nullcontext
+        if name == "timm, vitkit's settings":
+            optimizer, ctx = make_optimizer(model, OPTIM), pinned
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=OPTIM["lr"], weight_decay=OPTIM["weight_decay"])
+            ctx = contextlib.nullcontext
     if name in ("vitkit", "vitkit, compiled", "timm, vitkit's settings"):
         keep_freed_memory()  # what `vitkit train` does to the process
     if name.endswith("compiled"):  # what train.compile: true does (torch.compile of the model)

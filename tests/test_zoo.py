@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 import vitkit
+from vitkit.weights.vitkit_format import read_metadata
 
 from train_utils import ROOT, SHARED, run_vitkit
 
@@ -37,6 +38,15 @@ def test_zoo_checkpoint_is_the_recipe_model():
     assert len(architecture) >= 8  # widths, depth, stem, pooling: every field the recipe sets
     assert {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k in architecture} == architecture
     assert model.class_names == CLASSES and model.cfg.img_size == (32, 32)
+
+
+def test_zoo_checkpoint_was_trained_with_the_recipe_settings():
+    """Not only the architecture: the batch size (steps per epoch) and the EMA are the committed recipe's too."""
+    recipe = yaml.safe_load((ROOT / "recipes" / "cifar10.yaml").read_text())
+    trained = read_metadata(ZOO)["train"]
+    assert trained["step"] / trained["epoch"] == pytest.approx(45_000 // recipe["data"]["batch_size"])
+    assert trained["ema"] == bool(recipe["train"].get("ema_decay"))
+    assert trained["val_tta"] == recipe["train"]["eval_tta"]
 
 
 @needs_cifar

@@ -72,10 +72,13 @@ def make_optimizer(model: torch.nn.Module, o: dict) -> torch.optim.Optimizer:
         if p.requires_grad:
             (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token") else decay).append(p)
     groups = [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    # torch's default on CPU is a Python loop over the tensors (its foreach kernels are GPU-only); the fused
+    # kernel (CPU and GPU) does the whole update in one pass. Sharded (DTensor) parameters keep the default.
+    fused = all(type(p) is torch.nn.Parameter for p in decay + no_decay) or None
     if o["name"] == "sgd":
-        return torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"])
+        return torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"], fused=fused)
     cls = torch.optim.AdamW if o["name"] == "adamw" else torch.optim.Adam
-    return cls(groups, lr=o["lr"], betas=tuple(o["betas"]))
+    return cls(groups, lr=o["lr"], betas=tuple(o["betas"]), fused=fused)
 
 
 def lr_at(step: int, total: int, s: dict, base_lr: float) -> float:
