@@ -29,13 +29,15 @@ def main() -> None:
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     hyper = {"name": "adamw", "lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.05}
-    optimizers = {"torch.optim.AdamW (default)": torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05),
+    defaults = torch.optim.AdamW(model.parameters(), lr=hyper["lr"], betas=hyper["betas"],
+                                 weight_decay=hyper["weight_decay"])
+    optimizers = {"torch.optim.AdamW (default)": defaults,
                   "vitkit make_optimizer (fused)": make_optimizer(model, hyper)}
     rounds = {k: [] for k in optimizers}
     for _ in range(args.rounds):
         for k, opt in optimizers.items():
             times = []
-            for i in range(12):
+            for _ in range(12):
                 t = time.perf_counter()
                 opt.step()
                 times.append(time.perf_counter() - t)
