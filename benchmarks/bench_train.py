@@ -8,7 +8,8 @@ precision's autocast, label-smoothed cross-entropy, backward, gradient-norm clip
 
 - vitkit: model, optimizer, autocast and attention kernel as `vitkit train` sets them up (`make_optimizer`:
   the fused AdamW kernel; `autocast`; `attention_kernel` with the recipe default `train.attention: auto`), in
-  a process whose malloc keeps freed memory, as `vitkit train` leaves it (`keep_freed_memory`).
+  a process whose malloc keeps freed memory, as `vitkit train` leaves it (`keep_freed_memory`). Its model
+  runs the last block for the [class] token alone, the only token the head reads.
 - timm: `timm.models.VisionTransformer` with `torch.optim.AdamW` (torch's default: a per-tensor loop on
   CPU), torch's own kernel choice and glibc's malloc defaults, which is what a plain loop gets; and again
   with vitkit's settings (vitkit's optimizer, the kernel pinned the way vitkit pins it, malloc as vitkit

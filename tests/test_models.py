@@ -90,6 +90,25 @@ def test_capture_attention_is_exact_and_leaves_the_model_fused():
             pass
 
 
+def test_last_block_computes_only_the_class_token_with_the_same_logits_and_gradients():
+    model = tiny(drop_path=0.2).train()  # stochastic depth draws one mask per sample either way
+    x = torch.randn(4, 3, 64, 64)
+    outs, grads = [], []
+    for forward in (model, lambda x: model.forward_head(model.forward_features(x))):
+        torch.manual_seed(0)
+        model.zero_grad()
+        outs.append(forward(x))
+        outs[-1].square().sum().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    assert torch.allclose(outs[0], outs[1], atol=1e-5) and outs[0].abs().max() > 0.1
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-5, rtol=1e-4) for k in grads[1])
+    assert grads[0]["blocks.1.mlp.fc1.weight"].abs().max() > 0
+    fewer = []  # the shortcut is taken: the last MLP sees one token per image
+    model.blocks[-1].mlp.register_forward_hook(lambda m, i, o: fewer.append(o.shape[1]))
+    model(x), model.forward_features(x)
+    assert fewer == [1, 17]
+
+
 def test_forward_intermediates_and_features():
     model = tiny()
     x = torch.randn(2, 3, 64, 64)
