@@ -270,7 +270,7 @@ def test_optimizer_is_fused_and_updates_like_torchs_default(optim):
             opt.zero_grad()
             F.cross_entropy(m(x), y).backward()
             opt.step()
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):  # 2e-5: Adam turns the rounding
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):  # 5e-5: Adam turns the rounding
         # noise of a zero gradient (the attention's key bias) into steps of up to lr; elsewhere they agree to 1e-7
         assert torch.allclose(p, q, atol=5e-5), name
     assert not torch.equal(model.head.weight, start["head.weight"])  # the steps did move the weights
