@@ -128,8 +128,11 @@ def test_flip_tta_in_training_and_eval(tmp_path, capsys):
     assert got["top1"] == pytest.approx((averaged.argmax(1) == y).double().mean().item(), abs=1e-12)
     assert got["loss"] == pytest.approx(F.cross_entropy(averaged, y).item(), rel=1e-5)
     assert got["loss"] != pytest.approx(F.cross_entropy(plain, y).item(), rel=1e-3)  # digits are not mirror-symmetric
-    meta = read_metadata(run / "best.safetensors")["train"]
-    assert meta["val_tta"] == "flip" and meta["val_top1"] == got["top1"]  # the run validated the same way
+    meta = read_metadata(run / "best.safetensors")
+    assert meta["train"]["val_tta"] == "flip" and meta["train"]["val_top1"] == got["top1"]  # validated the same way
+    # the checkpoint carries the resolved recipe it was trained with, the same as the run's recipe.yaml
+    assert meta["recipe"] == yaml.safe_load((run / "recipe.yaml").read_text())
+    assert meta["recipe"]["train"]["eval_tta"] == "flip" and meta["recipe"]["data"]["path"] == "digits"
 
 
 def test_eval_folder_classes_matched_by_name(tiny_run, tmp_path, capsys):

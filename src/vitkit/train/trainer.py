@@ -309,7 +309,8 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
                 export = ema.module if ema is not None else _plain(model, model_sd, sharded)
                 extra = {"data": data.split, "train": {"step": step, "epoch": step / steps_per_epoch,
                                                        "val_top1": val.top1 if val else None, "val_tta": T["eval_tta"],
-                                                       "ema": ema is not None}}
+                                                       "ema": ema is not None},
+                         "recipe": r}  # the resolved recipe in force: how this checkpoint was made
                 from .. import save_model
 
                 save_model(export, run_dir / LAST, **extra)
