@@ -408,6 +408,23 @@ def test_overrides_and_print_recipe(tmp_path, capsys):
     assert r["train"]["epochs"] == 7 and r["model"] == {**R.defaults()["model"], **TINY["model"]}
 
 
+def test_recipe_from_a_checkpoint(tiny_run, tmp_path, capsys):
+    """--recipe CHECKPOINT trains again with the recipe the checkpoint stores; flags still override it."""
+    capsys.readouterr()
+    assert main(["train", "--recipe", str(tiny_run / "best.safetensors"), "--epochs", "9", "--print-recipe"]) == 0
+    r = yaml.safe_load(capsys.readouterr().out)
+    assert r == {**(saved := yaml.safe_load((tiny_run / "recipe.yaml").read_text())),
+                 "train": {**saved["train"], "epochs": 9}} and saved["train"]["epochs"] != 9
+    plain = tmp_path / "plain.safetensors"  # a vitkit checkpoint not written by `vitkit train`: no recipe
+    vitkit.save_model(vitkit.load_model(tiny_run / "best.safetensors"), plain)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    for bad, reason in ((plain, "holds no recipe"), (junk, "not a readable safetensors file")):
+        assert main(["train", "--recipe", str(bad), "--print-recipe"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(bad) in err and reason in err, err
+
+
 def test_loader_workers_do_not_change_the_result(tmp_path):
     """Augmentation draws are seeded per (seed, epoch, image): 0 or 2 loader processes train the same weights."""
     weights = []

@@ -45,7 +45,7 @@ def test_zoo_checkpoint_was_trained_with_the_committed_recipe():
     """Not only the architecture: every training value is the committed recipe's, run with the command
     BENCHMARKS.md gives (`--time-budget 60`), and the run's own counters agree (steps per epoch, EMA)."""
     meta = read_metadata(ZOO)
-    assert meta["recipe"] == R.load(ROOT / "recipes" / "cifar10.yaml", {"train.time_budget": 60})
+    assert meta["recipe"] == R.load(ROOT / "recipes" / "cifar10.yaml", {"train.time_budget": 60}) == R.load(ZOO)
     recipe, trained = meta["recipe"], meta["train"]
     assert recipe["augment"]["label_smoothing"] == 0.2 and recipe["data"]["path"] == "../shared/data/cifar10/train.tar.gz"
     assert trained["step"] / trained["epoch"] == pytest.approx(45_000 // recipe["data"]["batch_size"])

@@ -16,7 +16,8 @@ FLAG_KEYS = {"data": "data.path", "val_data": "data.val", "val_split": "data.val
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="ImageFolder dir (train/ + val/, or class folders with --val-split), .tar(.gz) "
                                   "of one, digits, cifar10, cifar100, or WebDataset shards 'shards-{000..099}.tar'")
-    p.add_argument("--recipe", help="recipe YAML (recipes/*.yaml); values not in it take the defaults")
+    p.add_argument("--recipe", help="recipe YAML (recipes/*.yaml; values not in it take the defaults), or a "
+                   "checkpoint `vitkit train` wrote: train again with the recipe stored in it")
     p.add_argument("--model", help="model name (`vitkit models`), e.g. ViT-B/16")
     p.add_argument("--weights", help="start from this checkpoint (fine-tuning)")
     p.add_argument("--out", help="run directory (default runs/<data>-<time>)")

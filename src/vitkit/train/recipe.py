@@ -224,10 +224,13 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None, base:
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"--recipe {path}: no such file")
-        try:
-            merge(recipe, yaml.safe_load(path.read_text()) or {}, str(path))
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if path.suffix == ".safetensors":  # a checkpoint `vitkit train` wrote: the recipe it was made with
+            merge(recipe, checkpoint_recipe(path), str(path))
+        else:
+            try:
+                merge(recipe, yaml.safe_load(path.read_text()) or {}, str(path))
+            except yaml.YAMLError as e:
+                raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     nested: dict = {}
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
@@ -235,6 +238,21 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None, base:
     merge(recipe, nested, "override")
     validate(recipe)
     return recipe
+
+
+def checkpoint_recipe(path: Path) -> dict:
+    """The resolved recipe stored in a vitkit checkpoint by the run that wrote it."""
+    from ..weights import CheckpointError
+    from ..weights.vitkit_format import read_metadata
+
+    try:
+        meta = read_metadata(path)
+    except CheckpointError as e:
+        raise RecipeError(f"--recipe {e}") from None
+    if not meta or not isinstance(meta.get("recipe"), dict):
+        raise RecipeError(f"--recipe {path}: this checkpoint holds no recipe (only checkpoints written by "
+                          "`vitkit train` do); give a recipe YAML")
+    return meta["recipe"]
 
 
 def validate(r: dict) -> None:
