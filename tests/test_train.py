@@ -409,12 +409,17 @@ def test_overrides_and_print_recipe(tmp_path, capsys):
 
 
 def test_recipe_from_a_checkpoint(tiny_run, tmp_path, capsys):
-    """--recipe CHECKPOINT trains again with the recipe the checkpoint stores; flags still override it."""
+    """--recipe CHECKPOINT trains again with the recipe the checkpoint stores (flags still override it), and
+    gives the same weights as the run that wrote it."""
     capsys.readouterr()
     assert main(["train", "--recipe", str(tiny_run / "best.safetensors"), "--epochs", "9", "--print-recipe"]) == 0
     r = yaml.safe_load(capsys.readouterr().out)
     assert r == {**(saved := yaml.safe_load((tiny_run / "recipe.yaml").read_text())),
                  "train": {**saved["train"], "epochs": 9}} and saved["train"]["epochs"] != 9
+    # and training again from it reproduces the run: the same recipe and seed give the same weights on CPU
+    train_ok("--recipe", str(tiny_run / "best.safetensors"), "--out", str(tmp_path / "again"))
+    before, again = (vitkit.load_model(run / "last.safetensors").state_dict() for run in (tiny_run, tmp_path / "again"))
+    assert before.keys() == again.keys() and all(torch.equal(before[k], again[k]) for k in before)
     plain = tmp_path / "plain.safetensors"  # a vitkit checkpoint not written by `vitkit train`: no recipe
     vitkit.save_model(vitkit.load_model(tiny_run / "best.safetensors"), plain)
     junk = tmp_path / "junk.safetensors"

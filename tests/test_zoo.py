@@ -47,7 +47,8 @@ def test_zoo_checkpoint_was_trained_with_the_committed_recipe():
     meta = read_metadata(ZOO)
     assert meta["recipe"] == R.load(ROOT / "recipes" / "cifar10.yaml", {"train.time_budget": 60}) == R.load(ZOO)
     recipe, trained = meta["recipe"], meta["train"]
-    assert recipe["augment"]["label_smoothing"] == 0.2 and recipe["data"]["path"] == "../shared/data/cifar10/train.tar.gz"
+    assert recipe["augment"]["label_smoothing"] == 0.2
+    assert recipe["data"]["path"] == "../shared/data/cifar10/train.tar.gz"
     assert trained["step"] / trained["epoch"] == pytest.approx(45_000 // recipe["data"]["batch_size"])
     assert trained["ema"] == bool(recipe["train"]["ema_decay"]) and trained["val_tta"] == recipe["train"]["eval_tta"]
 
