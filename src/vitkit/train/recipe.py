@@ -224,13 +224,8 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None, base:
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"--recipe {path}: no such file")
-        if path.suffix == ".safetensors":  # a checkpoint `vitkit train` wrote: the recipe it was made with
-            merge(recipe, checkpoint_recipe(path), str(path))
-        else:
-            try:
-                merge(recipe, yaml.safe_load(path.read_text()) or {}, str(path))
-            except yaml.YAMLError as e:
-                raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        # a checkpoint `vitkit train` wrote holds the recipe it was made with
+        merge(recipe, checkpoint_recipe(path) if path.suffix == ".safetensors" else _yaml_recipe(path), str(path))
     nested: dict = {}
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
@@ -238,6 +233,13 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None, base:
     merge(recipe, nested, "override")
     validate(recipe)
     return recipe
+
+
+def _yaml_recipe(path: Path):
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
 
 
 def checkpoint_recipe(path: Path) -> dict:
