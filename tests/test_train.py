@@ -159,12 +159,29 @@ def test_eval_folder_classes_matched_by_name(tiny_run, tmp_path, capsys):
     assert err.count("\n") == 0 and "vitkit eval: error:" in err and "'cat'" in err
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--val-split", "2"], "--val-split 2.0: must be in [0, 1)"),
+    (["--device", "tpu7"], "--device 'tpu7' is not a device name"),
+    (["--weights", "RUN"], "a run directory; give its"),
+    (["--data", str(ROOT / "README.md")], "README.md: not a directory or a .tar/.tar.gz archive"),
+])
+def test_eval_bad_inputs_one_line_error(tiny_run, tmp_path, capsys, args, expected):
+    args = [str(tiny_run) if a == "RUN" else a for a in args]
+    capsys.readouterr()
+    code = main(["eval", "--data", "digits", "--weights", str(tiny_run / "best.safetensors"), *args,
+                 "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("vitkit eval: error:") and "\n" not in err and expected in err, err
+
+
 # --- fine-tuning, budget, failures ------------------------------------------------------------------------
-def test_finetune_interpolates_positions_and_zeroes_head(tiny_run, tmp_path):
+def test_finetune_interpolates_positions_and_zeroes_head(tiny_run, tmp_path, caplog):
     """The paper's fine-tuning: new classes get a zero head; 16 px instead of 8 px resamples positions in 2D."""
     recipe = R.load(None, {"data.path": "digits", "model.weights": str(tiny_run / "best.safetensors"),
                            "model.img_size": 16})
     model = build_model(recipe["model"], ["0", "1", "2"])
+    assert "head replaced: checkpoint has 10 classes, model 3" in caplog.text
+    assert "position embeddings resampled from 4x4 to 8x8" in caplog.text
     source = vitkit.load_model(tiny_run / "best.safetensors")
     assert model.cfg.grid == (8, 8) and model.head.weight.shape == (3, 32)
     assert not model.head.weight.any() and not model.head.bias.any()
@@ -173,8 +190,10 @@ def test_finetune_interpolates_positions_and_zeroes_head(tiny_run, tmp_path):
     digits = [str(i) for i in range(10)]  # the checkpoint's own classes keep its head; other ones, or
     letters = list("abcdefghij")          # zero_head, get a zero head even with as many classes
     for names, zero_head, kept in ((digits, None, True), (letters, None, False), (digits, True, False)):
+        caplog.clear()
         m = build_model({**recipe["model"], "img_size": 8, "zero_head": zero_head}, names)
         assert torch.equal(m.head.weight, source.head.weight) == kept and m.head.weight.any() == kept
+        assert ("head replaced by a zero-initialised one" in caplog.text) != kept  # and the user is told
 
     digit_images(tmp_path / "three", ["0", "1", "2"], per_class=30)
     recipe_file = write_recipe(tmp_path / "ft.yaml", model={"img_size": 16},
@@ -186,6 +205,15 @@ def test_finetune_interpolates_positions_and_zeroes_head(tiny_run, tmp_path):
     assert tuned.class_names == ["0", "1", "2"] and tuned.cfg.img_size == (16, 16)
 
 
+def test_budget_fit_adds_no_step_when_no_time_is_left():
+    from vitkit.train.distributed import Dist
+    from vitkit.train.trainer import _fit
+
+    assert _fit(100, 1000, 0.0, 0.1, 0.0, Dist()) == 100  # the run ends here, its schedule not lengthened
+    assert _fit(100, 1000, 10.0, 0.1, 0.0, Dist()) == 100 + 95  # 95% of the time left, in steps
+    assert _fit(100, 150, 10.0, 0.1, 0.0, Dist()) == 150  # never beyond the recipe's epochs
+
+
 def test_time_budget_stops_gracefully(tmp_path):
     run = tmp_path / "run"
     train_ok("--recipe", str(write_recipe(tmp_path / "r.yaml")), "--epochs", "1000", "--time-budget", "0.1",
@@ -195,6 +223,7 @@ def test_time_budget_stops_gracefully(tmp_path):
     assert state["elapsed"] < 6 + 20  # 6 s budget; slack for a busy machine
     rows = read_metrics(run / "metrics.csv")
     assert rows[-1]["step"] == state["step"] and rows[-1]["val_top1"] is not None  # evaluated at the end
+    assert all(b["step"] > a["step"] for a, b in zip(rows, rows[1:]))  # one row per epoch (the last may be part)
     assert vitkit.load_model(run / "best.safetensors").class_names is not None
 
 
@@ -207,6 +236,13 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tiny_run, tmp_path, caps
     code = main(["train", "--resume", str(run), "--epochs", "3", "--set", "optim.lr=1e30"])
     assert code == 1
     assert before == {f: hashlib.sha1((run / f).read_bytes()).hexdigest() for f in before}
+
+
+def test_nonfinite_loss_before_any_checkpoint(tmp_path, caplog):
+    code = main(["train", "--recipe", str(write_recipe(tmp_path / "r.yaml")), "--set", "optim.lr=1e30",
+                 "--out", str(tmp_path / "run")])
+    assert code == 1 and "non-finite at step 2" in caplog.text and "no checkpoint was written yet" in caplog.text
+    assert not (tmp_path / "run" / "state.pt").exists()
 
 
 def test_resume_extends_a_finished_run(tiny_run, tmp_path):
@@ -308,14 +344,15 @@ def test_folder_archive_and_corrupt_images(tmp_path, caplog):
     for data in (folder, archive):
         assert data.class_names == ["1", "2", "5"] and (len(data.train), len(data.val)) == (120, 30)
         assert len(data.skipped) == 1 and "bad.jpg" in data.skipped[0]
-        assert torch.equal(data.train.images, folder.train.images)  # decoded once into the tensor cache
+        assert torch.equal(data.train.images, folder.train.images)  # decoded into the tensor cache
+    assert archive.skipped[0].startswith(f"{tmp_path / 'ds.tar.gz'}:ds/train/2/bad.jpg: ")  # named in the archive
     single = open_data(str(tmp_path / "ds" / "train"), val_split=0.25, split_seed=3, cache_dir=cache)
     val_labels = torch.tensor([single.train.dataset.labels[i] for i in single.val.indices])
     assert val_labels.bincount().tolist() == [10, 10, 10]  # stratified
 
     skipped = skipped_in_training(tmp_path, data={"path": str(tmp_path / "ds.tar.gz"), "batch_size": 20,
                                                   "cache_dir": cache, "val_split": 0.0})
-    assert len(skipped) == 1 and "bad.jpg" in skipped[0]
+    assert skipped == archive.skipped
     assert "1 unreadable images were skipped" in caplog.text
 
 
@@ -369,6 +406,14 @@ def test_webdataset_shards(tmp_path):
     (["--weights", "/no/weights.safetensors"], "no such file"),
     (["--recipe", "/no/recipe.yaml"], "/no/recipe.yaml: no such file"),
     (["--resume", "/tmp"], "not a run directory"),
+    (["--img-size", "7"], "model: img_size 7x7 is not a multiple of the patch size 2"),
+    (["--weights", str(ROOT / "zoo" / "cifar10-vit.safetensors"), "--img-size", "30"],
+     "img_size 30x30 is not a multiple of the patch size 8 (the stem's downsampling included)"),
+    (["--weights", str(ROOT / "README.md")], "README.md: not a vitkit checkpoint, so set model.name too"),
+    (["--device", "tpu7"], "train.device (--device) 'tpu7' is not a device name"),
+    (["--device", "cuda:99"], "train.device (--device) 'cuda:99': this machine has"),
+    (["--data", str(ROOT / "README.md")], "README.md: not a directory or a .tar/.tar.gz archive"),
+    (["--data", "/x/shards-{000..009}.tar", "--val-split", "0.1"], "give held-out shards with --val-data"),
 ])
 def test_bad_inputs_one_line_error(tmp_path, capsys, args, expected):
     recipe = write_recipe(tmp_path / "r.yaml")
@@ -384,8 +429,13 @@ def test_empty_class_folder_and_existing_run(tiny_run, tmp_path, capsys):
     digit_images(tmp_path / "ds", ["0", "1"], per_class=5)
     (tmp_path / "ds" / "2").mkdir()
     recipe = write_recipe(tmp_path / "r.yaml")
+    digit_images(tmp_path / "ds2", ["0", "1"], per_class=5)
+    (tmp_path / "ds2" / "2").mkdir()
+    (tmp_path / "ds2" / "2" / "x.png").write_bytes(b"not an image")
     for args, expected in ((["--data", str(tmp_path / "ds")], "empty class folder"),
-                           (["--out", str(tiny_run)], "already holds a run")):
+                           (["--data", str(tmp_path / "ds2")], f"{tmp_path / 'ds2' / '2'}: none of its images is readable"),
+                           (["--out", str(tiny_run)], "already holds a run"),
+                           (["--out", str(recipe)], "is a file, not a directory")):
         capsys.readouterr()
         assert main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "x"), *args]) == 2
         assert expected in capsys.readouterr().err
@@ -533,3 +583,15 @@ def test_freed_memory_is_kept_for_the_next_step():
                                        check=True).stdout) for mode in ("default", "kept")}
     assert faults["default"] > 10 * (16 << 20) * 4 // 4096 * 0.9  # every 64 MB block faulted in again
     assert faults["kept"] < faults["default"] / 20
+
+
+def test_distributed_errors_said_once_before_starting(tmp_path, monkeypatch, capsys):
+    """Under torchrun every rank validates the same recipe: rank 0 reports, the others exit quietly."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(R.RecipeError, match="train.ema_decay is not supported with train.distributed=fsdp"):
+        R.load(write_recipe(tmp_path / "r.yaml"), {"train.ema_decay": 0.99, "train.distributed": "fsdp"})
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        capsys.readouterr()
+        assert main(["train", "--recipe", str(tmp_path / "r.yaml"), "--lr", "-1"]) == 2
+        assert ("optim.lr must be > 0" in capsys.readouterr().err) == said

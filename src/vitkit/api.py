@@ -33,9 +33,14 @@ def create_model(name: str, *, weights: str | Path | None = None, num_classes: i
         model = ViT(cfg)
     model.preprocess.update(preprocess)
     if ckpt is not None:
-        for note in load_into(model, ckpt, source=str(weights)):
-            log.warning("%s: %s", weights, note)
+        _load(model, ckpt, weights)
     return model.eval()
+
+
+def _load(model: ViT, ckpt, source: str | Path) -> None:
+    """Load, saying what had to be fitted (head replaced, position embeddings resampled)."""
+    for note in load_into(model, ckpt, source=str(source)):
+        log.warning("%s: %s", source, note)
 
 
 def load_model(path: str | Path, **overrides) -> ViT:
@@ -46,7 +51,7 @@ def load_model(path: str | Path, **overrides) -> ViT:
                               f"use create_model(NAME, weights=...) or `vitkit convert` it first")
     with torch.device("meta"):
         model = ViT(ViTConfig.from_dict({**ckpt.config, **overrides}))
-    load_into(model, ckpt, source=str(path))
+    _load(model, ckpt, path)
     return model.eval()
 
 

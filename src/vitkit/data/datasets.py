@@ -64,14 +64,20 @@ class TensorImages(Dataset):
 class FileImages(Dataset):
     """Image files read on demand with vitkit's robust reader (raises ImageError for a bad file)."""
 
-    def __init__(self, paths: list[Path], labels: list[int]):
+    def __init__(self, paths: list[Path], labels: list[int], shown_as: tuple[str, str] | None = None):
         self.paths, self.labels = paths, torch.tensor(labels, dtype=torch.long)
+        self.shown_as = shown_as  # (prefix, replacement) for the file names in messages
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return load_image(self.paths[i])[0], int(self.labels[i])
+        try:
+            return load_image(self.paths[i])[0], int(self.labels[i])
+        except ImageError as e:
+            if self.shown_as is None:
+                raise
+            raise ImageError(str(e).replace(*self.shown_as, 1)) from None
 
 
 class Transformed(Dataset):
@@ -140,18 +146,23 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
     if spec in BUILTIN:
         train, held = _builtin(spec, root, cache_dir)
     elif is_shards(spec):
+        if val_split:
+            raise DataError(f"{spec}: --val-split (data.val_split) needs an indexed dataset, not a stream of "
+                            "shards; give held-out shards with --val-data (data.val)")
         return _shards(spec, val, shards or {}, evaluate_only)
     else:
         folder = Path(spec)
         if not folder.exists():
             raise DataError(f"{spec}: no such file or directory")
+        shown_as = None
         if folder.is_file():
             folder = _extract(folder, cache_dir)
+            shown_as = (f"{folder}{os.sep}", f"{spec}:")  # name files by their place in the archive
         train_dir, val_dir = _layout(folder)
-        train, skipped = _folder(train_dir, preload, cache_dir)
+        train, skipped = _folder(train_dir, preload, cache_dir, shown_as=shown_as)
         held = None
         if val_dir is not None:
-            held, more = _folder(val_dir, preload, cache_dir, like=train.class_names)
+            held, more = _folder(val_dir, preload, cache_dir, like=train.class_names, shown_as=shown_as)
             skipped += more
     class_names = train.class_names
     split = {"path": spec, "val_split": 0.0, "split_seed": split_seed}
@@ -212,6 +223,8 @@ def _builtin(name: str, root: str | None, cache_dir: str | None) -> tuple[Datase
 
 def _extract(archive: Path, cache_dir: str | None) -> Path:
     """A .tar/.tar.gz extracted once into the cache, keyed by the archive's content hash."""
+    if not tarfile.is_tarfile(archive):
+        raise DataError(f"{archive}: not a directory or a .tar/.tar.gz archive")
     h = hashlib.blake2b(digest_size=12)
     with open(archive, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -227,7 +240,7 @@ def _extract(archive: Path, cache_dir: str | None) -> Path:
     except (tarfile.TarError, EOFError, OSError) as e:
         if dest.is_dir():  # another process (a DDP rank) finished first
             return dest
-        raise DataError(f"{archive}: not a readable .tar/.tar.gz archive ({e})") from None
+        raise DataError(f"{archive}: not a readable .tar/.tar.gz archive ({str(e).splitlines()[0]})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -246,7 +259,8 @@ def _layout(folder: Path) -> tuple[Path, Path | None]:
         return folder, None
 
 
-def _folder(root: Path, preload, cache_dir: str | None, like: list[str] | None = None) -> tuple[Dataset, list[str]]:
+def _folder(root: Path, preload, cache_dir: str | None, like: list[str] | None = None,
+            shown_as: tuple[str, str] | None = None) -> tuple[Dataset, list[str]]:
     """An ImageFolder (one subfolder per class). `like`: the training classes these must be among."""
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
@@ -261,7 +275,7 @@ def _folder(root: Path, preload, cache_dir: str | None, like: list[str] | None =
             raise DataError(f"{root / c}: empty class folder (no image files)")
         paths += files
         labels += [index[c]] * len(files)
-    files_ds = _labelled(FileImages(paths, labels), like or classes)
+    files_ds = _labelled(FileImages(paths, labels, shown_as), like or classes)
     if preload is False or (preload == "auto" and not _small(paths)):
         return files_ds, []
     return _preload(files_ds, root, cache_dir)
@@ -297,9 +311,11 @@ class _Decode(Dataset):
 
 
 def _preload(files: FileImages, root: Path, cache_dir: str | None) -> tuple[Dataset, list[str]]:
-    """Decode every image once into a uint8 tensor (cached on disk, keyed by the files' names, sizes and
-    times). Images of another size than the first are resized to it."""
+    """Decode every image once into a uint8 tensor (cached on disk, keyed by the folder and the files' names,
+    sizes and times: the skipped files' messages name them). Images of another size than the first are resized
+    to it."""
     h = hashlib.blake2b(digest_size=12)
+    h.update(f"{root.resolve()}\n".encode())
     for p, label in zip(files.paths, files.labels.tolist()):
         st = p.stat()
         h.update(f"{p.relative_to(root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -321,6 +337,10 @@ def _preload(files: FileImages, root: Path, cache_dir: str | None) -> tuple[Data
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         torch.save(d, tmp)
         os.replace(tmp, cache)
+    unreadable = sorted(set(files.labels.tolist()) - set(d["labels"].tolist()))
+    if unreadable:  # as unusable as an empty class folder
+        more = f" (nor those of {len(unreadable) - 1} more classes)" if len(unreadable) > 1 else ""
+        raise DataError(f"{root / files.class_names[unreadable[0]]}: none of its images is readable{more}")
     return _labelled(TensorImages(d["images"], d["labels"]), files.class_names), list(d["skipped"])
 
 

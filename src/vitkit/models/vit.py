@@ -67,6 +67,10 @@ class ViTConfig:
             raise ValueError("pool='token' needs class_token=True")
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if any(s % self.reduction for s in self.img_size):
+            raise ValueError(f"img_size {self.img_size[0]}x{self.img_size[1]} is not a multiple of the patch size "
+                             f"{self.reduction}" + (" (the stem's downsampling included)" if self.reduction !=
+                                                    self.patch_size else ""))
 
     @property
     def reduction(self) -> int:

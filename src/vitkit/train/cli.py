@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -57,6 +58,8 @@ def resolve_recipe(args: argparse.Namespace) -> tuple[dict, Path, bool]:
     recipe = R.load(args.recipe, overrides)
     name = Path(recipe["data"]["path"]).name.split(".")[0] or "run"
     run = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if run.exists() and not run.is_dir():
+        raise R.RecipeError(f"--out {run}: is a file, not a directory")
     if (run / "state.pt").exists():
         raise R.RecipeError(f"--out {run} already holds a run; continue it with --resume {run} or pick another --out")
     return recipe, run, False
@@ -85,6 +88,8 @@ def run_train(args: argparse.Namespace) -> int:
         keep_freed_memory()
         return train(recipe, run, resume)
     except (R.RecipeError, DataError) as e:
+        if int(os.environ.get("RANK", 0)):  # under torchrun every rank finds it: rank 0 says it
+            return 2
         raise UserError(str(e)) from None
     except TrainingError as e:
         logging.getLogger("vitkit").error("vitkit train: %s", e)

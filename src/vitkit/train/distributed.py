@@ -10,6 +10,26 @@ import torch.distributed as dist
 from torch import nn
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps', ... -> a device this machine has;
+    ValueError saying why not."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name!r} is not a device name (cpu, cuda, cuda:N, mps, auto)") from None
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if backend is None or not getattr(backend, "is_available", lambda: False)():
+        raise ValueError(f"{name!r}: this machine has no {dev.type} device")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"{name!r}: this machine has {count} {dev.type} device(s), numbered from 0")
+    return dev
+
+
 @dataclass
 class Dist:
     rank: int = 0
@@ -26,9 +46,7 @@ class Dist:
         """Joins the process group when started by torchrun (WORLD_SIZE > 1)."""
         world = int(os.environ.get("WORLD_SIZE", 1))
         rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(device)
+        dev = resolve_device(device)
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", local)
         if dev.type == "cuda":

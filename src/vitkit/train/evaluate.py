@@ -112,7 +112,8 @@ def evaluate(model, loader, class_names: list[str], device: torch.device, amp: s
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # top-5 correct, loss
     skipped: list[str] = []
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    for x, y, bad in tqdm(loader, desc="eval", leave=False, disable=not progress, unit="batch"):
+    for x, y, bad in tqdm(loader, desc="eval", leave=False, disable=None if progress else True,  # None: not on a non-terminal
+                         unit="batch"):
         skipped += bad
         if x is None:
             continue
@@ -168,11 +169,16 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..cli import UserError, model_from_args
     from ..data.datasets import DataError, describe, in_memory, open_data, relabel
     from ..data.images import eval_transform
-    from .distributed import Dist
+    from .distributed import resolve_device
     from .report import plot_confusion
 
-    device = Dist.init(args.device).device
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise UserError(f"--device {e}") from None
     model = model_from_args(args).to(device)
+    if args.val_split is not None and not 0 <= args.val_split < 1:
+        raise UserError(f"--val-split {args.val_split}: must be in [0, 1) (0: evaluate everything)")
     split = recorded_split(args.weights, args.data)
     val_split = args.val_split if args.val_split is not None else split.get("val_split", 0.0)
     split_seed = args.split_seed if args.split_seed is not None else split.get("split_seed", 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +18,7 @@ import yaml
 
 from ..models.vit import ViTConfig
 from ..predict import TTA
+from .distributed import resolve_device
 
 
 class RecipeError(ValueError):
@@ -268,15 +270,30 @@ def validate(r: dict) -> None:
         if not m["name"] and not m["weights"] and missing:
             problems.append(f"model: give model.name (see `vitkit models`), model.weights, or the fields "
                             f"{', '.join('model.' + k for k in missing)}")
-        elif not m["weights"]:  # the architecture must be buildable (a checkpoint's is checked when read)
+        elif m["weights"] and not Path(m["weights"]).exists():
+            problems.append(f"model.weights {m['weights']}: no such file")
+        else:  # the architecture must be buildable: the name's or the checkpoint's, with the recipe's fields
             from ..models.registry import build_config
+            from ..weights import CheckpointError
+            from ..weights.vitkit_format import is_vitkit_checkpoint, read_metadata
             try:
-                build_config(m["name"], **model_fields(m), num_classes=2) if m["name"] else \
-                    ViTConfig(**model_fields(m), num_classes=2)
+                if m["name"]:
+                    build_config(m["name"], **model_fields(m), num_classes=2)
+                elif m["weights"] and not is_vitkit_checkpoint(m["weights"]):
+                    problems.append(f"model.weights {m['weights']}: not a vitkit checkpoint, so set model.name too")
+                else:
+                    base = read_metadata(Path(m["weights"]))["config"] if m["weights"] else {}
+                    ViTConfig.from_dict({**base, **model_fields(m), "num_classes": 2})
+            except CheckpointError as e:
+                problems.append(f"model.weights {e}")
             except (ValueError, TypeError) as e:
                 problems.append(f"model{'.name' if 'unknown model' in str(e) else ''}: {e}")
-        if m["weights"] and not Path(m["weights"]).exists():
-            problems.append(f"model.weights {m['weights']}: no such file")
+        try:
+            resolve_device(r["train"]["device"])
+        except ValueError as e:
+            problems.append(f"train.device (--device) {e}")
+        if r["train"]["ema_decay"] and r["train"]["distributed"] == "fsdp" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            problems.append("train.ema_decay is not supported with train.distributed=fsdp (use ddp, or no EMA)")
         if d["batch_size"] % o["accum_steps"]:
             problems.append(f"data.batch_size {d['batch_size']} is not divisible by optim.accum_steps "
                             f"{o['accum_steps']}")

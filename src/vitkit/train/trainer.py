@@ -59,7 +59,9 @@ def build_model(m: dict, class_names: list[str]) -> ViT:
         model = ViT(ViTConfig(**fields, num_classes=k))
     other_classes = model.class_names is not None and model.class_names != list(class_names)
     if m["weights"] and (m["zero_head"] or other_classes):  # the paper's zero-initialised head for new classes,
-        model.reset_head(k)  # even when their number matches the checkpoint's
+        log.warning("%s: head replaced by a zero-initialised one (%s)", m["weights"],  # even when as many
+                    "the data's classes are not the checkpoint's" if other_classes else "model.zero_head")
+        model.reset_head(k)
     model.preprocess.update({key: m[key] for key in PREPROCESS_KEYS if m[key] is not None})
     model.class_names = list(class_names)
     return model.train()
@@ -190,8 +192,6 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
     t0 = time.time()
     M, D, A, O, T = r["model"], r["data"], r["augment"], r["optim"], r["train"]
     d = Dist.init(T["device"])
-    if T["ema_decay"] and T["distributed"] == "fsdp" and d.world > 1:
-        raise RecipeError("train.ema_decay is not supported with train.distributed=fsdp")
     state = torch.load(run_dir / STATE, map_location="cpu", weights_only=True) if resume else None
 
     # data: every problem with it is reported here, before any work
@@ -406,8 +406,8 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
             if nonfinite:
                 raise TrainingError(
                     f"loss or gradient became non-finite at step {step + 1} (epoch {epoch + 1}, lr {lr:.3g}); "
-                    f"stopped without saving: the last good checkpoint is {run_dir / STATE} "
-                    f"(step {_saved_step(run_dir)}). Try a lower optim.lr, optim.clip_grad_norm or train.amp=none")
+                    f"stopped without saving: {_last_good(run_dir)}. Try a lower optim.lr, optim.clip_grad_norm or "
+                    "train.amp=none")
             if stop:
                 save(weights=True)
                 if d.main:
@@ -420,6 +420,12 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
             train_s = time.time() - epoch_t
             train_s_here += train_s
             finished = step >= total or time_up
+            if budget is not None and not finished:  # re-fit the budget with the real times so far
+                overhead = (last_eval_s / T["eval_every"] + last_save_s) / steps_per_epoch
+                # the mean step time so far, not the last epoch's: one slow epoch on a shared machine should
+                # not shorten the run for good (the count may grow back, up to the recipe's limit)
+                total = _fit(step, limit, budget - clock(), train_s_here / max(steps_here, 1), overhead, d)
+                finished = step >= total  # no time left for another step: this is the last evaluation
             val = None
             if val_loader is not None and ((epoch + 1) % T["eval_every"] == 0 or finished):
                 t_eval = time.time()
@@ -433,11 +439,6 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
             t_save = time.time()
             save(weights=True, val=val)
             last_ckpt, last_save_s = time.time(), time.time() - t_save
-            if budget is not None and not finished:  # re-fit the budget with the real times so far
-                overhead = (last_eval_s / T["eval_every"] + last_save_s) / steps_per_epoch
-                # the mean step time so far, not the last epoch's: one slow epoch on a shared machine should
-                # not shorten the run for good (the count may grow back, up to the recipe's limit)
-                total = _fit(step, limit, budget - clock(), train_s_here / max(steps_here, 1), overhead, d)
             if d.main:
                 loss_avg, acc = (epoch_stats_all[0] / epoch_stats_all[2].clamp(min=1)).item(), \
                     (epoch_stats_all[1] / epoch_stats_all[2].clamp(min=1)).item()
@@ -453,7 +454,7 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
                     plot_curves(metrics.csv_path, run_dir / "curves.png")
                     last_plot = time.time()
             if time_up:
-                log.info("time budget of %.1f min reached at step %d", T["time_budget"], step)
+                log.info("time budget of %g min reached at step %d", T["time_budget"], step)
                 break
     if d.world > 1 and not sharded:  # DDP replicas must agree bit for bit; say so
         same, digest = d.same_weights(model)
@@ -475,7 +476,7 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
 def _fit(step: int, cap: int, seconds_left: float, per_step: float, overhead_per_step: float, d: Dist) -> int:
     """Steps that fit in the time left (5% kept for the last evaluation and saving), at most `cap`."""
     fit = step + int(0.95 * seconds_left / (per_step + overhead_per_step))
-    return int(d.broadcast(max(step + 1, min(cap, fit))))
+    return int(d.broadcast(max(step, min(cap, fit))))
 
 
 def _plain(model: ViT, sd: dict, sharded: bool) -> ViT:
@@ -488,11 +489,12 @@ def _plain(model: ViT, sd: dict, sharded: bool) -> ViT:
     return plain
 
 
-def _saved_step(run_dir: Path) -> str:
+def _last_good(run_dir: Path) -> str:
     try:
-        return str(torch.load(run_dir / STATE, map_location="cpu", weights_only=True)["step"])
+        step = torch.load(run_dir / STATE, map_location="cpu", weights_only=True)["step"]
     except (OSError, RuntimeError, KeyError):
-        return "none yet"
+        return "no checkpoint was written yet"
+    return f"the last good checkpoint is {run_dir / STATE} (step {step})"
 
 
 def _hms(seconds: float) -> str:

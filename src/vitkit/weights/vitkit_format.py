@@ -51,9 +51,11 @@ def read_metadata(path: Path) -> dict | None:
 
 def is_vitkit_checkpoint(path: str | Path) -> bool:
     path = Path(path)
-    if not path.is_file():
+    if (path / "best.safetensors").is_file():  # a `vitkit train` run directory
+        raise CheckpointError(f"{path}: a run directory; give its {path / 'best.safetensors'} (or last.safetensors)")
+    if not path.exists():
         raise CheckpointError(f"{path}: no such file")
-    return path.suffix == ".safetensors" and read_metadata(path) is not None
+    return path.suffix == ".safetensors" and path.is_file() and read_metadata(path) is not None
 
 
 def read(path: Path) -> Checkpoint | None:
