@@ -1,6 +1,7 @@
 """Training throughput: a vitkit training step vs timm's ViT of the same shape under a plain PyTorch loop.
 
     .venv/bin/python benchmarks/bench_train.py [--repeats 5] [--amp bf16 none] [--models cifar S/16] [--compile]
+                                               [--device cuda] [--batch N]
 
 Models: a CIFAR-size ViT (ViT-Ti widths, patch 4, 32 px, 10 classes, batch 128) and ViT-S/16 at 224 px
 (1000 classes, batch 32), random weights and data. One step is the same code for everyone: forward under the
@@ -17,7 +18,8 @@ precision's autocast, label-smoothed cross-entropy, backward, gradient-norm clip
 
 Every peer runs in a fresh process of its own (the malloc settings are process-wide and permanent).
 `--compile` adds both models under torch.compile (vitkit's `train.compile: true`); the first warm-up step
-compiles. bf16 rows are measured by default only on CPUs with native bf16 (AVX-512 bf16 / AMX).
+compiles. bf16 rows are measured by default only where bf16 is native (GPUs, CPUs with AVX-512 bf16 / AMX).
+`--device cuda` runs every peer on the GPU (timed with synchronisation); `--batch` replaces both batch sizes.
 
 Each peer runs `--repeats` timed steps after two warm-up steps; two interleaved rounds, best median kept.
 `--kernel-sweep` instead times timm's ViT-S/16 (and Ti/4) in the first `--amp` precision with the math and
@@ -62,34 +64,36 @@ def timm_model(cfg: dict) -> torch.nn.Module:
 
 def step_rate(model, optimizer, x, y, amp: str, kernel, repeats: int) -> float:
     """Images/s of full training steps (median of `repeats` after 2 warm-up steps)."""
-    cpu = torch.device("cpu")
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)  # GPU work is asynchronous
     times = []
     with kernel:
         for i in range(2 + repeats):
+            sync()
             t = time.perf_counter()
-            with autocast(cpu, amp):
+            with autocast(x.device, amp):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=0.1)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            sync()
             if i >= 2:
                 times.append(time.perf_counter() - t)
     return len(x) / statistics.median(times)
 
 
-def peer(name: str, setup: str, amp: str, attention: str):
+def peer(name: str, setup: str, amp: str, attention: str, device: torch.device):
     """(model, optimizer, kernel context factory, kernel name) of one peer, set up in this process."""
     cfg, _ = SETUPS[setup]
     torch.manual_seed(0)
-    ours = vitkit.ViT(vitkit.ViTConfig(**cfg)).train()
-    kernel = pick_attention(attention, torch.device("cpu"), amp, ours.num_prefix_tokens + math.prod(ours.cfg.grid))
+    ours = vitkit.ViT(vitkit.ViTConfig(**cfg)).train().to(device)
+    kernel = pick_attention(attention, device, amp, ours.num_prefix_tokens + math.prod(ours.cfg.grid))
     pinned = lambda: attention_kernel(kernel)  # noqa: E731
     if name.startswith("vitkit"):
         model, optimizer, ctx = ours, make_optimizer(ours, OPTIM), pinned
     else:
-        model = timm_model(cfg).train()
+        model = timm_model(cfg).train().to(device)
         n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, model))
         assert n_ours == n_theirs, f"{setup}: {n_ours} vs {n_theirs} parameters"
         if name == "timm, vitkit's settings":
@@ -104,10 +108,11 @@ def peer(name: str, setup: str, amp: str, attention: str):
     return model, optimizer, ctx, kernel
 
 
-def rate_in_child(name: str, setup: str, amp: str, attention: str, repeats: int) -> tuple[float, str | None]:
+def rate_in_child(name: str, setup: str, amp: str, args: argparse.Namespace) -> tuple[float, str | None]:
     """Each peer in a fresh process: `vitkit train`'s malloc settings are process-wide."""
     out = subprocess.run([sys.executable, __file__, "--child", name, "--models", setup, "--amp", amp,
-                          "--attention", attention, "--repeats", str(repeats)],
+                          "--attention", args.attention, "--repeats", str(args.repeats), "--device", args.device,
+                          *(["--batch", str(args.batch)] if args.batch else [])],
                          capture_output=True, text=True, check=True).stdout
     rate, kernel = json.loads(out.splitlines()[-1])
     return rate, kernel
@@ -132,35 +137,40 @@ def kernel_sweep(amp: str, repeats: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
-    ap.add_argument("--amp", nargs="+", choices=["bf16", "none"],
-                    default=["bf16", "none"] if native_bf16(torch.device("cpu")) else ["none"])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    ap.add_argument("--batch", type=int, help="batch size for every model (default: 128 for Ti/4, 32 for S/16)")
+    ap.add_argument("--amp", nargs="+", choices=["bf16", "none"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--attention", default="auto", help="vitkit's train.attention (default: the recipe default)")
     ap.add_argument("--kernel-sweep", action="store_true", help="math vs flash kernel by sequence length")
     ap.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
     ap.add_argument("--child", choices=PEERS + ["vitkit, compiled", "timm, compiled"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    device = torch.device(args.device)
+    args.amp = args.amp or (["bf16", "none"] if native_bf16(device) else ["none"])
     if args.kernel_sweep:
         return kernel_sweep(args.amp[0], args.repeats)
     if args.child:  # one peer, one setup, one precision: print [images/s, kernel]
         cfg, batch = SETUPS[args.models[0]]
+        batch = args.batch or batch
         torch.manual_seed(1)
-        x = torch.randn(batch, 3, cfg["img_size"], cfg["img_size"])
-        y = torch.randint(0, cfg["num_classes"], (batch,))
-        model, optimizer, ctx, kernel = peer(args.child, args.models[0], args.amp[0], args.attention)
+        x = torch.randn(batch, 3, cfg["img_size"], cfg["img_size"]).to(device)
+        y = torch.randint(0, cfg["num_classes"], (batch,)).to(device)
+        model, optimizer, ctx, kernel = peer(args.child, args.models[0], args.amp[0], args.attention, device)
         return print(json.dumps([step_rate(model, optimizer, x, y, args.amp[0], ctx(), args.repeats), kernel]))
+    gpu = f", GPU: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs "
-          f"({torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16(torch.device('cpu'))}), "
+          f"({torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16(torch.device('cpu'))}{gpu}), "
           f"load average {os.getloadavg()[0]:.2f}\n")
     header = None
     for setup in args.models:
-        _, batch = SETUPS[setup]
+        batch = args.batch or SETUPS[setup][1]
         for amp in args.amp:
             names = PEERS + (["vitkit, compiled", "timm, compiled"] if args.compile else [])
             rates: dict[str, list[float]] = {}
             for _ in range(2):  # interleaved, so drift in machine speed hits every peer alike
                 for name in names:
-                    rate, kernel = rate_in_child(name, setup, amp, args.attention, args.repeats)
+                    rate, kernel = rate_in_child(name, setup, amp, args)
                     rates.setdefault(name, []).append(rate)
             best = {name: max(v) for name, v in rates.items()}
             ratios = {"vitkit / timm": best["vitkit"] / best["timm"],

@@ -112,8 +112,8 @@ def evaluate(model, loader, class_names: list[str], device: torch.device, amp: s
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # top-5 correct, loss
     skipped: list[str] = []
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    for x, y, bad in tqdm(loader, desc="eval", leave=False, disable=None if progress else True,  # None: not on a non-terminal
-                         unit="batch"):
+    bar = tqdm(loader, desc="eval", leave=False, unit="batch", disable=None if progress else True)  # None: a
+    for x, y, bad in bar:  # terminal only, so piped output and logs get no bar
         skipped += bad
         if x is None:
             continue

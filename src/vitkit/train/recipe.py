@@ -292,7 +292,8 @@ def validate(r: dict) -> None:
             resolve_device(r["train"]["device"])
         except ValueError as e:
             problems.append(f"train.device (--device) {e}")
-        if r["train"]["ema_decay"] and r["train"]["distributed"] == "fsdp" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        sharded = r["train"]["distributed"] == "fsdp" and int(os.environ.get("WORLD_SIZE", 1)) > 1
+        if r["train"]["ema_decay"] and sharded:
             problems.append("train.ema_decay is not supported with train.distributed=fsdp (use ddp, or no EMA)")
         if d["batch_size"] % o["accum_steps"]:
             problems.append(f"data.batch_size {d['batch_size']} is not divisible by optim.accum_steps "
