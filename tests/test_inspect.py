@@ -432,3 +432,45 @@ def test_commands_reject_a_checkpoint_without_attention(digits, tmp_path, capsys
     assert vitkit_main(["attention", str(images[0]), str(images[1]), "--weights", str(not_vit),
                         "-o", str(tmp_path / "a.png")]) == 2
     assert "need an output folder" in capsys.readouterr().err
+
+
+def test_attention_output_must_be_png_or_folder_and_empty_folders_are_reported(digits, tmp_path, capsys):
+    _, _, _, ckpt, images = digits
+    jpg = tmp_path / "map.jpg"  # once made a folder called map.jpg
+    assert vitkit_main(["attention", str(images[0]), "--weights", str(ckpt), "-o", str(jpg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"-o {jpg}: maps are written as PNG" in err and not jpg.exists()
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "maps"
+    args = ["attention", str(images[0]), str(tmp_path / "empty"), "--weights", str(ckpt), "-o", str(out)]
+    assert vitkit_main(args) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert errors == [f"vitkit attention: error: {tmp_path / 'empty'}: no images found in this folder"]
+    assert [p.name for p in out.iterdir()] == ["digit0_rollout.png"]
+
+
+@pytest.mark.parametrize("shape", [(2000, 3), (3, 2000)])
+def test_attention_picture_of_a_thin_image_has_a_bounded_size(digits, tmp_path, shape):
+    _, _, _, ckpt, _ = digits
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)).save(tmp_path / "thin.png")
+    out = tmp_path / "map.png"
+    assert vitkit_main(["attention", str(tmp_path / "thin.png"), "--weights", str(ckpt), "-o", str(out)]) == 0
+    width, height = assert_picture(out, (1000, 150))  # opens (the tall one was 1440x320084: a decompression bomb)
+    assert height <= 2100
+
+
+def test_failed_inspect_writes_nothing(digits, tmp_path, capsys):
+    _, _, _, ckpt, images = digits
+    bad, out = tmp_path / "bad.jpg", tmp_path / "fig7"
+    bad.write_text("not an image")
+    assert vitkit_main(["inspect", "--weights", str(ckpt), "-o", str(out), "--images", str(bad)]) == 2
+    assert "no readable images" in capsys.readouterr().err and not out.exists()
+    assert vitkit_main(["inspect", "--weights", str(tmp_path / "missing.safetensors"), "-o", str(out)]) == 2
+    assert "no such file" in capsys.readouterr().err and not out.exists()
+    # so the next run needs no --force; an empty folder among the images is one line, the others are measured
+    (tmp_path / "empty").mkdir()
+    args = ["inspect", "--weights", str(ckpt), "-o", str(out), "--images", str(tmp_path / "empty"), *map(str, images)]
+    assert vitkit_main(args) == 1
+    assert f"vitkit inspect: error: {tmp_path / 'empty'}: no images found in this folder" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == sorted(figure7.FIGURES)
+    assert json.loads((out / "summary.json").read_text())["attention_distance"]["images"] == 3

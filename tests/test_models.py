@@ -90,8 +90,9 @@ def test_capture_attention_is_exact_and_leaves_the_model_fused():
             pass
 
 
-def test_last_block_computes_only_the_class_token_with_the_same_logits_and_gradients():
-    model = tiny(drop_path=0.2).train()  # stochastic depth draws one mask per sample either way
+@pytest.mark.parametrize("distilled", [False, True])
+def test_last_block_computes_only_the_class_token_with_the_same_logits_and_gradients(distilled):
+    model = tiny(drop_path=0.2, distilled=distilled).train()  # stochastic depth: one mask per sample either way
     x = torch.randn(4, 3, 64, 64)
     outs, grads = [], []
     for forward in (model, lambda x: model.forward_head(model.forward_features(x))):
@@ -106,7 +107,7 @@ def test_last_block_computes_only_the_class_token_with_the_same_logits_and_gradi
     fewer = []  # the shortcut is taken: the last MLP sees one token per image
     model.blocks[-1].mlp.register_forward_hook(lambda m, i, o: fewer.append(o.shape[1]))
     model(x), model.forward_features(x)
-    assert fewer == [1, 17]
+    assert fewer == [1 + distilled, 17 + distilled]  # ([class] and distillation tokens)
 
 
 def test_forward_intermediates_and_features():
@@ -117,6 +118,9 @@ def test_forward_intermediates_and_features():
         tokens = model.forward_intermediates(x, indices=1, norm=True, output_fmt="NLC")
         feats = model.forward_features(x)
     assert [m.shape for m in maps] == [(2, 192, 4, 4)] * 2
+    for wrong in ([2], [-3], 3):
+        with pytest.raises(IndexError, match="the model has 2 blocks"):
+            model.forward_intermediates(x, indices=wrong)
     assert torch.allclose(tokens[0], feats)
     assert torch.allclose(maps[-1].flatten(2).transpose(1, 2), model.blocks[1](model.blocks[0](model.embed(x)[0]))[:, 1:],
                           atol=1e-6)

@@ -1,5 +1,6 @@
 """`vitkit predict` / `vitkit.classify`: numbers, preprocessing parity, and every kind of bad input."""
 import json
+import logging
 import struct
 import subprocess
 import sys
@@ -152,12 +153,85 @@ def test_cli_walks_folders_and_prints_text(tiny_ckpt, image_zoo, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--weights", "nope.safetensors"], "no such file"),
     (["--top-k", "0"], "--top-k"),
+    (["--threads", "-1"], "--threads -1: must be at least 1"),
 ])
 def test_cli_argument_errors_are_one_line(tiny_ckpt, image_zoo, args, message):
     path, _ = tiny_ckpt
     extra = [] if "--weights" in args else ["--weights", path]
     r = vitkit_cli("predict", image_zoo[1][0], *args, *extra)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_cli_empty_folder_is_reported_and_the_others_classified(tiny_ckpt, image_zoo, tmp_path):
+    path, _ = tiny_ckpt
+    (tmp_path / "empty").mkdir()
+    r = vitkit_cli("predict", image_zoo[1][0], tmp_path / "empty", "--weights", path, "--top-k", "1")
+    assert r.returncode == 1 and r.stdout.startswith(f"{image_zoo[1][0]}: class-")
+    assert f"error: {tmp_path / 'empty'}: no images found in this folder" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_expands_quoted_glob_patterns(tiny_ckpt, tmp_path):
+    path, _ = tiny_ckpt
+    for name in ("b.png", "a.png", "c.jpg"):
+        Image.fromarray(photo()).save(tmp_path / name)
+    r = vitkit_cli("predict", tmp_path / "*.png", tmp_path / "nothing-*.jpg", "--weights", path, "--json")
+    assert r.returncode == 1
+    paths = [json.loads(line)["path"] for line in r.stdout.splitlines()]
+    assert paths == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]  # expanded, sorted; c.jpg not matched
+    errors = [line for line in r.stderr.splitlines() if ": error: " in line]
+    assert errors == [f"vitkit predict: error: {tmp_path / 'nothing-*.jpg'}: no files match this pattern"]
+
+
+def test_model_without_head_is_refused_before_any_work(tmp_path, image_zoo):
+    model = vitkit.ViT(vitkit.ViTConfig(img_size=32, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64,
+                                        num_classes=0))
+    vitkit.save_model(model, tmp_path / "backbone.safetensors")
+    r = vitkit_cli("predict", *image_zoo[1], "--weights", tmp_path / "backbone.safetensors")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        f"vitkit predict: error: --weights {tmp_path / 'backbone.safetensors'}: the model has no classifier head "
+        "(num_classes=0)"]
+    with pytest.raises(ValueError, match="no classifier head"):
+        next(vitkit.classify(model, image_zoo[1]))
+
+
+def test_classify_converts_pil_images_like_files(tiny_ckpt, image_zoo, tmp_path, caplog, capsys):
+    _, model = tiny_ckpt
+    sixteen = image_zoo[0] / "sixteen.png"  # PIL's own convert("RGB") clips 16-bit values: all white
+    rgba = np.dstack([photo(1), np.where(np.arange(80) < 40, 0, 255).astype(np.uint8)[None].repeat(60, 0)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "half-transparent.png")  # composited on white, not dropped
+    files = [sixteen, tmp_path / "half-transparent.png"]
+    caplog.set_level(logging.INFO, logger="vitkit")
+    from_pil = list(vitkit.classify(model, [Image.open(f) for f in files], top_k=10))
+    assert "PIL image: I;16 image scaled to 8 bits" in caplog.text
+    assert "vitkit predict" not in capsys.readouterr().err  # API notes go to the logger only
+    from_files = list(vitkit.classify(model, files, top_k=10))
+    for a, b in zip(from_pil, from_files):
+        assert [t["index"] for t in a["top_k"]] == [t["index"] for t in b["top_k"]]
+        np.testing.assert_allclose([t["prob"] for t in a["top_k"]], [t["prob"] for t in b["top_k"]], atol=1e-6)
+
+
+def test_quiet_silences_conversion_notes(tiny_ckpt, image_zoo):
+    path, _ = tiny_ckpt
+    d = image_zoo[0]
+    inputs = [d / "sixteen.png", d / "animated.gif"]
+    r = vitkit_cli("predict", *inputs, "--weights", path)
+    assert r.returncode == 0 and "I;16 image scaled to 8 bits" in r.stderr and "animated image" in r.stderr
+    r = vitkit_cli("-q", "predict", *inputs, "--weights", path)
+    assert r.returncode == 0 and r.stderr == "" and len(r.stdout.splitlines()) == 2
+
+
+def test_float_images_are_scaled_by_their_range(tmp_path):
+    ramp = np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64)
+    cases = {"unit.tif": (ramp, ramp * 255),                     # values in [0, 1]: the usual float range
+             "bytes.tif": (ramp * 200, ramp * 200),               # within 0..255: taken as 8-bit values
+             "signed.tif": (ramp * 10 - 5, ramp * 255)}           # no standard range: min..max stretched
+    for name, (values, want) in cases.items():
+        Image.fromarray(values, "F").save(tmp_path / name)
+        img, note = load_image(tmp_path / name)
+        assert note == "F image scaled to 8 bits"
+        np.testing.assert_allclose(np.asarray(img)[..., 0], want, atol=1, err_msg=name)
 
 
 def test_non_vitkit_weights_need_model(tmp_path, image_zoo):

@@ -3,11 +3,13 @@ position-embedding resampling, and files that are not checkpoints, are cut short
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import vitkit
 from vitkit.cli import main
@@ -79,6 +81,56 @@ def test_convert_cli_bad_input_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("vitkit convert: error: ") and str(src) in err and "\n" not in err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_convert_output_rules(tmp_path, capsys):
+    """No silent overwrite, no directory as output, no ignored zero sizes; the file readable like any other."""
+    src, dst = tmp_path / "ti.pth", tmp_path / "out.safetensors"
+    torch.save(timm.create_model("vit_tiny_patch16_224").state_dict(), src)
+    convert = ["convert", str(src), str(dst), "--model", "vit_tiny_patch16_224"]
+    for extra, code, said in (([], 0, f"wrote {dst}"), ([], 2, "already exists (use --force to overwrite)"),
+                              (["--force", "--num-classes", "7"], 0, "7 classes"),
+                              (["--force", "--img-size", "0"], 2, "img_size must be positive, not (0, 0)")):
+        capsys.readouterr()
+        assert main([*convert, *extra]) == code
+        out = capsys.readouterr()
+        assert said in (out.out if code == 0 else out.err)
+    assert vitkit.load_model(dst).cfg.num_classes == 7 and dst.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert main(["convert", str(src), str(tmp_path), "--model", "vit_tiny_patch16_224"]) == 2
+    assert "must be a .safetensors file, not a directory" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="a vitkit checkpoint is a .safetensors file"):
+        vitkit.save_model(vitkit.load_model(dst), tmp_path / "x.pth")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "ViT-Ti/0", "ViT-Ti/16@0", "ViT-Ti/16@100"])
+def test_unbuildable_model_name_is_one_line(tmp_path, capsys, name):
+    src = tmp_path / "ti.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", depth=1).state_dict(), src)
+    image = tmp_path / "a.png"
+    Image.new("RGB", (40, 30)).save(image)
+    assert main(["predict", str(image), "--weights", str(src), "--model", name]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"vitkit predict: error: --model {name}: ") and "\n" not in err, err
+
+
+def test_checkpoint_runs_at_its_own_resolution(tmp_path, caplog):
+    """A 384 px torchvision file (like the SWAG weights) or a transformers config at 160 px: that size, unless
+    img_size says otherwise, under a name whose default is 224."""
+    tv_path = tmp_path / "tv384.pth"
+    torch.save(tv.VisionTransformer(384, 16, 1, 3, 192, 768).state_dict(), tv_path)
+    hf_vit("ViT-Ti/16", image_size=160).save_pretrained(tmp_path / "hf160")
+    for weights, native in ((tv_path, 384), (tmp_path / "hf160", 160)):
+        caplog.clear()
+        assert vitkit.create_model("ViT-Ti/16", weights=weights, depth=1).cfg.img_size == (native, native)
+        assert "resampled" not in caplog.text
+        assert vitkit.create_model("ViT-Ti/16", weights=weights, depth=1, img_size=224).cfg.img_size == (224, 224)
+        assert f"resampled from {native // 16}x{native // 16} to 14x14" in caplog.text
 
 
 def test_head_replaced_when_num_classes_differs(tmp_path, caplog):
@@ -211,11 +263,11 @@ def test_checkpoint_that_does_not_fit(tmp_path):
 class _Payload:
     """Pickled as a call to Path.touch: anything that unpickles it runs that call."""
 
-    def __init__(self, marker: pathlib.Path):
-        self.marker = marker
+    def __init__(self, marker: pathlib.Path, call=pathlib.Path.touch):
+        self.marker, self.call = marker, call
 
     def __reduce__(self):
-        return pathlib.Path.touch, (self.marker,)
+        return (self.call, (f"touch {self.marker}",)) if self.call is os.system else (self.call, (self.marker,))
 
 
 def test_pickle_with_objects_is_refused(tmp_path):
@@ -223,6 +275,10 @@ def test_pickle_with_objects_is_refused(tmp_path):
     sd = timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=CLASSES).state_dict()
     torch.save({"model": sd, "payload": _Payload(marker)}, path)
     assert "refused to load" in _error(path, depth=1)
+    assert not marker.exists()
+    torch.save({"model": sd, "payload": _Payload(marker, os.system)}, path)  # a module torch blocks outright
+    error = _error(path, depth=1)
+    assert "refused to load: it holds a Python object (posix.system)" in error and "weights_only=False" not in error
     assert not marker.exists()
 
 

@@ -105,14 +105,18 @@ def test_timm_hybrid_parity(tmp_path, timm_hybrid):
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_deit_parity(tmp_path, size):
+@pytest.mark.parametrize("timm_name", ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_deit_parity(tmp_path, size, timm_name):
+    """Distilled DeiT: a second (distillation) token with its own head; at inference the two heads average."""
     path = tmp_path / "deit_tiny.pth"
-    save_timm(randomize(timm.create_model("deit_tiny_patch16_224", depth=1, num_classes=CLASSES)), path,
-              container=True)
-    model = vitkit.create_model("ViT-Ti/16", weights=path, img_size=size, depth=1)
+    save_timm(randomize(timm.create_model(timm_name, depth=1, num_classes=CLASSES)), path, container=True)
+    model = vitkit.create_model("ViT-Ti/16", weights=path, img_size=size, depth=1)  # the file tells "distilled"
     assert model.preprocess["mean"] == (0.485, 0.456, 0.406)  # the container says DeiT: ImageNet statistics
+    assert model.num_prefix_tokens == 1 + ("distilled" in timm_name)
     with torch.no_grad():
-        assert_close(model(images(size)), timm_reference("deit_tiny_patch16_224", path, size, depth=1))
+        assert_close(model(images(size)), timm_reference(timm_name, path, size, depth=1))
+    tuned = vitkit.create_model("ViT-Ti/16", weights=path, depth=1, num_classes=3)  # fine-tuning: new zero heads
+    assert not any(p.any() for n, p in tuned.named_parameters() if n.startswith("head"))
 
 
 # --- transformers --------------------------------------------------------------------------------------------
@@ -156,7 +160,16 @@ def test_transformers_preprocessor_and_labels(tmp_path):
     model = vitkit.create_model("ViT-Ti/16", weights=tmp_path, depth=1)
     assert model.class_names == [f"class {i}" for i in range(CLASSES)]
     assert model.preprocess == {"mean": (0.4, 0.4, 0.4), "std": (0.2, 0.2, 0.2), "interpolation": "bicubic",
-                                "crop_pct": 1.0}
+                                "crop_pct": 1.0, "crop_mode": "squash"}
+    # the processor's pixels: a non-square photo resized on both sides to 224x224, nothing cropped away
+    from PIL import Image
+
+    from vitkit.data.images import eval_transform
+
+    photo = Image.effect_mandelbrot((400, 260), (-2.0, -1.2, 0.8, 1.2), 60).convert("RGB")
+    ref = transformers.ViTImageProcessor.from_pretrained(tmp_path)(images=photo, return_tensors="pt")["pixel_values"]
+    ours = eval_transform(model.preprocess, (224, 224))(photo)
+    assert (ours - ref[0]).abs().max() <= 1.01 / 255 / 0.2  # at most one grey level apart (PIL vs torch resizing)
     # state dicts without config.json: the file's names, and transformers 5's module names (q_proj, ...)
     bare = tmp_path / "bare.safetensors"
     save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, str(bare))

@@ -45,8 +45,11 @@ def test_zoo_checkpoint_was_trained_with_the_committed_recipe():
     """Not only the architecture: every training value is the committed recipe's, run with the command
     BENCHMARKS.md gives (`--time-budget 60`), and the run's own counters agree (steps per epoch, EMA)."""
     meta = read_metadata(ZOO)
-    assert meta["recipe"] == R.load(ROOT / "recipes" / "cifar10.yaml", {"train.time_budget": 60}) == R.load(ZOO)
-    recipe, trained = meta["recipe"], meta["train"]
+    resolved = R.load(ROOT / "recipes" / "cifar10.yaml", {"train.time_budget": 60})
+    assert R.load(ZOO) == resolved
+    stored = meta["recipe"]  # every value it was trained with (keys added to the schema since: their defaults)
+    assert {s: {k: resolved[s][k] for k in keys} for s, keys in stored.items()} == stored
+    recipe, trained = stored, meta["train"]
     assert recipe["augment"]["label_smoothing"] == 0.2
     assert recipe["data"]["path"] == "../shared/data/cifar10/train.tar.gz"
     assert trained["step"] / trained["epoch"] == pytest.approx(45_000 // recipe["data"]["batch_size"])
@@ -63,6 +66,18 @@ def test_zoo_eval_reproduces_the_recorded_held_out_accuracy(tmp_path, tta):
     assert result["n"] == 5000 and result["split"] == "held-out 10% (seed 0)"  # the split the run recorded
     assert result["tta"] == tta and result["top1"] >= (0.87 if tta == "flip" else 0.85)  # issue 3: >= 85% held-out
     assert result["top1"] == pytest.approx(recorded_top1(tta), abs=2e-4)
+
+
+@needs_cifar
+def test_zoo_split_is_found_from_any_folder(tmp_path, monkeypatch):
+    """The run recorded a relative path: its archive is still known by name and size from elsewhere."""
+    from vitkit.train.evaluate import recorded_split
+
+    monkeypatch.chdir(tmp_path)
+    assert recorded_split(str(ZOO), str(CIFAR))["val_split"] == 0.1
+    fake = tmp_path / "train.tar.gz"  # another file of that name is not the training data
+    fake.write_bytes(b"\0" * 100)
+    assert recorded_split(str(ZOO), str(fake)) == {}
 
 
 @needs_cifar

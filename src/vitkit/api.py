@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from .weights import CheckpointError, read_checkpoint, load_into
 log = logging.getLogger("vitkit")
 
 # facts a checkpoint states about itself that win over the model name's defaults
-_FROM_CHECKPOINT = ("class_token", "pool", "fc_norm", "representation_size", "qkv_bias", "norm_eps")
+_FROM_CHECKPOINT = ("class_token", "distilled", "pool", "fc_norm", "representation_size", "qkv_bias", "norm_eps")
 
 
 def create_model(name: str, *, weights: str | Path | None = None, num_classes: int | None = None,
@@ -20,7 +21,8 @@ def create_model(name: str, *, weights: str | Path | None = None, num_classes: i
     """Build a ViT by name ("ViT-B/16", "vit_base_patch16_224", "vit_b_16", ...), optionally with weights.
 
     With weights, the checkpoint's own head size is kept unless num_classes says otherwise (then the head is
-    replaced by a zero-initialised one), and position embeddings are resampled to img_size.
+    replaced by a zero-initialised one), and so is its resolution unless img_size says otherwise (then position
+    embeddings are resampled in 2D): a 384 px checkpoint runs at 384 px under a name whose default is 224.
     """
     ckpt = read_checkpoint(weights) if weights is not None else None
     facts = {}
@@ -29,12 +31,27 @@ def create_model(name: str, *, weights: str | Path | None = None, num_classes: i
         if num_classes is None:
             num_classes = ckpt.config.get("num_classes")
     cfg, preprocess = build_config(name, **{**facts, **overrides}, num_classes=num_classes, img_size=img_size)
+    if ckpt is not None and img_size is None and (native := _native_size(ckpt, cfg)) != cfg.img_size:
+        cfg, preprocess = build_config(name, **{**facts, **overrides}, num_classes=num_classes, img_size=native)
     with torch.device("meta" if ckpt is not None else "cpu"):  # no random init for weights about to be loaded
         model = ViT(cfg)
     model.preprocess.update(preprocess)
     if ckpt is not None:
         _load(model, ckpt, weights)
     return model.eval()
+
+
+def _native_size(ckpt, cfg: ViTConfig) -> tuple[int, int]:
+    """The resolution a checkpoint was made for: stated in its config (transformers), else a square grid of
+    position embeddings times the name's patch size; the name's own size when neither tells."""
+    if "img_size" in ckpt.config:
+        return tuple(ckpt.config["img_size"])
+    pos = ckpt.state_dict.get("pos_embed")
+    if pos is None or pos.ndim != 3:
+        return cfg.img_size
+    n = pos.shape[1] - int("cls_token" in ckpt.state_dict)
+    side = math.isqrt(n)
+    return (side * cfg.reduction,) * 2 if side * side == n and n > 0 else cfg.img_size
 
 
 def _load(model: ViT, ckpt, source: str | Path) -> None:

@@ -36,21 +36,31 @@ def add_model_arguments(p: argparse.ArgumentParser, weights_required: bool = Tru
     p.add_argument("--weights", required=weights_required,
                    help="checkpoint: vitkit .safetensors, Google .npz, timm/DeiT/torchvision .pth/.bin/.safetensors, "
                         "or a transformers directory")
+    p.add_argument("--img-size", type=int, help="input resolution (position embeddings resampled in 2D); default: "
+                                                "the checkpoint's own")
 
 
 def model_from_args(args: argparse.Namespace, **overrides):
     """--model/--weights -> an eval-mode model. A vitkit checkpoint needs no --model."""
     from . import create_model, load_model
+    from .weights import CheckpointError
     from .weights.vitkit_format import is_vitkit_checkpoint
 
-    if args.model:
-        return create_model(args.model, weights=args.weights, **overrides)
-    if args.weights is None:
+    if not args.model and args.weights is None:
         raise UserError("give --weights (a vitkit checkpoint) or --model NAME")
-    if str(args.weights).startswith(("hf-hub:", "http://", "https://")) or not is_vitkit_checkpoint(args.weights):
+    if not args.model and (str(args.weights).startswith(("hf-hub:", "http://", "https://"))
+                           or not is_vitkit_checkpoint(args.weights)):
         raise UserError(f"--weights {args.weights}: not a vitkit checkpoint, so its architecture is unknown; "
                         f"add --model NAME (see `vitkit models`)")
-    return load_model(args.weights, **overrides)
+    if getattr(args, "img_size", None) is not None:
+        overrides.setdefault("img_size", args.img_size)
+    try:
+        return create_model(args.model, weights=args.weights, **overrides) if args.model else \
+            load_model(args.weights, **overrides)
+    except CheckpointError:
+        raise
+    except ValueError as e:  # a model name or size that cannot be built
+        raise UserError(f"--model {args.model}: {e}" if args.model else f"--weights {args.weights}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

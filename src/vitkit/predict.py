@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
@@ -11,7 +12,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .data.images import ImageError, eval_transform, iter_image_paths, load_image
+from .data.images import ImageError, _to_rgb, eval_transform, iter_image_paths, load_image
+
+log = logging.getLogger("vitkit")
 
 
 @lru_cache(maxsize=1)
@@ -46,9 +49,13 @@ def classify(model, images: Iterable[str | Path | Image.Image], top_k: int = 5, 
              on_error=None, tta: str = "none") -> Iterator[dict]:
     """Yield {"path", "top_k": [{"label", "index", "prob"}]} per image, in input order.
 
-    Images are file paths (folders are walked) or PIL images. An unreadable file is passed to
-    on_error(ImageError) and skipped; without on_error it raises. tta: see `tta_logits`.
+    Images are file paths (folders are walked, glob patterns expanded) or PIL images, converted alike (see
+    `load_image`; notes on conversions go to the "vitkit" logger). An unreadable file, empty folder or
+    pattern matching nothing is passed to on_error(ImageError) and skipped; without on_error it raises.
+    tta: see `tta_logits`.
     """
+    if not model.cfg.num_classes:
+        raise ValueError("the model has no classifier head (num_classes=0): nothing to classify")
     transform = eval_transform(model.preprocess, model.cfg.img_size)
     labels = class_names(model)
     k = min(top_k, len(labels))
@@ -62,9 +69,9 @@ def classify(model, images: Iterable[str | Path | Image.Image], top_k: int = 5, 
             yield {"path": name, "top_k": [{"label": labels[j], "index": j, "prob": q} for q, j in zip(p, i)]}
 
     batch = []
-    for item in _expand(images):
+    for item in _expand(images, on_error):
         if isinstance(item, Image.Image):
-            name, img = None, item.convert("RGB")
+            (img, note), name = _to_rgb(item), None
         else:
             try:
                 img, note = load_image(item)
@@ -74,8 +81,8 @@ def classify(model, images: Iterable[str | Path | Image.Image], top_k: int = 5, 
                 on_error(e)
                 continue
             name = str(item)
-            if note:
-                print(f"vitkit predict: {item}: {note}", file=sys.stderr)
+        if note:
+            log.info("%s: %s", name or "PIL image", note)
         batch.append((name, transform(img)))
         if len(batch) == batch_size:
             yield from flush(batch)
@@ -84,17 +91,18 @@ def classify(model, images: Iterable[str | Path | Image.Image], top_k: int = 5, 
         yield from flush(batch)
 
 
-def _expand(images):
+def _expand(images, on_error):
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
     for item in images:
-        yield from ([item] if isinstance(item, Image.Image) else iter_image_paths([item]))
+        yield from ([item] if isinstance(item, Image.Image) else iter_image_paths([item], on_error))
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     from .cli import add_model_arguments
 
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (walked recursively)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image files, folders (walked recursively) or quoted glob patterns ('photos/*.jpg')")
     add_model_arguments(p)
     p.add_argument("--top-k", type=int, default=5, help="labels per image (default 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -112,11 +120,14 @@ def add_tta_argument(p: argparse.ArgumentParser) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     from .cli import UserError, model_from_args
 
-    if args.top_k < 1 or args.batch_size < 1:
-        raise UserError("--top-k and --batch-size must be at least 1")
+    for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = model_from_args(args)
+    if not model.cfg.num_classes:  # a backbone saved without its head: nothing to rank
+        raise UserError(f"--weights {args.weights}: the model has no classifier head (num_classes=0)")
     failed = []
 
     def report(err: ImageError):
@@ -131,8 +142,6 @@ def run_predict(args: argparse.Namespace) -> int:
         else:
             tops = ", ".join(f"{t['label']} ({t['prob']:.1%})" for t in result["top_k"])
             print(f"{result['path']}: {tops}", flush=True)
-    if not done and not failed:
-        raise UserError(f"no images found in {' '.join(args.paths)}")
     if failed:
         print(f"vitkit predict: {len(failed)} of {len(failed) + done} images failed", file=sys.stderr)
     return 1 if failed else 0

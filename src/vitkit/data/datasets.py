@@ -166,6 +166,8 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
             skipped += more
     class_names = train.class_names
     split = {"path": spec, "val_split": 0.0, "split_seed": split_seed}
+    if Path(spec).is_file():  # an archive is recognised by name and size wherever it is later (vitkit eval)
+        split["bytes"] = Path(spec).stat().st_size
     if val is not None:  # a separate validation dataset, classes matched by name
         other = open_data(val, root=root, preload=preload, cache_dir=cache_dir, evaluate_only=True)
         held = _relabel(other.val, other.class_names, class_names, val)

@@ -5,6 +5,7 @@ it on one line and go on with the other inputs.
 """
 from __future__ import annotations
 
+import glob
 import math
 import warnings
 from collections.abc import Iterable, Iterator
@@ -28,7 +29,7 @@ class ImageError(ValueError):
 def load_image(path: str | Path, max_pixels: int | None = None) -> tuple[Image.Image, str | None]:
     """Open an image as 8-bit RGB. Returns (image, note); the note tells what was converted, if worth saying.
 
-    Grayscale, CMYK, palette, alpha (composited on white) and 16-bit images are converted; an animated
+    Grayscale, CMYK, palette, alpha (composited on white), 16-bit and float images are converted; an animated
     image gives its first frame. Missing, empty, truncated, corrupt, non-image and oversized files raise.
     """
     path = Path(path)
@@ -45,7 +46,6 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> tuple[Image.I
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                frames = getattr(img, "n_frames", 1)
                 img.load()
                 rgb, note = _to_rgb(img)
     except UnidentifiedImageError:
@@ -56,19 +56,33 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> tuple[Image.I
         raise ImageError(f"{path}: corrupt or truncated image ({e})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = old_limit
-    if frames > 1:
-        note = f"animated image with {frames} frames: using the first"
     return rgb, note
 
 
 def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
+    """A PIL image (a file just opened, or one given from Python) as 8-bit RGB, and a note as load_image's."""
+    rgb, note = _convert(img)
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        note = f"animated image with {frames} frames: using " + (f"frame {img.tell()}" if img.tell() else "the first")
+    return rgb, note
+
+
+def _convert(img: Image.Image) -> tuple[Image.Image, str | None]:
     mode = img.mode
     if mode == "RGB":
         return img.copy(), None
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / 32-bit grayscale: scale to 8 bits, not clip
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = arr.min(), arr.max()
+        if mode.startswith("I;16") or (mode == "I" and lo >= 0 and 255 < hi <= 65535):
+            lo, hi = 0.0, 65535.0  # 16-bit data, also when PIL holds it as 32-bit "I"
+        elif mode == "F" and lo >= 0 and hi <= 1:
+            lo, hi = 0.0, 1.0  # the usual range of float images
+        elif lo >= 0 and hi <= 255:
+            lo, hi = 0.0, 255.0
+        # else no standard range fits (negative or huge values): min..max is stretched to 0..255
+        arr = np.clip((arr - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB"), f"{mode} image scaled to 8 bits"
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -79,12 +93,27 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
     return img.convert("RGB"), None
 
 
-def iter_image_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
+def iter_image_paths(paths: Iterable[str | Path], on_error=None) -> Iterator[Path]:
     """Files as given (even without an image suffix, so the reader can say what is wrong with them);
-    folders walked recursively in sorted order for image files."""
+    folders walked recursively in sorted order for image files; a glob pattern that is not a file name (a
+    quoted 'photos/*.jpg', or one from Python) expanded, sorted. A folder without images or a pattern
+    matching nothing is passed to on_error(ImageError) and skipped; without on_error it raises."""
+    def fail(message):
+        if on_error is None:
+            raise ImageError(message)
+        on_error(ImageError(message))
+
     for p in map(Path, paths):
         if p.is_dir():
-            yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                fail(f"{p}: no images found in this folder")
+            yield from found
+        elif not p.exists() and any(c in str(p) for c in "*?["):
+            found = sorted(glob.glob(str(p), recursive=True))
+            if not found:
+                fail(f"{p}: no files match this pattern")
+            yield from iter_image_paths(found, on_error)
         else:
             yield p
 
@@ -94,10 +123,14 @@ _INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": Interpolatio
 
 
 def eval_transform(preprocess: dict, img_size: tuple[int, int]) -> v2.Compose:
-    """Resize so that a crop_pct center crop has img_size, crop, scale to [0, 1], normalise."""
+    """Resize so that a crop_pct center crop has img_size, crop, scale to [0, 1], normalise.
+
+    crop_mode "center" (timm, torchvision) resizes the short side, keeping the aspect ratio; "squash"
+    (transformers' ViTImageProcessor) resizes both sides, so nothing beyond crop_pct is cut away."""
     crop_pct = preprocess.get("crop_pct", 1.0)
     h, w = img_size
-    resize = math.floor(h / crop_pct) if h == w else (math.floor(h / crop_pct), math.floor(w / crop_pct))
+    squash = preprocess.get("crop_mode", "center") == "squash"
+    resize = math.floor(h / crop_pct) if h == w and not squash else (math.floor(h / crop_pct), math.floor(w / crop_pct))
     interp = preprocess.get("interpolation", "bicubic")
     if interp not in _INTERPOLATION:
         raise ValueError(f"unknown interpolation {interp!r} (use one of {sorted(_INTERPOLATION)})")

@@ -18,15 +18,15 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from ..data.images import eval_transform, load_image
+from ..data.images import _to_rgb, eval_transform, load_image
 from ..models.vit import ViT, capture_attention
 
 METHODS = ("rollout", "last-layer", "head")
 
 
 def prepare(model, image) -> tuple[torch.Tensor, tuple[int, int]]:
-    """A path, PIL image, HxWx3 uint8 array or a preprocessed (C, H, W) / (1, C, H, W) tensor ->
-    (a batch of one on the model's device, (H, W) of the original)."""
+    """A path, PIL image (converted as files are, see `load_image`), HxWx3 uint8 array or a preprocessed
+    (C, H, W) / (1, C, H, W) tensor -> (a batch of one on the model's device, (H, W) of the original)."""
     if not isinstance(model, ViT):
         raise TypeError(f"{type(model).__name__} is not a vitkit ViT; load it with vitkit.create_model/load_model")
     if isinstance(image, (str, Path)):
@@ -36,7 +36,7 @@ def prepare(model, image) -> tuple[torch.Tensor, tuple[int, int]]:
     if isinstance(image, Image.Image):
         size = (image.height, image.width)
         interp = InterpolationMode[model.preprocess.get("interpolation", "bicubic").upper()]
-        whole = TF.resize(image.convert("RGB"), list(model.cfg.img_size), interpolation=interp, antialias=True)
+        whole = TF.resize(_to_rgb(image)[0], list(model.cfg.img_size), interpolation=interp, antialias=True)
         x = eval_transform({**model.preprocess, "crop_pct": 1.0}, model.cfg.img_size)(whole)[None]
     else:
         x = image if image.ndim == 4 else image[None]

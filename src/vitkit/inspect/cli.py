@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..cli import UserError, add_model_arguments, model_from_args, user_errors
-from ..data.images import ImageError, iter_image_paths, load_image
+from ..data.images import IMAGE_SUFFIXES, ImageError, iter_image_paths, load_image
 from ..predict import class_names
 from .attention import METHODS, check_index, prepare, row_description, to_image_size, token_map
 from .figure7 import FIGURES, save_figure, write_figure7
@@ -32,13 +33,6 @@ def _load_model(args: argparse.Namespace):
         return model_from_args(args)
 
 
-def _image_paths(paths: list[str]) -> list[Path]:
-    found = list(iter_image_paths(paths))
-    if not found:
-        raise UserError(f"no images found in {' '.join(paths)}")
-    return found
-
-
 def _report(command: str, failed: list):
     def on_error(err: Exception):
         failed.append(err)
@@ -46,9 +40,17 @@ def _report(command: str, failed: list):
     return on_error
 
 
+def _summary(command: str, failed: list, total: int | None = None) -> int:
+    """The exit code, after a count of the failed inputs if there are any."""
+    if failed:
+        print(f"vitkit {command}: {len(failed)}{f' of {total}' if total else ''} images failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
 # --- vitkit attention ------------------------------------------------------------------------------
 def add_attention_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (walked recursively)")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files, folders (walked recursively) or quoted glob patterns ('photos/*.jpg')")
     add_model_arguments(p)
     p.add_argument("--method", choices=METHODS, default="rollout",
                    help="rollout: all layers (Abnar & Zuidema); last-layer: the last layer, heads averaged; "
@@ -56,22 +58,29 @@ def add_attention_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=int, help="with --method head: layer index (default the last; -1 = last)")
     p.add_argument("--head", type=int, help="with --method head: head index (default all heads averaged)")
     p.add_argument("-o", "--output", required=True,
-                   help="a .png file for one image; otherwise a folder (created) with IMAGE-NAME_METHOD.png")
+                   help="a .png file for one image; otherwise a folder (created) with IMAGE-NAME_METHOD.png per "
+                        "image (maps are PNG only: another image suffix such as .jpg is refused)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
 
 
+MAX_ASPECT = 4  # panels at most 4x taller than wide or wider than tall: a bounded picture for any image
+
+
 def attention_figure(image, amap: np.ndarray, title: str, path: Path) -> None:
-    """The image, the map, and the map over the image, side by side."""
+    """The image, the map, and the map over the image, side by side; an image more elongated than MAX_ASPECT
+    is stretched to it."""
     h, w = amap.shape
-    fig = Figure(figsize=(12, 4 * h / w + 0.7))
+    ratio = min(max(h / w, 1 / MAX_ASPECT), MAX_ASPECT)
+    aspect = "equal" if ratio == h / w else "auto"  # "auto" fills the capped panel: stretched, but visible
+    fig = Figure(figsize=(12, 4 * ratio + 0.7))
     axes = fig.subplots(1, 3)
-    axes[0].imshow(image)
-    axes[0].set_title("image", fontsize=9)
-    im = axes[1].imshow(amap, cmap="inferno", vmin=0, vmax=1)
+    axes[0].imshow(image, aspect=aspect)
+    axes[0].set_title("image" if aspect == "equal" else "image (stretched)", fontsize=9)
+    im = axes[1].imshow(amap, cmap="inferno", vmin=0, vmax=1, aspect=aspect)
     axes[1].set_title("attention", fontsize=9)
     fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04)
-    axes[2].imshow(image)
-    axes[2].imshow(amap, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    axes[2].imshow(image, aspect=aspect)
+    axes[2].imshow(amap, cmap="jet", alpha=0.5, vmin=0, vmax=1, aspect=aspect)
     axes[2].set_title("overlay", fontsize=9)
     for ax in axes:
         ax.axis("off")
@@ -103,11 +112,18 @@ def _method_label(args, model) -> tuple[str, str]:
 def run_attention(args: argparse.Namespace) -> int:
     if args.method != "head" and (args.layer is not None or args.head is not None):
         raise UserError(f"--layer/--head pick one layer and head: use them with --method head, not {args.method}")
-    paths = _image_paths(args.images)
     out = Path(args.output)
     single_file = out.suffix.lower() == ".png"
+    if not single_file and out.suffix.lower() in IMAGE_SUFFIXES:  # surely meant as a file, not a folder
+        raise UserError(f"-o {out}: maps are written as PNG: give a .png file (one image) or a folder")
+    failed: list = []
+    on_error = _report("attention", failed)
+    paths = list(iter_image_paths(args.images, on_error))
     if single_file and len(paths) > 1:
         raise UserError(f"-o {out}: {len(paths)} images need an output folder, not one .png file")
+    total = len(paths) + len(failed)  # failed so far: folders without images, patterns matching nothing
+    if not paths:
+        return _summary("attention", failed, total)
     model = _load_model(args)
     try:
         if args.layer is not None:
@@ -118,8 +134,6 @@ def run_attention(args: argparse.Namespace) -> int:
         raise UserError(f"--{e}") from None
     tag, description = _method_label(args, model)
     targets = [out] if single_file else _output_names(paths, out, tag)
-    failed: list = []
-    on_error = _report("attention", failed)
     for path, target in zip(paths, targets):
         if target.exists() and not args.force:
             on_error(FileExistsError(f"{target}: exists (use --force to overwrite)"))
@@ -130,7 +144,7 @@ def run_attention(args: argparse.Namespace) -> int:
             on_error(e)
             continue
         if note:
-            print(f"vitkit attention: {path}: {note}", file=sys.stderr)
+            logging.getLogger("vitkit").info("%s: %s", path, note)
         x, size = prepare(model, image)
         logits, grid = token_map(model, x, args.method, args.layer, args.head)
         prediction = _prediction(model, logits)
@@ -142,9 +156,7 @@ def run_attention(args: argparse.Namespace) -> int:
             on_error(OSError(f"{target}: cannot write ({e.strerror or e})"))
             continue
         print(f"{path} -> {target} ({prediction})", flush=True)
-    if failed:
-        print(f"vitkit attention: {len(failed)} of {len(paths)} images failed", file=sys.stderr)
-    return 1 if failed else 0
+    return _summary("attention", failed, total)
 
 
 def _output_names(paths: list[Path], folder: Path, tag: str) -> list[Path]:
@@ -164,31 +176,30 @@ def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="folder for filters.png, position_similarity.png, attention_distance.png, summary.json")
     p.add_argument("--images", nargs="+", metavar="PATH",
-                   help="images (files or folders) to measure attention distance on; default "
+                   help="images (files, folders or quoted glob patterns) to measure attention distance on; default "
                         "../shared/data/imagenet-samples when present, else 16 generated images")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    """Every input is checked, and the images read, before anything is written (the -o folder included)."""
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UserError(f"-o {out}: exists and is not a folder")
     existing = [out / f for f in FIGURES if (out / f).exists()]
     if existing and not args.force:
         raise UserError(f"-o {out}: {', '.join(p.name for p in existing)} already there (use --force to overwrite)")
+    failed: list = []
+    on_error = _report("inspect", failed)
     images, source = None, None
     if args.images:
-        images, source = _image_paths(args.images), " ".join(args.images)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"-o {out}: cannot create the folder ({e.strerror or e})") from None
+        images, source = list(iter_image_paths(args.images, on_error)), " ".join(args.images)
     model = _load_model(args)
-    failed: list = []
-    with _value_errors_as_user_errors():
-        summary = write_figure7(model, out, images, source, on_error=_report("inspect", failed))
+    try:
+        with _value_errors_as_user_errors():
+            summary = write_figure7(model, out, images, source, on_error=on_error)
+    except OSError as e:  # images are read as ImageErrors: an OSError here is about writing the output
+        raise UserError(f"-o {out}: cannot write ({e.strerror or e})") from None
     dist = summary["attention_distance"]
     print(f"wrote {', '.join(str(out / f) for f in FIGURES)} (attention distance over {dist['images']} images)")
-    if failed:
-        print(f"vitkit inspect: {len(failed)} images failed", file=sys.stderr)
-    return 1 if failed else 0
+    return _summary("inspect", failed)

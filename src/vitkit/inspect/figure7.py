@@ -1,8 +1,8 @@
 """The paper's Figure 7 (section 4.5) for any model: principal components of the patch-embedding filters,
 cosine similarity of position embeddings, and mean attention distance per head against depth.
 
-Each `*_figure` function computes its numbers, draws them with matplotlib (Agg) and returns the numbers
-for summary.json.
+Each `*_figure` function computes its numbers (the attention distances are given: reading images can fail, so
+they come before anything is written), draws them with matplotlib (Agg) and returns the numbers for summary.json.
 """
 from __future__ import annotations
 
@@ -155,7 +155,8 @@ def synthetic_images(n: int = 16, size: int = 224, seed: int = 0) -> list[Image.
 
 def default_images() -> tuple[list, str]:
     """The bundled ImageNet samples when present (../shared/data), else generated pictures."""
-    if SAMPLES.is_dir() and (paths := list(iter_image_paths([SAMPLES]))):
+    # an empty samples folder is no error: generated pictures stand in
+    if SAMPLES.is_dir() and (paths := list(iter_image_paths([SAMPLES], on_error=lambda e: None))):
         return paths, str(SAMPLES)
     return synthetic_images(), "16 generated images (blurred colour noise with shapes; no sample photos found)"
 
@@ -190,8 +191,8 @@ def attention_distances(model, images: Iterable, on_error: Callable[[Exception],
     return total / count, count
 
 
-def distance_figure(model, path: Path, images: Iterable, source: str, on_error=None) -> dict:
-    dist, count = attention_distances(model, images, on_error)
+def distance_figure(model, path: Path, dist: np.ndarray, count: int, source: str) -> dict:
+    """Draws the (layers, heads) result of `attention_distances` over `count` images."""
     uniform = float(grid_distances(model.cfg.grid).mean() * model.cfg.reduction)
     layers, heads = dist.shape
     fig = Figure(figsize=(6, 4.5))
@@ -226,11 +227,13 @@ FIGURES = ("filters.png", "position_similarity.png", "attention_distance.png", "
 
 def write_figure7(model, out_dir: Path, images: Iterable | None = None, source: str | None = None,
                   on_error=None) -> dict:
-    """Write the four files of FIGURES into out_dir (which must be writable; existing files are replaced)."""
+    """Write the four files of FIGURES into out_dir (created; existing files are replaced). The images are read
+    first, so when none can be read (ValueError) nothing is written."""
     import json
 
     if images is None:
         images, source = default_images()
+    distances = attention_distances(model, images, on_error)  # first: it raises when no image can be read
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     summary = {
@@ -239,7 +242,7 @@ def write_figure7(model, out_dir: Path, images: Iterable | None = None, source: 
                   "hybrid": bool(cfg.hybrid_layers)},
         "filters": filters_figure(model, out_dir / FIGURES[0]),
         "position_similarity": position_figure(model, out_dir / FIGURES[1]),
-        "attention_distance": distance_figure(model, out_dir / FIGURES[2], images, source or "given images", on_error),
+        "attention_distance": distance_figure(model, out_dir / FIGURES[2], *distances, source or "given images"),
     }
     # one line per section: readable keys, without a line per number of the matrices
     lines = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in summary.items()]

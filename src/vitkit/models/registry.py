@@ -45,8 +45,10 @@ def _entries() -> dict[str, tuple[dict, dict]]:
         out[f"vit_base_r50_s16_{size}"] = (cfg, {**GOOGLE, "crop_pct": 0.9 if size == 224 else 1.0})
     out["R50+ViT-B/16"] = out["vit_base_r50_s16_384"]
     for v, size in _DEIT:
-        out[f"deit_{_TIMM_NAME[v]}_patch16_{size}"] = (dict(decode_variant(v, 16), img_size=size),
-                                                       {**DEIT, "crop_pct": 0.875 if size == 224 else 1.0})
+        pre = {**DEIT, "crop_pct": 0.875 if size == 224 else 1.0}
+        out[f"deit_{_TIMM_NAME[v]}_patch16_{size}"] = (dict(decode_variant(v, 16), img_size=size), pre)
+        out[f"deit_{_TIMM_NAME[v]}_distilled_patch16_{size}"] = (dict(decode_variant(v, 16), img_size=size,
+                                                                      distilled=True), pre)
     return out
 
 

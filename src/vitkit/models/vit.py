@@ -36,6 +36,7 @@ class ViTConfig:
     in_chans: int = 3
     pool: str = "token"  # "token": the [class] token's output; "gap": mean of the patch tokens
     class_token: bool = True
+    distilled: bool = False  # DeiT's distillation token after [class], with its own head: logits average the two
     fc_norm: bool = False  # gap only: LayerNorm after pooling (timm/BEiT) rather than before (Google)
     representation_size: int | None = None  # pre-logits layer (Linear + tanh), the paper's pre-training head
     qkv_bias: bool = True
@@ -63,8 +64,15 @@ class ViTConfig:
                 raise ValueError("conv_stem needs at least one layer and excludes hybrid_layers")
         if self.pool not in ("token", "gap"):
             raise ValueError(f"pool must be 'token' or 'gap', not {self.pool!r}")
-        if self.pool == "token" and not self.class_token:
-            raise ValueError("pool='token' needs class_token=True")
+        if (self.pool == "token" or self.distilled) and not self.class_token:
+            raise ValueError("pool='token' and distilled=True need class_token=True")
+        if self.distilled and self.pool != "token":
+            raise ValueError("distilled=True reads its two tokens: it needs pool='token'")
+        sizes = dict(patch_size=self.patch_size, img_size=min(self.img_size), width=self.width,
+                     num_heads=self.num_heads, mlp_dim=self.mlp_dim, depth=self.depth + 1, num_classes=self.num_classes + 1)
+        if bad := [k for k, v in sizes.items() if v < 1]:  # depth and num_classes may be 0 (no blocks, no head)
+            raise ValueError(f"{bad[0]} must be {'>= 0' if bad[0] in ('depth', 'num_classes') else 'positive'}, "
+                             f"not {getattr(self, bad[0])}")
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         if any(s % self.reduction for s in self.img_size):
@@ -135,13 +143,13 @@ class Attention(nn.Module):
         self.attn_dropout, self.proj_drop = attn_dropout, nn.Dropout(dropout)
         self.probs_sink: list | None = None  # set by capture_attention() for one call
 
-    def forward(self, x: torch.Tensor, class_only: bool = False) -> torch.Tensor:
-        """class_only: attend from the first token alone (keys and values from all) -> (B, 1, C)."""
+    def forward(self, x: torch.Tensor, first: int | None = None) -> torch.Tensor:
+        """first: attend from the first `first` tokens alone (keys and values from all) -> (B, first, C)."""
         B, N, C = x.shape
         H = self.num_heads
-        if class_only:  # skip the other tokens' queries: slices of the one qkv projection
+        if first is not None:  # skip the other tokens' queries: slices of the one qkv projection
             w, b = self.qkv.weight, self.qkv.bias
-            q = F.linear(x[:, :1], w[:C], None if b is None else b[:C]).view(B, 1, H, C // H).transpose(1, 2)
+            q = F.linear(x[:, :first], w[:C], None if b is None else b[:C]).view(B, first, H, C // H).transpose(1, 2)
             k, v = F.linear(x, w[C:], None if b is None else b[C:]).view(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4)
         else:
             q, k, v = self.qkv(x).view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
@@ -173,10 +181,10 @@ class Block(nn.Module):
         self.mlp = Mlp(cfg.width, cfg.mlp_dim, cfg.dropout)
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, x: torch.Tensor, class_only: bool = False) -> torch.Tensor:
-        """class_only: compute the first token's output alone -> (B, 1, D)."""
-        y = drop_path(self.attn(self.norm1(x), class_only), self.drop_path_rate, self.training)
-        x = (x[:, :1] if class_only else x) + y
+    def forward(self, x: torch.Tensor, first: int | None = None) -> torch.Tensor:
+        """first: compute the outputs of the first `first` tokens alone -> (B, first, D)."""
+        y = drop_path(self.attn(self.norm1(x), first), self.drop_path_rate, self.training)
+        x = (x if first is None else x[:, :first]) + y
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 
@@ -205,9 +213,10 @@ class ViT(nn.Module):
         self.preprocess: dict = dict(DEFAULT_PREPROCESS)  # how inputs must be prepared (set by the loaders)
         self.class_names: list[str] | None = None
         D = cfg.width
-        self.num_prefix_tokens = int(cfg.class_token)
+        self.num_prefix_tokens = int(cfg.class_token) + int(cfg.distilled)
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.distilled else None
         self.pos_embed = nn.Parameter(torch.randn(1, self.num_prefix_tokens + math.prod(cfg.grid), D) * 0.02)
         self.pos_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, cfg.drop_path * i / max(cfg.depth - 1, 1)) for i in range(cfg.depth))
@@ -217,6 +226,7 @@ class ViT(nn.Module):
         self.head_drop = nn.Dropout(cfg.dropout)
         self.num_features = cfg.representation_size or D
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.head_dist = (nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()) if cfg.distilled else None
         self.apply(_init_weights)
         if cfg.zero_head:
             self.reset_head(cfg.num_classes)
@@ -225,10 +235,12 @@ class ViT(nn.Module):
         """Replace the classifier by a zero-initialised one (what the paper does for fine-tuning)."""
         self.cfg.num_classes = num_classes
         device = self.pos_embed.device  # a model built on "meta" for loading gets a real head
-        with torch.device("cpu" if device.type == "meta" else device):
-            self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-        if num_classes:
-            nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)
+        heads = ["head"] + (["head_dist"] if self.cfg.distilled else [])
+        for name in heads:
+            with torch.device("cpu" if device.type == "meta" else device):
+                setattr(self, name, nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity())
+            if num_classes:
+                nn.init.zeros_(getattr(self, name).weight), nn.init.zeros_(getattr(self, name).bias)
 
     # --- tokens -------------------------------------------------------------------------------
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -240,8 +252,9 @@ class ViT(nn.Module):
                                  f"model expects {want[0]}x{want[1]}; resize it, or create the model with "
                                  f"img_size=... or dynamic_img_size=True")
             pos = resample_pos_embed(pos, grid, self.cfg.grid, self.num_prefix_tokens)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        if prefix:
+            x = torch.cat([*prefix, x], dim=1)
         return self.pos_drop(x + pos)
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -261,6 +274,9 @@ class ViT(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.cfg.distilled:  # DeiT at inference (and fine-tuning without a teacher): the two heads averaged
+            x, x_dist = x[:, 0], x[:, 1]
+            return (x + x_dist) / 2 if pre_logits else (self.head(x) + self.head_dist(x_dist)) / 2
         x = x[:, 0] if self.cfg.pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)
         x = self.fc_norm(x)
         if self.pre_logits is not None:
@@ -271,24 +287,28 @@ class ViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.pool != "token" or not self.blocks or self.blocks[-1].attn.probs_sink is not None:
             return self.forward_head(self.forward_features(x))
-        # Only the [class] token reaches the head, so the last block needs every token's keys and values but
-        # the query, attention output and MLP of that one token alone: the same logits with ~1/16 fewer FLOPs
-        # at depth 12. forward_features (and capture_attention on the last block) still give every token.
+        # Only the [class] (and distillation) token reaches the head, so the last block needs every token's keys
+        # and values but the query, attention output and MLP of those alone: the same logits with ~1/16 fewer
+        # FLOPs at depth 12. forward_features (and capture_attention on the last block) still give every token.
         x, _ = self.embed(x)
         for blk in self.blocks[:-1]:
             x = blk(x)
-        return self.forward_head(self.norm(self.blocks[-1](x, class_only=True)))
+        return self.forward_head(self.norm(self.blocks[-1](x, first=self.num_prefix_tokens)))
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               output_fmt: str = "NCHW") -> list[torch.Tensor]:
-        """Outputs of the chosen blocks (default: all; an int n means the last n).
+        """Outputs of the chosen blocks (default: all; an int n means the last n), in block order as in timm.
 
         output_fmt "NCHW": patch tokens as 2D feature maps (B, D, h, w); "NLC": all tokens (B, N, D).
         norm=True applies the final LayerNorm to each.
         """
         depth = len(self.blocks)
+        if isinstance(indices, int) and not 0 < indices <= depth:
+            raise IndexError(f"the last {indices} blocks: the model has {depth} blocks")
         idx = range(depth) if indices is None else range(depth - indices, depth) if isinstance(indices, int) else indices
-        idx = sorted(i % depth for i in idx)
+        if bad := [i for i in idx if not -depth <= i < depth]:
+            raise IndexError(f"block index {bad[0]} is out of range: the model has {depth} blocks")
+        idx = sorted({i % depth for i in idx})
         x, grid = self.embed(x)
         outs = []
         for i, blk in enumerate(self.blocks[: idx[-1] + 1]):
@@ -310,6 +330,8 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias) if m.bias is not None else None
     elif isinstance(m, ViT) and m.cls_token is not None:
         nn.init.normal_(m.cls_token, std=1e-6)
+        if m.dist_token is not None:
+            nn.init.trunc_normal_(m.dist_token, std=0.02)
 
 
 @contextlib.contextmanager

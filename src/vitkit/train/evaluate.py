@@ -161,7 +161,9 @@ def recorded_split(weights: str | None, data: str) -> dict:
     if not weights or not str(weights).endswith(".safetensors"):
         return {}
     rec = ((read_metadata(Path(weights)) or {}).get("data")) or {}
-    same = rec.get("path") == data or (Path(data).exists() and Path(rec.get("path", "")).resolve() == Path(data).resolve())
+    here, there = Path(data), Path(rec.get("path", ""))
+    same = rec.get("path") == data or (here.exists() and there.resolve() == here.resolve()) or (
+        here.is_file() and here.name == there.name and here.stat().st_size == rec.get("bytes"))
     return rec if same else {}
 
 

@@ -44,7 +44,7 @@ def read_state_dict(path: Path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         text = str(e)
-        if refused := re.search(r"Unsupported global: GLOBAL ([\w.]+)", text):  # weights_only saw an object
+        if refused := re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", text):  # weights_only saw an object
             raise CheckpointError(f"{path}: refused to load: it holds a Python object ({refused[1]}), and only "
                                   f"tensors and plain containers are read (weights_only=True)") from None
         detail = re.search(r"WeightsUnpickler error: \s*(\S.*)", text)
@@ -107,6 +107,7 @@ def infer_config(sd: dict[str, torch.Tensor]) -> dict:
     if "pos_embed" in sd:
         cfg["width"] = sd["pos_embed"].shape[-1]
     cfg["class_token"] = "cls_token" in sd
+    cfg["distilled"] = "dist_token" in sd
     if not cfg["class_token"]:
         cfg["pool"] = "gap"
     if "fc_norm.weight" in sd:
@@ -157,7 +158,8 @@ def fit_state_dict(sd: dict[str, torch.Tensor], model, resample: dict | None = N
     head_w = sd.get("head.weight")
     model_classes = model.cfg.num_classes
     if head_w is not None and (not model_classes or head_w.shape != own["head.weight"].shape):
-        sd.pop("head.weight"), sd.pop("head.bias", None)
+        for k in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
+            sd.pop(k, None)
         if model_classes:
             model.reset_head(model_classes)
             notes.append(f"head replaced: checkpoint has {head_w.shape[0]} classes, model {model_classes} "
@@ -165,8 +167,10 @@ def fit_state_dict(sd: dict[str, torch.Tensor], model, resample: dict | None = N
     elif head_w is None and model_classes:
         model.reset_head(model_classes)
         notes.append(f"checkpoint has no classifier; new {model_classes}-class head initialised to zero")
-    if model_classes and "head.weight" not in sd:  # the new zero head is loaded like the rest
+    if model_classes and "head.weight" not in sd:  # the new zero head(s) are loaded like the rest
         sd.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
+        if model.head_dist is not None:
+            sd.update({f"head_dist.{k}": v for k, v in model.head_dist.state_dict().items()})
     if "pre_logits.weight" in sd and "pre_logits.weight" not in own:
         sd.pop("pre_logits.weight"), sd.pop("pre_logits.bias", None)
         notes.append("pre-logits layer of the checkpoint dropped")

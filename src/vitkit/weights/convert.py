@@ -11,6 +11,7 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=int, help="replace the head by a new zero-initialised one")
     p.add_argument("--img-size", type=int, help="resample position embeddings to this resolution")
     p.add_argument("--class-names", help="text file, one class name per line, stored in the checkpoint")
+    p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -19,10 +20,13 @@ def run_convert(args: argparse.Namespace) -> int:
     from ..api import save_model
     from ..cli import UserError, model_from_args
 
-    if Path(args.dst).suffix != ".safetensors":
-        raise UserError(f"{args.dst}: the output must end in .safetensors")
+    dst = Path(args.dst)
+    if dst.suffix != ".safetensors" or dst.is_dir():
+        raise UserError(f"{dst}: the output must be a .safetensors file" + (", not a directory" if dst.is_dir() else ""))
+    if dst.exists() and not args.force and dst.resolve() != Path(args.src).resolve():
+        raise UserError(f"{dst} already exists (use --force to overwrite)")
     args.weights = args.src
-    overrides = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size)) if v}
+    overrides = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size)) if v is not None}
     model = model_from_args(args, **overrides)
     if args.class_names:
         names = [n.strip() for n in Path(args.class_names).read_text().splitlines() if n.strip()]

@@ -37,7 +37,9 @@ _RENAMES = [(re.compile(a), b) for a, b in [
 ]]
 _QKV = re.compile(_LAYER + r"attention\.(?:attention\.(query|key|value)|([qkv])_proj)\.(weight|bias)$")
 _RESAMPLE = {"antialias": False}  # transformers' interpolate_pos_encoding: bicubic, no antialiasing
-_STATS = {"mean": GOOGLE["mean"], "std": GOOGLE["std"]}  # ViTImageProcessor's defaults
+# ViTImageProcessor's defaults: 0.5 mean/std, both sides resized (bilinear) straight to the model's size
+_STATS = {"mean": GOOGLE["mean"], "std": GOOGLE["std"], "interpolation": "bilinear", "crop_pct": 1.0,
+          "crop_mode": "squash"}
 _PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
@@ -103,10 +105,8 @@ def _preprocess(folder: Path) -> dict:
     if p.get("resample") in _PIL_RESAMPLE:
         pre["interpolation"] = _PIL_RESAMPLE[p["resample"]]
     size, crop = p.get("size") or {}, p.get("crop_size") or {}
-    if p.get("do_center_crop") and "shortest_edge" in size and "height" in crop:
-        pre["crop_pct"] = crop["height"] / size["shortest_edge"]
-    elif p.get("do_resize", True):  # ViTImageProcessor resizes straight to `size`: nothing is cropped away
-        pre["crop_pct"] = 1.0
+    if p.get("do_center_crop") and "shortest_edge" in size and "height" in crop:  # short side, then crop
+        pre.update(crop_pct=crop["height"] / size["shortest_edge"], crop_mode="center")
     return pre
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from . import Checkpoint, CheckpointError
@@ -17,14 +16,21 @@ def save(model, path: str | Path, extra: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
+    if path.suffix != ".safetensors" or path.is_dir():
+        raise ValueError(f"{path}: a vitkit checkpoint is a .safetensors file" +
+                         (", and this is a directory" if path.is_dir() else ""))
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"arch": "vit", "config": model.cfg.to_dict(), "preprocess": dict(model.preprocess),
             "class_names": model.class_names, **(extra or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, tmp, metadata={FORMAT_KEY: FORMAT_VERSION, "config": json.dumps(meta)})
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files readable by their owner alone
+        with open(tmp, "rb+") as f:  # on disk before it replaces the previous file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
