@@ -210,7 +210,8 @@ def _error(weights, name="ViT-Ti/16", **kw) -> str:
 @pytest.mark.parametrize("content, suffix, reason", [
     (b"hello, these are not weights\n", ".pth", "not a PyTorch checkpoint"),
     (b"\x89PNG\r\n\x1a\n" + bytes(200), ".safetensors", "not a readable safetensors file"),
-    (bytes(range(256)) * 8, ".npz", "not a readable .npz archive"),
+    (bytes(range(256)) * 8, ".npz", "not a readable .npz archive (ValueError: not a zip archive)"),
+    (b"\x93NUMPY" + bytes(100), ".npz", "a single .npy array, not an archive of named arrays"),
     (b"", ".bin", "empty file"),
 ])
 def test_not_a_checkpoint(tmp_path, content, suffix, reason):

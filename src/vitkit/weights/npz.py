@@ -41,9 +41,13 @@ def is_npz(path: Path) -> bool:
 
 def read(path: Path) -> Checkpoint:
     try:
-        f = np.load(path, allow_pickle=False)
-        if not isinstance(f, np.lib.npyio.NpzFile):
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+        if magic == b"\x93NUMPY":
             raise ValueError("a single .npy array, not an archive of named arrays")
+        if not magic.startswith(b"PK"):  # else numpy takes it for a pickle, and its refusal misleads
+            raise ValueError("not a zip archive")
+        f = np.load(path, allow_pickle=False)
         with f:  # only the model's arrays: 'opt/target/' files also hold the optimizer's state
             prefix = next((p for p in PREFIXES if f"{p}embedding/kernel" in f.files), None)
             keys = [k for k in f.files if prefix is not None and k.startswith(prefix)]
