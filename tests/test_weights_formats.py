@@ -131,6 +131,13 @@ def test_checkpoint_runs_at_its_own_resolution(tmp_path, caplog):
         assert "resampled" not in caplog.text
         assert vitkit.create_model("ViT-Ti/16", weights=weights, depth=1, img_size=224).cfg.img_size == (224, 224)
         assert f"resampled from {native // 16}x{native // 16} to 14x14" in caplog.text
+    wide = tmp_path / "wide.pth"  # a 14x20 grid: its shape is not in the file, so the user gives it
+    torch.save(timm.create_model("vit_tiny_patch16_224", img_size=(224, 320), depth=1).state_dict(), wide)
+    assert "wide.pth: pos_embed: cannot tell the grid of 280 positions; give the checkpoint's own img_size" in \
+        _error(wide, depth=1)
+    assert vitkit.create_model("ViT-Ti/16", weights=wide, depth=1, img_size=(224, 320)).cfg.grid == (14, 20)
+    from vitkit.cli import image_size
+    assert image_size("224x320") == (224, 320) and image_size("384") == 384
 
 
 def test_head_replaced_when_num_classes_differs(tmp_path, caplog):

@@ -36,8 +36,19 @@ def add_model_arguments(p: argparse.ArgumentParser, weights_required: bool = Tru
     p.add_argument("--weights", required=weights_required,
                    help="checkpoint: vitkit .safetensors, Google .npz, timm/DeiT/torchvision .pth/.bin/.safetensors, "
                         "or a transformers directory")
-    p.add_argument("--img-size", type=int, help="input resolution (position embeddings resampled in 2D); default: "
-                                                "the checkpoint's own")
+    p.add_argument("--img-size", type=image_size, metavar="N|HxW",
+                   help="input resolution (position embeddings resampled in 2D); default: the checkpoint's own")
+
+
+def image_size(text: str) -> int | tuple[int, int]:
+    """--img-size 384 or 224x320."""
+    try:
+        sides = [int(s) for s in text.lower().split("x")]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{text!r}: give N or HxW, e.g. 384 or 224x320")
+    return sides[0] if len(sides) == 1 else tuple(sides)
 
 
 def model_from_args(args: argparse.Namespace, **overrides):

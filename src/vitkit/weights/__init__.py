@@ -185,12 +185,16 @@ def _grid_for(n: int, like: tuple[int, int]) -> tuple[int, int]:
     for h in range(1, n + 1):
         if n % h == 0 and h * like[1] == (n // h) * like[0]:
             return h, n // h
-    raise CheckpointError(f"pos_embed: cannot tell the grid of {n} positions")
+    raise CheckpointError(f"pos_embed: cannot tell the grid of {n} positions; give the checkpoint's own "
+                          f"img_size (e.g. --img-size HxW) to load it")
 
 
 def load_into(model, ckpt: Checkpoint, source: str = "checkpoint") -> list[str]:
     """Fit and load; a mismatch raises CheckpointError naming every differing key and shape."""
-    sd, notes = fit_state_dict(ckpt.state_dict, model, ckpt.pos_resample)
+    try:
+        sd, notes = fit_state_dict(ckpt.state_dict, model, ckpt.pos_resample)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli import image_size
+
 
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="checkpoint of any supported format")
     p.add_argument("dst", help="output .safetensors (vitkit format)")
     p.add_argument("--model", help="model name; not needed if SRC is already a vitkit checkpoint")
     p.add_argument("--num-classes", type=int, help="replace the head by a new zero-initialised one")
-    p.add_argument("--img-size", type=int, help="resample position embeddings to this resolution")
+    p.add_argument("--img-size", type=image_size, metavar="N|HxW", help="resample position embeddings to this resolution")
     p.add_argument("--class-names", help="text file, one class name per line, stored in the checkpoint")
     p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
 
