@@ -26,7 +26,7 @@ from vitkit.train.report import read_metrics
 from vitkit.train.trainer import attention_kernel, build_model, ema_model, lr_at, make_optimizer, pick_attention
 from vitkit.weights.vitkit_format import read_metadata
 
-from train_utils import ROOT, TINY, digit_images, write_recipe
+from train_utils import ROOT, SHARED, TINY, digit_images, write_recipe
 
 
 def train_ok(*args: str) -> None:
@@ -595,3 +595,29 @@ def test_distributed_errors_said_once_before_starting(tmp_path, monkeypatch, cap
         capsys.readouterr()
         assert main(["train", "--recipe", str(tmp_path / "r.yaml"), "--lr", "-1"]) == 2
         assert ("optim.lr must be > 0" in capsys.readouterr().err) == said
+
+
+@pytest.mark.skipif(not (SHARED / "imagenet-samples").is_dir(), reason="../shared/data/imagenet-samples not present")
+def test_eval_imagenet_folders_matched_by_wordnet_id(tmp_path, capsys):
+    """An ImageNet-1k checkpoint without class names (timm's) on photos in WordNet-ID folders, as an ImageNet
+    validation set is laid out: labels are the IDs' places in the sorted list of 1000; the loss checks them."""
+    timm = pytest.importorskip("timm")
+    photos = sorted((SHARED / "imagenet-samples").glob("*.JPEG"))[:6]
+    for p in photos:
+        (tmp_path / "val" / p.name.split("_")[0]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, tmp_path / "val" / p.name.split("_")[0] / p.name)
+    torch.manual_seed(0)
+    peer = timm.create_model("vit_tiny_patch16_224").eval()
+    torch.save(peer.state_dict(), tmp_path / "ti.pth")
+    capsys.readouterr()
+    assert main(["eval", "--data", str(tmp_path / "val"), "--weights", str(tmp_path / "ti.pth"), "--model",
+                 "vit_tiny_patch16_224", "--json", "--workers", "0", "--out", str(tmp_path)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=peer))
+    wnids = (ROOT / "src" / "vitkit" / "data" / "imagenet_wnids.txt").read_text().split()
+    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in sorted(photos)])
+    y = torch.tensor([wnids.index(p.name.split("_")[0]) for p in sorted(photos)])
+    with torch.no_grad():
+        loss = F.cross_entropy(peer(x), y).item()
+    assert got["n"] == 6 and set(got["per_class"]) == {p.name.split("_")[0] for p in photos}
+    assert got["loss"] == pytest.approx(loss, abs=1e-4)

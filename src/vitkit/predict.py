@@ -25,6 +25,13 @@ def imagenet_labels() -> list[str]:
     return list(ViT_B_16_Weights.IMAGENET1K_V1.meta["categories"])
 
 
+@lru_cache(maxsize=1)
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k WordNet IDs in label order (sorted: index i is the i-th), as the folders of an
+    ImageNet validation set in ImageFolder layout are named."""
+    return (Path(__file__).parent / "data" / "imagenet_wnids.txt").read_text().split()
+
+
 TTA = ("none", "flip")
 
 

@@ -171,6 +171,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..cli import UserError, model_from_args
     from ..data.datasets import DataError, describe, in_memory, open_data, relabel
     from ..data.images import eval_transform
+    from ..predict import imagenet_wnids
     from .distributed import resolve_device
     from .report import plot_confusion
 
@@ -188,6 +189,8 @@ def run_eval(args: argparse.Namespace) -> int:
         data = open_data(args.data, val_split=val_split, split_seed=split_seed, root=args.data_root,
                          evaluate_only=True)
         names = model.class_names
+        if names is None and model.cfg.num_classes == 1000 and set(data.class_names) <= set(imagenet_wnids()):
+            names = imagenet_wnids()  # ImageNet folders (n01440764/...) for an ImageNet-1k head: matched by WordNet ID
         if names is None:  # a checkpoint without class names: only positions can be matched
             if len(data.class_names) != model.cfg.num_classes:
                 raise UserError(f"--weights {args.weights}: the checkpoint names no classes and has "
