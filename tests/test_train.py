@@ -346,6 +346,8 @@ def test_folder_archive_and_corrupt_images(tmp_path, caplog):
         assert len(data.skipped) == 1 and "bad.jpg" in data.skipped[0]
         assert torch.equal(data.train.images, folder.train.images)  # decoded into the tensor cache
     assert archive.skipped[0].startswith(f"{tmp_path / 'ds.tar.gz'}:ds/train/2/bad.jpg: ")  # named in the archive
+    both = open_data(str(tmp_path / "ds"), val_split=0.25, cache_dir=cache)  # the val/ folder wins over a split
+    assert (len(both.train), len(both.val)) == (120, 30) and both.split["val_split"] == 0.0
     single = open_data(str(tmp_path / "ds" / "train"), val_split=0.25, split_seed=3, cache_dir=cache)
     val_labels = torch.tensor([single.train.dataset.labels[i] for i in single.val.indices])
     assert val_labels.bincount().tolist() == [10, 10, 10]  # stratified
@@ -372,21 +374,36 @@ def test_files_decoded_on_demand_skip_corrupt(tmp_path):
     assert len(skipped) == 1 and "bad.png" in skipped[0]
 
 
-def test_webdataset_shards(tmp_path):
+def digit_shards(folder, shards: int, per_shard: int) -> str:
+    """sklearn digits as WebDataset shards (png + cls); the brace pattern naming them."""
     import webdataset as wds
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    for shard in range(2):
-        with wds.TarWriter(str(tmp_path / f"digits-{shard:03d}.tar")) as sink:
-            for i in range(shard * 300, shard * 300 + 300):
+    for shard in range(shards):
+        with wds.TarWriter(str(folder / f"digits-{shard:03d}.tar")) as sink:
+            for i in range(shard * per_shard, shard * per_shard + per_shard):
                 px = np.rint(d.images[i] * (255 / 16)).astype(np.uint8)
                 sink.write({"__key__": f"{i:05d}", "png": np.stack([px] * 3, -1), "cls": int(d.target[i])})
-    spec = str(tmp_path / "digits-{000..001}.tar")
+    return str(folder / f"digits-{{000..{shards - 1:03d}}}.tar")
+
+
+def test_shards_cycle_when_a_rank_has_fewer(tmp_path):
+    """3 shards for 2 processes: rank 1 reads one shard and must cycle it to give as many batches as rank 0."""
+    import itertools
+
+    stream = open_data(digit_shards(tmp_path, 3, 100)).train.configure(lambda im: im, 0, 0, rank=1, world=2,
+                                                                        repeat=True)
+    assert len(list(itertools.islice(iter(stream), 250))) == 250
+    assert len(list(stream.configure(lambda im: im, 0, 0, rank=1, world=2, repeat=False))) == 100
+
+
+def test_webdataset_shards(tmp_path):
+    spec = digit_shards(tmp_path, 2, 300)
     data = open_data(spec)
     assert len(data.train) == 600 and data.class_names == [str(i) for i in range(10)]
     run = tmp_path / "run"
-    recipe = write_recipe(tmp_path / "r.yaml", data={"path": spec, "val": spec, "val_split": 0.0, "batch_size": 50},
+    recipe = write_recipe(tmp_path / "r.yaml", data={"path": spec, "val": spec, "batch_size": 50},  # val_split 0.2: unused
                           train={"epochs": 1})
     train_ok("--recipe", str(recipe), "--out", str(run))
     assert read_metrics(run / "metrics.csv")[-1]["step"] == 12
@@ -414,6 +431,7 @@ def test_webdataset_shards(tmp_path):
     (["--device", "cuda:99"], "train.device (--device) 'cuda:99': this machine has"),
     (["--data", str(ROOT / "README.md")], "README.md: not a directory or a .tar/.tar.gz archive"),
     (["--data", "/x/shards-{000..009}.tar", "--val-split", "0.1"], "give held-out shards with --val-data"),
+    (["--val-split", "0.0001"], "digits: a held-out fraction of 0.0001 (--val-split, data.val_split) is no image"),
 ])
 def test_bad_inputs_one_line_error(tmp_path, capsys, args, expected):
     recipe = write_recipe(tmp_path / "r.yaml")

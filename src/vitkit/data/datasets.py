@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import os
 import random
 import shutil
@@ -29,6 +30,7 @@ from torchvision import tv_tensors
 
 from .images import IMAGE_SUFFIXES, ImageError, _to_rgb, load_image
 
+log = logging.getLogger("vitkit")
 BUILTIN = ("digits", "cifar10", "cifar100")
 PRELOAD_MAX_PIXELS = 64 * 64  # "auto": preload images up to this size (CIFAR is 32x32)
 
@@ -146,7 +148,7 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
     if spec in BUILTIN:
         train, held = _builtin(spec, root, cache_dir)
     elif is_shards(spec):
-        if val_split:
+        if val_split and val is None:
             raise DataError(f"{spec}: --val-split (data.val_split) needs an indexed dataset, not a stream of "
                             "shards; give held-out shards with --val-data (data.val)")
         return _shards(spec, val, shards or {}, evaluate_only)
@@ -172,8 +174,13 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
         other = open_data(val, root=root, preload=preload, cache_dir=cache_dir, evaluate_only=True)
         held = _relabel(other.val, other.class_names, class_names, val)
         skipped += other.skipped
-    elif val_split > 0:  # carved out of train (in place of a val/ folder or test split, if any)
+    elif val_split > 0 and spec not in BUILTIN and held is not None:  # a val/ folder is the validation set
+        log.info("%s: validating on its val/ folder; data.val_split applies to data without one", spec)
+    elif val_split > 0:  # carved out of train (a builtin's test split stays unseen)
         train_idx, val_idx = stratified_split(train.labels, val_split, split_seed)
+        if not len(val_idx):
+            raise DataError(f"{spec}: a held-out fraction of {val_split} (--val-split, data.val_split) is no image "
+                            f"at all of {len(train)}; raise it or give --val-data")
         train, held = Subset(train, train_idx.tolist()), Subset(train, val_idx.tolist())
         split["val_split"] = val_split
     if evaluate_only:  # evaluate the held-out part if there is one, else everything
@@ -453,8 +460,10 @@ class ShardStream(IterableDataset):
         by_shard = len(urls) >= parts  # enough shards: each reader gets its own, else every n-th sample
         if by_shard:
             urls = urls[part::parts]
-        ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, repeat=self.repeat,
-                            empty_check=False, handler=wds.warn_and_continue)
+        ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False,
+                            handler=wds.warn_and_continue)
+        if self.repeat:  # WebDataset(repeat=True) reads the shards once (webdataset 1.0); .repeat() cycles them
+            ds = ds.repeat()
         if self.seed is not None and self.shuffle_buffer > 1:
             ds = ds.shuffle(self.shuffle_buffer, rng=random.Random(hash((self.seed, self.epoch, part))))
         for n, sample in enumerate(ds):
