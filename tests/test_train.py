@@ -403,7 +403,8 @@ def test_webdataset_shards(tmp_path):
     data = open_data(spec)
     assert len(data.train) == 600 and data.class_names == [str(i) for i in range(10)]
     run = tmp_path / "run"
-    recipe = write_recipe(tmp_path / "r.yaml", data={"path": spec, "val": spec, "batch_size": 50},  # val_split 0.2: unused
+    # TINY's val_split 0.2 is unused: the val shards are the validation set
+    recipe = write_recipe(tmp_path / "r.yaml", data={"path": spec, "val": spec, "batch_size": 50},
                           train={"epochs": 1})
     train_ok("--recipe", str(recipe), "--out", str(run))
     assert read_metrics(run / "metrics.csv")[-1]["step"] == 12
@@ -451,7 +452,8 @@ def test_empty_class_folder_and_existing_run(tiny_run, tmp_path, capsys):
     (tmp_path / "ds2" / "2").mkdir()
     (tmp_path / "ds2" / "2" / "x.png").write_bytes(b"not an image")
     for args, expected in ((["--data", str(tmp_path / "ds")], "empty class folder"),
-                           (["--data", str(tmp_path / "ds2")], f"{tmp_path / 'ds2' / '2'}: none of its images is readable"),
+                           (["--data", str(tmp_path / "ds2")],
+                            f"{tmp_path / 'ds2' / '2'}: none of its images is readable"),
                            (["--out", str(tiny_run)], "already holds a run"),
                            (["--out", str(recipe)], "is a file, not a directory")):
         capsys.readouterr()

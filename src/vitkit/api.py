@@ -49,7 +49,7 @@ def _native_size(ckpt, cfg: ViTConfig) -> tuple[int, int]:
     pos = ckpt.state_dict.get("pos_embed")
     if pos is None or pos.ndim != 3:
         return cfg.img_size
-    n = pos.shape[1] - int("cls_token" in ckpt.state_dict)
+    n = pos.shape[1] - sum(t in ckpt.state_dict for t in ("cls_token", "dist_token"))
     side = math.isqrt(n)
     return (side * cfg.reduction,) * 2 if side * side == n and n > 0 else cfg.img_size
 

@@ -69,7 +69,8 @@ class ViTConfig:
         if self.distilled and self.pool != "token":
             raise ValueError("distilled=True reads its two tokens: it needs pool='token'")
         sizes = dict(patch_size=self.patch_size, img_size=min(self.img_size), width=self.width,
-                     num_heads=self.num_heads, mlp_dim=self.mlp_dim, depth=self.depth + 1, num_classes=self.num_classes + 1)
+                     num_heads=self.num_heads, mlp_dim=self.mlp_dim, depth=self.depth + 1,
+                     num_classes=self.num_classes + 1)
         if bad := [k for k, v in sizes.items() if v < 1]:  # depth and num_classes may be 0 (no blocks, no head)
             raise ValueError(f"{bad[0]} must be {'>= 0' if bad[0] in ('depth', 'num_classes') else 'positive'}, "
                              f"not {getattr(self, bad[0])}")
@@ -226,7 +227,8 @@ class ViT(nn.Module):
         self.head_drop = nn.Dropout(cfg.dropout)
         self.num_features = cfg.representation_size or D
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
-        self.head_dist = (nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()) if cfg.distilled else None
+        self.head_dist = None if not cfg.distilled else \
+            nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.apply(_init_weights)
         if cfg.zero_head:
             self.reset_head(cfg.num_classes)

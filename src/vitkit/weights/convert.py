@@ -11,7 +11,8 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dst", help="output .safetensors (vitkit format)")
     p.add_argument("--model", help="model name; not needed if SRC is already a vitkit checkpoint")
     p.add_argument("--num-classes", type=int, help="replace the head by a new zero-initialised one")
-    p.add_argument("--img-size", type=image_size, metavar="N|HxW", help="resample position embeddings to this resolution")
+    p.add_argument("--img-size", type=image_size, metavar="N|HxW",
+                   help="resample position embeddings to this resolution")
     p.add_argument("--class-names", help="text file, one class name per line, stored in the checkpoint")
     p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
 
@@ -24,7 +25,8 @@ def run_convert(args: argparse.Namespace) -> int:
 
     dst = Path(args.dst)
     if dst.suffix != ".safetensors" or dst.is_dir():
-        raise UserError(f"{dst}: the output must be a .safetensors file" + (", not a directory" if dst.is_dir() else ""))
+        raise UserError(f"{dst}: the output must be a .safetensors file"
+                        + (", not a directory" if dst.is_dir() else ""))
     if dst.exists() and not args.force and dst.resolve() != Path(args.src).resolve():
         raise UserError(f"{dst} already exists (use --force to overwrite)")
     args.weights = args.src
