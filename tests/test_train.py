@@ -254,6 +254,44 @@ def test_resume_extends_a_finished_run(tiny_run, tmp_path):
     assert torch.load(run / "state.pt", weights_only=True)["step"] == 3 * 22
 
 
+def test_resume_keeps_the_runs_model_and_split(tiny_run, tmp_path, capsys, caplog):
+    """What the state was trained with cannot change; a finished run says how to go on; a fine-tuning run
+    resumes without the checkpoint it started from."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for args, said in ((["--batch-size", "32"], "data.batch_size cannot change in a run (64 -> 32)"),
+                       (["--val-split", "0.5"], "data.val_split cannot change in a run (0.2 -> 0.5)"),
+                       (["--img-size", "16"], "model.img_size cannot change in a run (8 -> 16)")):
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert said in err and "--weights" in err and "\n" not in err, err
+    caplog.clear()
+    train_ok("--resume", str(run))
+    assert "the run is at step 44 of 44 already" in caplog.text and "raise --epochs" in caplog.text
+
+    start = tmp_path / "start.safetensors"  # fine-tune from a file, then lose it: the run has its own model
+    shutil.copy(tiny_run / "best.safetensors", start)
+    recipe = write_recipe(tmp_path / "ft.yaml", train={"epochs": 1, "threads": 1})
+    train_ok("--recipe", str(recipe), "--weights", str(start), "--out", str(tmp_path / "ft"))
+    start.unlink()
+    train_ok("--resume", str(tmp_path / "ft"), "--epochs", "2")
+    assert torch.load(tmp_path / "ft" / "state.pt", weights_only=True)["step"] == 2 * 22
+
+
+def test_finetune_from_a_vitkit_checkpoint_keeps_its_architecture_and_inputs(tiny_run, caplog):
+    """A recipe written for another model (finetune.yaml names ViT-B/16) still fine-tunes a vitkit checkpoint
+    as it is, and its input normalisation stays the one its weights learned with."""
+    recipe = R.load(ROOT / "recipes" / "finetune.yaml", {"data.path": "digits", "model.img_size": 16,
+                                                           "model.weights": str(tiny_run / "best.safetensors")})
+    assert recipe["model"]["name"] == "ViT-B/16" and recipe["model"]["mean"] == [0.5, 0.5, 0.5]
+    model = build_model({**recipe["model"], "mean": [0.1, 0.2, 0.3]}, [str(i) for i in range(10)])
+    assert model.cfg.width == 32 and model.cfg.img_size == (16, 16) and not model.head.weight.any()
+    assert tuple(model.preprocess["mean"]) == (0.5, 0.5, 0.5)  # the checkpoint's, not the recipe's 0.1, 0.2, 0.3
+    assert "model.name ViT-B/16 not used" in caplog.text and "keeps its own input normalisation" in caplog.text
+    assert caplog.text.count("head replaced") == 1
+
+
 def test_lr_schedule():
     s = {"name": "cosine", "warmup_steps": 10, "warmup_fraction": 0.0, "min_lr": 0.0}
     assert [lr_at(i, 110, s, 1.0) for i in (0, 4, 9)] == [0.1, 0.5, 1.0]

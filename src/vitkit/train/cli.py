@@ -53,8 +53,16 @@ def resolve_recipe(args: argparse.Namespace) -> tuple[dict, Path, bool]:
             raise R.RecipeError("--resume RUN_DIR takes its recipe and directory from the run; drop --recipe/--out")
         if not (run / "state.pt").is_file() or not (run / "recipe.yaml").is_file():
             raise R.RecipeError(f"--resume {run}: not a run directory (no state.pt and recipe.yaml in it)")
-        saved = R.load(run / "recipe.yaml")
-        return R.load(None, overrides, base=saved), run, True
+        saved = R.load(run / "recipe.yaml", resuming=True)
+        recipe = R.load(None, overrides, base=saved, resuming=True)
+        fixed = [f"model.{k}" for k in saved["model"] if k != "weights"] + \
+            [f"data.{k}" for k in ("path", "val", "val_split", "split_seed", "batch_size")]
+        changed = [key for key in fixed if _at(recipe, key) != _at(saved, key)]
+        if changed:  # the state holds this model, trained on this split with steps of this size
+            raise R.RecipeError(f"--resume {run}: {', '.join(changed)} cannot change in a run "
+                                f"({', '.join(f'{_at(saved, k)} -> {_at(recipe, k)}' for k in changed)}); "
+                                f"start a new one from it with --weights {run / 'last.safetensors'}")
+        return recipe, run, True
     recipe = R.load(args.recipe, overrides)
     name = Path(recipe["data"]["path"]).name.split(".")[0] or "run"
     run = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -63,6 +71,11 @@ def resolve_recipe(args: argparse.Namespace) -> tuple[dict, Path, bool]:
     if (run / "state.pt").exists():
         raise R.RecipeError(f"--out {run} already holds a run; continue it with --resume {run} or pick another --out")
     return recipe, run, False
+
+
+def _at(recipe: dict, dotted: str):
+    section, key = dotted.split(".")
+    return recipe[section][key]
 
 
 def run_train(args: argparse.Namespace) -> int:

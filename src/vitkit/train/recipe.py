@@ -219,8 +219,10 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise RecipeError(f"--set {text!r}: unreadable value ({e.problem})") from None
 
 
-def load(path: str | Path | None, overrides: dict[str, Any] | None = None, base: dict | None = None) -> dict:
-    """Defaults <- recipe file (or `base`) <- overrides {"section.key": value}; then validated."""
+def load(path: str | Path | None, overrides: dict[str, Any] | None = None, base: dict | None = None,
+         resuming: bool = False) -> dict:
+    """Defaults <- recipe file (or `base`) <- overrides {"section.key": value}; then validated (resuming: the
+    starting checkpoint model.weights is not needed, the run's state holds the weights)."""
     recipe = copy.deepcopy(base) if base is not None else defaults()
     if path is not None:
         path = Path(path)
@@ -233,7 +235,7 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None, base:
         section, _, key = dotted.partition(".")
         nested.setdefault(section, {})[key] = value
     merge(recipe, nested, "override")
-    validate(recipe)
+    validate(recipe, resuming)
     return recipe
 
 
@@ -259,7 +261,7 @@ def checkpoint_recipe(path: Path) -> dict:
     return meta["recipe"]
 
 
-def validate(r: dict) -> None:
+def validate(r: dict, resuming: bool = False) -> None:
     """Check every value and the combinations that cannot work; one RecipeError listing all problems."""
     problems = [f"{s}.{k} {err}" for s, keys in SCHEMA.items() for k, (_, check) in keys.items()
                 if (err := check(r[s][k]))]
@@ -267,7 +269,9 @@ def validate(r: dict) -> None:
     m, d, o = r["model"], r["data"], r["optim"]
     if not problems:
         missing = [k for k in ("img_size", "patch_size", "width", "depth", "num_heads", "mlp_dim") if m[k] is None]
-        if not m["name"] and not m["weights"] and missing:
+        if resuming:
+            pass  # the architecture is the run's own
+        elif not m["name"] and not m["weights"] and missing:
             problems.append(f"model: give model.name (see `vitkit models`), model.weights, or the fields "
                             f"{', '.join('model.' + k for k in missing)}")
         elif m["weights"] and not Path(m["weights"]).exists():
@@ -277,12 +281,13 @@ def validate(r: dict) -> None:
             from ..weights import CheckpointError
             from ..weights.vitkit_format import is_vitkit_checkpoint, read_metadata
             try:
-                if m["name"]:
+                own = m["weights"] and is_vitkit_checkpoint(m["weights"])  # brings its architecture
+                if m["name"] and not own:
                     build_config(m["name"], **model_fields(m), num_classes=2)
-                elif m["weights"] and not is_vitkit_checkpoint(m["weights"]):
+                elif m["weights"] and not own:
                     problems.append(f"model.weights {m['weights']}: not a vitkit checkpoint, so set model.name too")
                 else:
-                    base = read_metadata(Path(m["weights"]))["config"] if m["weights"] else {}
+                    base = read_metadata(Path(m["weights"]))["config"] if own else {}
                     ViTConfig.from_dict({**base, **model_fields(m), "num_classes": 2})
             except CheckpointError as e:
                 problems.append(f"model.weights {e}")

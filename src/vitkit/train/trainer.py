@@ -44,25 +44,36 @@ class TrainingError(RuntimeError):
 
 # --- building blocks ------------------------------------------------------------------------------------
 def build_model(m: dict, class_names: list[str]) -> ViT:
-    """From a name, a checkpoint (fine-tuning: zero head for new classes, positions resampled) or fields."""
+    """From a checkpoint (fine-tuning: zero head for new classes, positions resampled; a vitkit checkpoint
+    brings its own architecture), a name, or fields."""
     from .. import create_model, load_model
     from ..weights.vitkit_format import is_vitkit_checkpoint
 
     fields, k = model_fields(m), len(class_names)
-    if m["name"]:
+    if m["weights"] and is_vitkit_checkpoint(m["weights"]):
+        if m["name"]:
+            log.warning("%s: a vitkit checkpoint, built as it says (model.name %s not used)", m["weights"], m["name"])
+        model = load_model(m["weights"], **{**fields, "num_classes": k})
+    elif m["name"]:
         model = create_model(m["name"], weights=m["weights"], **{**fields, "num_classes": k})
     elif m["weights"]:
-        if not is_vitkit_checkpoint(m["weights"]):
-            raise RecipeError(f"model.weights {m['weights']}: not a vitkit checkpoint, so set model.name too")
-        model = load_model(m["weights"], **{**fields, "num_classes": k})
+        raise RecipeError(f"model.weights {m['weights']}: not a vitkit checkpoint, so set model.name too")
     else:
         model = ViT(ViTConfig(**fields, num_classes=k))
     other_classes = model.class_names is not None and model.class_names != list(class_names)
     if m["weights"] and (m["zero_head"] or other_classes):  # the paper's zero-initialised head for new classes,
-        log.warning("%s: head replaced by a zero-initialised one (%s)", m["weights"],  # even when as many
-                    "the data's classes are not the checkpoint's" if other_classes else "model.zero_head")
+        if model.head.weight.any():  # even when as many (a head of another size was replaced when loading)
+            log.warning("%s: head replaced by a zero-initialised one (%s)", m["weights"],
+                        "the data's classes are not the checkpoint's" if other_classes else "model.zero_head")
         model.reset_head(k)
-    model.preprocess.update({key: m[key] for key in PREPROCESS_KEYS if m[key] is not None})
+    preprocess = {key: m[key] for key in PREPROCESS_KEYS if m[key] is not None}
+    if m["weights"]:  # pretrained weights expect inputs normalised their way, whatever the recipe says
+        ignored = [key for key in ("mean", "std") if tuple(preprocess.pop(key, model.preprocess[key])) !=
+                   tuple(model.preprocess[key])]
+        if ignored:
+            log.warning("%s: keeps its own input normalisation (%s), not the recipe's model.%s", m["weights"],
+                        ", ".join(f"{key} {list(model.preprocess[key])}" for key in ignored), "/".join(ignored))
+    model.preprocess.update(preprocess)
     model.class_names = list(class_names)
     return model.train()
 
@@ -215,6 +226,8 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
 
     # model, optimizer, EMA, precision
     torch.manual_seed(T["seed"])  # the same initial weights on every rank
+    if resume and (run_dir / LAST).is_file():  # the run's own model (the state's weights go in below): the
+        M = {**M, "weights": str(run_dir / LAST), "name": None, "zero_head": None}  # start file is not needed
     model = build_model(M, names).to(d.device)
     img_size = model.cfg.img_size
     if T["channels_last"]:
@@ -247,6 +260,9 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
         total = state["total_steps"] if T["time_budget"] else total
         skipped |= set(state["skipped"])
         epoch_stats = state["epoch_stats"]
+        if step >= total and d.main:
+            log.warning("--resume: the run is at step %d of %d already (train.epochs %d, train.max_steps %s): "
+                        "raise --epochs or --set train.max_steps to train on", step, total, T["epochs"], T["max_steps"])
         if state["world"] == d.world:
             set_rng_state(state["rng"][d.rank])
         else:
