@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -493,7 +495,8 @@ def test_empty_class_folder_and_existing_run(tiny_run, tmp_path, capsys):
                            (["--data", str(tmp_path / "ds2")],
                             f"{tmp_path / 'ds2' / '2'}: none of its images is readable"),
                            (["--out", str(tiny_run)], "already holds a run"),
-                           (["--out", str(recipe)], "is a file, not a directory")):
+                           (["--out", str(recipe)], "is a file, not a directory"),
+                           (["--out", str(recipe / "run")], f"{recipe} is a file, not a directory")):
         capsys.readouterr()
         assert main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "x"), *args]) == 2
         assert expected in capsys.readouterr().err
@@ -679,3 +682,70 @@ def test_eval_imagenet_folders_matched_by_wordnet_id(tmp_path, capsys):
         loss = F.cross_entropy(peer(x), y).item()
     assert got["n"] == 6 and set(got["per_class"]) == {p.name.split("_")[0] for p in photos}
     assert got["loss"] == pytest.approx(loss, abs=1e-4)
+
+
+# --- never lose a run: the run directory as the only source of truth ------------------------------------------
+def test_stop_in_an_epochs_last_step_still_ends_that_epoch(tiny_run, tmp_path, monkeypatch):
+    """SIGTERM arriving in the last step of epoch 1: the epoch is evaluated, logged and saved before stopping,
+    and the resumed run ends with the uninterrupted run's weights."""
+    forward, steps = vitkit.ViT.forward, []
+
+    def counting(self, x):
+        if self.training:
+            steps.append(1)
+            if len(steps) == 22:  # the last step of epoch 1 (1438 training images, 64 per step)
+                os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, x)
+
+    monkeypatch.setattr(vitkit.ViT, "forward", counting)
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", str(write_recipe(tmp_path / "r.yaml")), "--out", str(run)]) == 128 + 15
+    rows = read_metrics(run / "metrics.csv")
+    assert [r["step"] for r in rows] == [22] and rows[0]["val_top1"] is not None
+    monkeypatch.setattr(vitkit.ViT, "forward", forward)
+    train_ok("--resume", str(run))
+    for name in ("last.safetensors", "best.safetensors"):
+        a, b = (vitkit.load_model(d / name).state_dict() for d in (run, tiny_run))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert [r["step"] for r in read_metrics(run / "metrics.csv")] == [22, 44]
+
+
+def test_resume_trusts_the_state_and_guards_the_directory(tiny_run, tmp_path, capsys):
+    import fcntl
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    recipe_text = (run / "recipe.yaml").read_text()
+    (run / "recipe.yaml").write_text(recipe_text[:200])  # damaged: the state holds the recipe it was made with
+    with open(run / "metrics.csv", "a") as f:  # a row a stopped run wrote after its last state
+        f.write("3,66,0.001,0.5,0.9,,,,100,5\n")
+    with open(run / ".lock", "a+") as holder:  # another process has the run
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run), "--epochs", "3"]) == 2
+        assert "is in use by another `vitkit train`" in capsys.readouterr().err
+    train_ok("--resume", str(run), "--epochs", "3")
+    assert [r["step"] for r in read_metrics(run / "metrics.csv")] == [22, 44, 66]
+    assert yaml.safe_load((run / "recipe.yaml").read_text()) == {**yaml.safe_load(recipe_text),
+                                                                  "train": {**yaml.safe_load(recipe_text)["train"],
+                                                                            "epochs": 3}}
+    (run / "state.pt").write_bytes((run / "state.pt").read_bytes()[:5000])  # truncated
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "state.pt is unreadable" in err and "\n" not in err
+
+
+def test_interrupted_state_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from vitkit.train.trainer import atomic_save
+
+    (tmp_path / "state.pt").write_bytes(b"previous")
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError):
+        atomic_save({"step": 1}, tmp_path / "state.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"] and (tmp_path / "state.pt").read_bytes() == b"previous"

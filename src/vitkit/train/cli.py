@@ -53,7 +53,7 @@ def resolve_recipe(args: argparse.Namespace) -> tuple[dict, Path, bool]:
             raise R.RecipeError("--resume RUN_DIR takes its recipe and directory from the run; drop --recipe/--out")
         if not (run / "state.pt").is_file() or not (run / "recipe.yaml").is_file():
             raise R.RecipeError(f"--resume {run}: not a run directory (no state.pt and recipe.yaml in it)")
-        saved = R.load(run / "recipe.yaml", resuming=True)
+        saved = R.load(None, base=_run_recipe(run), resuming=True)
         recipe = R.load(None, overrides, base=saved, resuming=True)
         fixed = [f"model.{k}" for k in saved["model"] if k != "weights"] + \
             [f"data.{k}" for k in ("path", "val", "val_split", "split_seed", "batch_size")]
@@ -66,11 +66,31 @@ def resolve_recipe(args: argparse.Namespace) -> tuple[dict, Path, bool]:
     recipe = R.load(args.recipe, overrides)
     name = Path(recipe["data"]["path"]).name.split(".")[0] or "run"
     run = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if run.exists() and not run.is_dir():
-        raise R.RecipeError(f"--out {run}: is a file, not a directory")
+    if file := next((p for p in (run, *run.parents) if p.exists() and not p.is_dir()), None):
+        raise R.RecipeError(f"--out {run}: {file} is a file, not a directory")
     if (run / "state.pt").exists():
         raise R.RecipeError(f"--out {run} already holds a run; continue it with --resume {run} or pick another --out")
     return recipe, run, False
+
+
+def _run_recipe(run: Path) -> dict:
+    """The recipe a run was trained with: the one its state holds (saved with it, atomically), else (runs of
+    older versions) recipe.yaml."""
+    import torch
+
+    from . import recipe as R
+
+    try:
+        state = torch.load(run / "state.pt", map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise R.RecipeError(f"--resume {run}: state.pt is unreadable ({type(e).__name__}); the run cannot "
+                            "continue from it") from None
+    if isinstance(state.get("recipe"), dict):
+        return R.merge(R.defaults(), state["recipe"], f"{run / 'state.pt'}")
+    try:
+        return R.merge(R.defaults(), R.yaml_recipe(run / "recipe.yaml"), str(run / "recipe.yaml"))
+    except UnicodeDecodeError:
+        raise R.RecipeError(f"--resume {run}: recipe.yaml is not text (damaged?)") from None
 
 
 def _at(recipe: dict, dotted: str):

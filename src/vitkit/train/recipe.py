@@ -229,7 +229,7 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None, base:
         if not path.is_file():
             raise RecipeError(f"--recipe {path}: no such file")
         # a checkpoint `vitkit train` wrote holds the recipe it was made with
-        merge(recipe, checkpoint_recipe(path) if path.suffix == ".safetensors" else _yaml_recipe(path), str(path))
+        merge(recipe, checkpoint_recipe(path) if path.suffix == ".safetensors" else yaml_recipe(path), str(path))
     nested: dict = {}
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
@@ -239,7 +239,7 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None, base:
     return recipe
 
 
-def _yaml_recipe(path: Path):
+def yaml_recipe(path: Path):
     try:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

@@ -15,10 +15,19 @@ COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_to
 class Metrics:
     """One CSV row per evaluation (appended, so a resumed run continues the file) + TensorBoard scalars."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, upto_step: int | None = None):
+        """upto_step: resuming from the state of that step; rows a stopped run wrote after it are dropped."""
         self.csv_path, self.enabled, self.tb = run_dir / "metrics.csv", enabled, None
         if not enabled:
             return
+        if upto_step is not None and self.csv_path.exists():
+            rows = [r for r in read_metrics(self.csv_path) if r["step"] is not None and r["step"] <= upto_step]
+            if len(rows) < sum(1 for _ in open(self.csv_path)) - 1:
+                with open(self.csv_path, "w", newline="") as f:
+                    w = csv.DictWriter(f, COLUMNS)
+                    w.writeheader()
+                    w.writerows({k: ("" if v is None else f"{v:.6g}" if k not in ("step",) else int(v))
+                                 for k, v in r.items()} for r in rows)
         try:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
@@ -148,13 +149,42 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def read_state(run_dir: Path) -> dict:
+    """The training state of a run, or a RecipeError saying it cannot be read."""
+    try:
+        return torch.load(run_dir / STATE, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, garbage, empty: torch raises a zoo of types
+        raise RecipeError(f"--resume {run_dir}: {STATE} is unreadable ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else 'empty'}); the run cannot continue from it") from None
+
+
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on the run directory for this process's life: two runs writing one directory would
+    interleave their checkpoints and metrics. The open file is the lock; keep it."""
+    import fcntl
+
+    f = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise RecipeError(f"{run_dir} is in use by another `vitkit train` (pid {f.read().strip() or '?'}); "
+                          "wait for it or pick another --out") from None
+    f.seek(0), f.truncate(), f.write(str(os.getpid())), f.flush()
+    return f
+
+
 def atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # interrupted or out of space: no half-written file left behind
+        if tmp.exists():
+            tmp.unlink()
 
 
 @contextlib.contextmanager
@@ -203,7 +233,8 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
     t0 = time.time()
     M, D, A, O, T = r["model"], r["data"], r["augment"], r["optim"], r["train"]
     d = Dist.init(T["device"])
-    state = torch.load(run_dir / STATE, map_location="cpu", weights_only=True) if resume else None
+    state = read_state(run_dir) if resume else None
+    lock = lock_run_dir(run_dir) if d.main and resume else None  # fresh runs lock when they create it
 
     # data: every problem with it is reported here, before any work
     data = open_data(D["path"], val=D["val"], val_split=D["val_split"], split_seed=D["split_seed"], root=D["root"],
@@ -269,8 +300,9 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
             log.warning("resuming with %d processes instead of %d: random draws will differ", d.world, state["world"])
     elif d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_run_dir(run_dir)
         (run_dir / RECIPE).write_text(to_yaml(r))
-    metrics = Metrics(run_dir, d.main)
+    metrics = Metrics(run_dir, d.main, upto_step=step if state is not None else None)
     if d.main:
         log.info("%s | %s | %s params | %s | %d steps of %d images (%d per process x %d accumulation) | %s",
                  describe(data), f"ViT {model.cfg.width}w x {model.cfg.depth} @ {img_size[0]}px",
@@ -313,26 +345,42 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
             rngs = [None] * d.world
             torch.distributed.all_gather_object(rngs, rng_state())
         if d.main:
-            atomic_save({"step": step, "total_steps": total, "model": model_sd, "optimizer": optim_sd,
-                         "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
-                         "rng": rngs, "best_top1": best, "elapsed": clock(), "epoch_stats": epoch_stats.clone(),
-                         "skipped": sorted(skipped), "class_names": names, "world": d.world}, run_dir / STATE)
-            if resume and (run_dir / RECIPE).read_text() != to_yaml(r):  # changed on resuming: now in force
-                tmp = run_dir / f".{RECIPE}.tmp"
-                tmp.write_text(to_yaml(r))
-                os.replace(tmp, run_dir / RECIPE)
-            if weights:
-                export = ema.module if ema is not None else _plain(model, model_sd, sharded)
-                extra = {"data": data.split, "train": {"step": step, "epoch": step / steps_per_epoch,
-                                                       "val_top1": val.top1 if val else None, "val_tta": T["eval_tta"],
-                                                       "ema": ema is not None},
-                         "recipe": r}  # the resolved recipe in force: how this checkpoint was made
-                from .. import save_model
-
-                save_model(export, run_dir / LAST, **extra)
-                if val is not None and val.top1 >= best or data.val is None:
-                    save_model(export, run_dir / BEST, **extra)
+            try:
+                _write(weights, val, model_sd, optim_sd, rngs)
+            except (OSError, SafetensorError) as e:  # a full disk, say: what was written before stays whole
+                raise TrainingError(f"cannot write the checkpoint in {run_dir} ({getattr(e, 'strerror', '') or e}); "
+                                    f"{_last_good(run_dir)}") from None
         d.barrier()
+
+    def _write(weights: bool, val, model_sd: dict, optim_sd: dict, rngs: list) -> None:
+        """The exported weights first, the training state last: state.pt is the commit point a resume starts
+        from, and re-exports anything after it."""
+        if weights:
+            export = ema.module if ema is not None else _plain(model, model_sd, sharded)
+            extra = {"data": data.split, "train": {"step": step, "epoch": step / steps_per_epoch,
+                                                   "val_top1": val.top1 if val else None, "val_tta": T["eval_tta"],
+                                                   "ema": ema is not None},
+                     "recipe": r}  # the resolved recipe in force: how this checkpoint was made
+            from .. import save_model
+
+            save_model(export, run_dir / LAST, **extra)
+            if val is not None and val.top1 >= best or data.val is None:
+                save_model(export, run_dir / BEST, **extra)
+        atomic_save({"step": step, "total_steps": total, "model": model_sd, "optimizer": optim_sd,
+                     "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
+                     "rng": rngs, "best_top1": best, "elapsed": clock(), "epoch_stats": epoch_stats.clone(),
+                     "skipped": sorted(skipped), "class_names": names, "world": d.world, "recipe": r},
+                    run_dir / STATE)
+        if resume and (run_dir / RECIPE).read_text(errors="replace") != to_yaml(r):  # changed on resuming
+            tmp = run_dir / f".{RECIPE}.tmp"
+            tmp.write_text(to_yaml(r))
+            os.replace(tmp, run_dir / RECIPE)
+
+    def stopped(caught: list, step: int) -> int:
+        if d.main:
+            log.warning("stopped by %s at step %d; everything is saved: vitkit train --resume %s",
+                        signal.Signals(caught[0]).name if caught else "a signal on another rank", step, run_dir)
+        return 128 + (caught[0] if caught else 0)
 
     def gradients(group: list) -> tuple[torch.Tensor, bool]:
         """Forward and backward over the step's micro-batches, gradients clipped: (mean loss, non-finite?)."""
@@ -374,7 +422,7 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
             epoch_t, epoch_step0 = time.time(), step
             bar = tqdm(total=steps_per_epoch, initial=position, desc=f"epoch {epoch + 1}", unit="step",
                        leave=False, disable=not d.main or None, dynamic_ncols=True)
-            stop = nonfinite = False
+            stop = stop_after_epoch = nonfinite = False
             for group in batches(epoch, position):
                 lr = lr_at(step, total, r["schedule"], O["lr"])
                 for g in optimizer.param_groups:
@@ -413,7 +461,8 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
                 mid_save = (T["checkpoint_every_steps"] and step % T["checkpoint_every_steps"] == 0
                             or time.time() - last_ckpt > 60 * T["checkpoint_minutes"])
                 if stop_now or time_up or step >= total or step % steps_per_epoch == 0:
-                    stop = stop_now
+                    stop = stop_now and step < total and step % steps_per_epoch  # at an epoch's end: finish it
+                    stop_after_epoch = stop_now and not stop
                     break
                 if mid_save:
                     save(weights=False)
@@ -426,10 +475,7 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
                     "train.amp=none")
             if stop:
                 save(weights=True)
-                if d.main:
-                    log.warning("stopped by %s at step %d; everything is saved: vitkit train --resume %s",
-                                signal.Signals(caught[0]).name if caught else "a signal on another rank", step, run_dir)
-                exit_code = 128 + (caught[0] if caught else 0)
+                exit_code = stopped(caught, step)
                 break
 
             # end of an epoch, or of the run: evaluate, save, log
@@ -452,9 +498,6 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
             improved = val is not None and val.top1 > best
             if val is not None:
                 best = max(best, val.top1)
-            t_save = time.time()
-            save(weights=True, val=val)
-            last_ckpt, last_save_s = time.time(), time.time() - t_save
             if d.main:
                 loss_avg, acc = (epoch_stats_all[0] / epoch_stats_all[2].clamp(min=1)).item(), \
                     (epoch_stats_all[1] / epoch_stats_all[2].clamp(min=1)).item()
@@ -466,11 +509,17 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
                          if val else "")
                 print(f"epoch {step / steps_per_epoch:5.1f}/{total / steps_per_epoch:.0f}  loss {loss_avg:.4f}  "
                       f"acc {acc:6.2%}{shown}  lr {lr:.2e}  {rate:,.0f} img/s  {_hms(clock())}", flush=True)
-                if finished or time.time() - last_plot > 60:
-                    plot_curves(metrics.csv_path, run_dir / "curves.png")
-                    last_plot = time.time()
+            t_save = time.time()
+            save(weights=True, val=val)  # after the row: a resume drops rows beyond the state it finds
+            last_ckpt, last_save_s = time.time(), time.time() - t_save
+            if d.main and (finished or time.time() - last_plot > 60):
+                plot_curves(metrics.csv_path, run_dir / "curves.png")
+                last_plot = time.time()
             if time_up:
                 log.info("time budget of %g min reached at step %d", T["time_budget"], step)
+                break
+            if stop_after_epoch and not finished:
+                exit_code = stopped(caught, step)
                 break
     if d.world > 1 and not sharded:  # DDP replicas must agree bit for bit; say so
         same, digest = d.same_weights(model)
