@@ -729,9 +729,12 @@ def test_resume_trusts_the_state_and_guards_the_directory(tiny_run, tmp_path, ca
     assert yaml.safe_load((run / "recipe.yaml").read_text()) == {**yaml.safe_load(recipe_text),
                                                                   "train": {**yaml.safe_load(recipe_text)["train"],
                                                                             "epochs": 3}}
+    (run / "last.safetensors").write_bytes(b"damaged")  # an export is not needed: the state has the weights
+    train_ok("--resume", str(run), "--epochs", "4")
+    assert vitkit.load_model(run / "last.safetensors").cfg.width == 32
     (run / "state.pt").write_bytes((run / "state.pt").read_bytes()[:5000])  # truncated
     capsys.readouterr()
-    assert main(["train", "--resume", str(run), "--epochs", "4"]) == 2
+    assert main(["train", "--resume", str(run), "--epochs", "5"]) == 2
     err = capsys.readouterr().err.strip()
     assert "state.pt is unreadable" in err and "\n" not in err
 

@@ -149,6 +149,18 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def _readable(path: Path) -> bool:
+    """Whether an exported checkpoint can be read; a damaged one is written again at the next save."""
+    from ..weights import CheckpointError
+    from ..weights.vitkit_format import is_vitkit_checkpoint
+
+    try:
+        return path.is_file() and is_vitkit_checkpoint(path)
+    except CheckpointError as e:
+        log.warning("%s; the run's state has the weights, and the next save writes it again", e)
+        return False
+
+
 def read_state(run_dir: Path) -> dict:
     """The training state of a run, or a RecipeError saying it cannot be read."""
     try:
@@ -257,7 +269,7 @@ def train(r: dict, run_dir: Path, resume: bool = False) -> int:
 
     # model, optimizer, EMA, precision
     torch.manual_seed(T["seed"])  # the same initial weights on every rank
-    if resume and (run_dir / LAST).is_file():  # the run's own model (the state's weights go in below): the
+    if resume and _readable(run_dir / LAST):  # the run's own model (the state's weights go in below): the
         M = {**M, "weights": str(run_dir / LAST), "name": None, "zero_head": None}  # start file is not needed
     model = build_model(M, names).to(d.device)
     img_size = model.cfg.img_size
