@@ -21,13 +21,14 @@ class Metrics:
         if not enabled:
             return
         if upto_step is not None and self.csv_path.exists():
-            rows = [r for r in read_metrics(self.csv_path) if r["step"] is not None and r["step"] <= upto_step]
-            if len(rows) < sum(1 for _ in open(self.csv_path)) - 1:
+            rows = read_metrics(self.csv_path)
+            kept = [r for r in rows if r["step"] is not None and r["step"] <= upto_step]
+            if len(kept) < len(rows):
                 with open(self.csv_path, "w", newline="") as f:
                     w = csv.DictWriter(f, COLUMNS)
                     w.writeheader()
-                    w.writerows({k: ("" if v is None else f"{v:.6g}" if k not in ("step",) else int(v))
-                                 for k, v in r.items()} for r in rows)
+                    w.writerows({k: "" if v is None else int(v) if k == "step" else f"{v:.6g}" for k, v in r.items()}
+                                for r in kept)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
