@@ -39,9 +39,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
 
 
-def resolve_recipe(args: argparse.Namespace) -> tuple[dict, Path, bool]:
-    """(validated recipe, run dir, resuming?) from the flags; every problem raised as one RecipeError."""
+def resolve_recipe(args: argparse.Namespace) -> tuple[dict, Path, dict | None]:
+    """(validated recipe, run dir, the run's training state when resuming) from the flags; every problem raised
+    as one RecipeError."""
     from . import recipe as R
+    from .trainer import read_state
 
     overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
     for text in args.set:
@@ -53,7 +55,8 @@ def resolve_recipe(args: argparse.Namespace) -> tuple[dict, Path, bool]:
             raise R.RecipeError("--resume RUN_DIR takes its recipe and directory from the run; drop --recipe/--out")
         if not (run / "state.pt").is_file() or not (run / "recipe.yaml").is_file():
             raise R.RecipeError(f"--resume {run}: not a run directory (no state.pt and recipe.yaml in it)")
-        saved = R.load(None, base=_run_recipe(run), resuming=True)
+        state = read_state(run)  # read once: the trainer continues from it
+        saved = R.load(None, base=_run_recipe(run, state), resuming=True)
         recipe = R.load(None, overrides, base=saved, resuming=True)
         fixed = [f"model.{k}" for k in saved["model"] if k != "weights"] + \
             [f"data.{k}" for k in ("path", "val", "val_split", "split_seed", "batch_size")]
@@ -62,7 +65,7 @@ def resolve_recipe(args: argparse.Namespace) -> tuple[dict, Path, bool]:
             raise R.RecipeError(f"--resume {run}: {', '.join(changed)} cannot change in a run "
                                 f"({', '.join(f'{_at(saved, k)} -> {_at(recipe, k)}' for k in changed)}); "
                                 f"start a new one from it with --weights {run / 'last.safetensors'}")
-        return recipe, run, True
+        return recipe, run, state
     recipe = R.load(args.recipe, overrides)
     name = Path(recipe["data"]["path"]).name.split(".")[0] or "run"
     run = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -70,21 +73,14 @@ def resolve_recipe(args: argparse.Namespace) -> tuple[dict, Path, bool]:
         raise R.RecipeError(f"--out {run}: {file} is a file, not a directory")
     if (run / "state.pt").exists():
         raise R.RecipeError(f"--out {run} already holds a run; continue it with --resume {run} or pick another --out")
-    return recipe, run, False
+    return recipe, run, None
 
 
-def _run_recipe(run: Path) -> dict:
+def _run_recipe(run: Path, state: dict) -> dict:
     """The recipe a run was trained with: the one its state holds (saved with it, atomically), else (runs of
     older versions) recipe.yaml."""
-    import torch
-
     from . import recipe as R
 
-    try:
-        state = torch.load(run / "state.pt", map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise R.RecipeError(f"--resume {run}: state.pt is unreadable ({type(e).__name__}); the run cannot "
-                            "continue from it") from None
     if isinstance(state.get("recipe"), dict):
         return R.merge(R.defaults(), state["recipe"], f"{run / 'state.pt'}")
     try:
@@ -110,7 +106,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     threads = torch.get_num_threads()
     try:
-        recipe, run, resume = resolve_recipe(args)
+        recipe, run, state = resolve_recipe(args)
         if args.print_recipe:
             print(R.to_yaml(recipe), end="")
             return 0
@@ -119,7 +115,7 @@ def run_train(args: argparse.Namespace) -> int:
         # late in a run, with a small learning rate, denormal floats made CPU steps ~8x slower (cifar10 trials)
         torch.set_flush_denormal(True)
         keep_freed_memory()
-        return train(recipe, run, resume)
+        return train(recipe, run, state)
     except (R.RecipeError, DataError) as e:
         if int(os.environ.get("RANK", 0)):  # under torchrun every rank finds it: rank 0 says it
             return 2

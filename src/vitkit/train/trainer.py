@@ -241,11 +241,12 @@ def attention_kernel(kernel: str | None):
 
 
 # --- the run --------------------------------------------------------------------------------------------
-def train(r: dict, run_dir: Path, resume: bool = False) -> int:
+def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
+    """Train as the recipe says into run_dir; `state`: the run's training state (read_state), to resume it."""
+    resume = state is not None
     t0 = time.time()
     M, D, A, O, T = r["model"], r["data"], r["augment"], r["optim"], r["train"]
     d = Dist.init(T["device"])
-    state = read_state(run_dir) if resume else None
     lock = lock_run_dir(run_dir) if d.main and resume else None  # fresh runs lock when they create it
 
     # data: every problem with it is reported here, before any work
