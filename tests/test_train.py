@@ -247,10 +247,14 @@ def test_nonfinite_loss_before_any_checkpoint(tmp_path, caplog):
     assert not (tmp_path / "run" / "state.pt").exists()
 
 
-def test_resume_extends_a_finished_run(tiny_run, tmp_path):
+def test_resume_extends_a_finished_run(tiny_run, tmp_path, caplog):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
+    r = yaml.safe_load((run / "recipe.yaml").read_text())
     train_ok("--resume", str(run), "--epochs", "3")
+    lrs = [lr_at(44, total, r["schedule"], r["optim"]["lr"]) for total in (66, 44)]  # the cosine stretched
+    assert lrs[0] > 10 * lrs[1] and (f"the schedule now ends at step 66 instead of 44, so the learning rate at step "
+                                     f"44 is {lrs[0]:.3g} instead of {lrs[1]:.3g}") in caplog.text
     assert [r["epoch"] for r in read_metrics(run / "metrics.csv")] == [1.0, 2.0, 3.0]
     assert yaml.safe_load((run / "recipe.yaml").read_text())["train"]["epochs"] == 3  # the recipe now in force
     assert torch.load(run / "state.pt", weights_only=True)["step"] == 3 * 22
@@ -491,9 +495,16 @@ def test_empty_class_folder_and_existing_run(tiny_run, tmp_path, capsys):
     digit_images(tmp_path / "ds2", ["0", "1"], per_class=5)
     (tmp_path / "ds2" / "2").mkdir()
     (tmp_path / "ds2" / "2" / "x.png").write_bytes(b"not an image")
+    with tarfile.open(tmp_path / "ds2.tar", "w") as tar:
+        tar.add(tmp_path / "ds2", arcname="train")
     for args, expected in ((["--data", str(tmp_path / "ds")], "empty class folder"),
                            (["--data", str(tmp_path / "ds2")],
                             f"{tmp_path / 'ds2' / '2'}: none of its images is readable"),
+                           # decoded on demand (large images are): still caught before any work
+                           (["--data", str(tmp_path / "ds2"), "--set", "data.preload=false"],
+                            f"{tmp_path / 'ds2' / '2'}: none of its images is readable"),
+                           (["--data", str(tmp_path / "ds2.tar"), "--set", "data.preload=false"],
+                            f"{tmp_path / 'ds2.tar'}:train/2: none of its images is readable"),
                            (["--out", str(tiny_run)], "already holds a run"),
                            (["--out", str(recipe)], "is a file, not a directory"),
                            (["--out", str(recipe / "run")], f"{recipe} is a file, not a directory")):

@@ -271,23 +271,52 @@ def _layout(folder: Path) -> tuple[Path, Path | None]:
 def _folder(root: Path, preload, cache_dir: str | None, like: list[str] | None = None,
             shown_as: tuple[str, str] | None = None) -> tuple[Dataset, list[str]]:
     """An ImageFolder (one subfolder per class). `like`: the training classes these must be among."""
+    where = _shown(root, shown_as)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise DataError(f"{root}: no class folders (expected {root}/<class>/<image>)")
+        raise DataError(f"{where}: no class folders (expected {where}/<class>/<image>)")
     if like is not None and (extra := sorted(set(classes) - set(like))):
-        raise DataError(f"{root}: classes {extra[:5]} are not among the training classes")
+        raise DataError(f"{where}: classes {extra[:5]} are not among the training classes")
     index = {c: i for i, c in enumerate(like or classes)}
-    paths, labels = [], []
+    per_class = {}
     for c in classes:
         files = sorted(f for f in (root / c).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise DataError(f"{root / c}: empty class folder (no image files)")
-        paths += files
-        labels += [index[c]] * len(files)
+            raise DataError(f"{_shown(root / c, shown_as)}: empty class folder (no image files)")
+        per_class[c] = files
+    paths = [f for files in per_class.values() for f in files]
+    labels = [index[c] for c, files in per_class.items() for _ in files]
     files_ds = _labelled(FileImages(paths, labels, shown_as), like or classes)
     if preload is False or (preload == "auto" and not _small(paths)):
+        # decoded on demand, so a class none of whose files is an image must be caught here
+        if unreadable := [c for c, files in per_class.items() if not _any_opens(files)]:
+            raise DataError(_no_readable(where, unreadable))
         return files_ds, []
-    return _preload(files_ds, root, cache_dir)
+    return _preload(files_ds, root, where, cache_dir)
+
+
+def _any_opens(paths: list[Path]) -> bool:
+    """Whether one of the files opens as an image (the header only: cheap even for ImageNet's 1000 classes)."""
+    from PIL import Image
+
+    for p in paths:
+        try:
+            with Image.open(p):
+                return True
+        except Exception:
+            continue
+    return False
+
+
+def _no_readable(where: str, classes: list[str]) -> str:
+    more = f" (nor those of {len(classes) - 1} more classes)" if len(classes) > 1 else ""
+    return f"{where}/{classes[0]}: none of its images is readable{more}"
+
+
+def _shown(path: Path, shown_as: tuple[str, str] | None) -> str:
+    """A path as messages name it: inside an archive, by its place there ("data.tar.gz:train/cat")."""
+    text = f"{path}{os.sep}"
+    return text.replace(*shown_as, 1).rstrip(os.sep + ":") if shown_as else str(path)
 
 
 def _small(paths: list[Path]) -> bool:
@@ -319,7 +348,7 @@ class _Decode(Dataset):
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), i
 
 
-def _preload(files: FileImages, root: Path, cache_dir: str | None) -> tuple[Dataset, list[str]]:
+def _preload(files: FileImages, root: Path, where: str, cache_dir: str | None) -> tuple[Dataset, list[str]]:
     """Decode every image once into a uint8 tensor (cached on disk, keyed by the folder and the files' names,
     sizes and times: the skipped files' messages name them). Images of another size than the first are resized
     to it."""
@@ -334,7 +363,7 @@ def _preload(files: FileImages, root: Path, cache_dir: str | None) -> tuple[Data
     else:
         size = next((img.size for i in range(len(files)) if (img := _try(files, i)) is not None), None)
         if size is None:
-            raise DataError(f"{root}: none of the {len(files)} image files is readable")
+            raise DataError(f"{where}: none of the {len(files)} image files is readable")
         loader = torch.utils.data.DataLoader(_Decode(files, size), batch_size=500, collate_fn=collate,
                                              num_workers=min(4, os.cpu_count() or 1))
         images, keep, skipped = [], [], []
@@ -348,8 +377,7 @@ def _preload(files: FileImages, root: Path, cache_dir: str | None) -> tuple[Data
         os.replace(tmp, cache)
     unreadable = sorted(set(files.labels.tolist()) - set(d["labels"].tolist()))
     if unreadable:  # as unusable as an empty class folder
-        more = f" (nor those of {len(unreadable) - 1} more classes)" if len(unreadable) > 1 else ""
-        raise DataError(f"{root / files.class_names[unreadable[0]]}: none of its images is readable{more}")
+        raise DataError(_no_readable(where, [files.class_names[i] for i in unreadable]))
     return _labelled(TensorImages(d["images"], d["labels"]), files.class_names), list(d["skipped"])
 
 

@@ -307,6 +307,11 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
         if step >= total and d.main:
             log.warning("--resume: the run is at step %d of %d already (train.epochs %d, train.max_steps %s): "
                         "raise --epochs or --set train.max_steps to train on", step, total, T["epochs"], T["max_steps"])
+        elif total != state["total_steps"] and d.main:  # a longer (or shorter) run: the schedule stretches
+            log.warning("--resume: the schedule now ends at step %d instead of %d, so the learning rate at step %d "
+                        "is %.3g instead of %.3g", total, state["total_steps"], step,
+                        lr_at(step, total, r["schedule"], O["lr"]),
+                        lr_at(step, state["total_steps"], r["schedule"], O["lr"]))
         if state["world"] == d.world:
             set_rng_state(state["rng"][d.rank])
         else:
