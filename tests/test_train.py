@@ -207,6 +207,13 @@ def test_finetune_interpolates_positions_and_zeroes_head(tiny_run, tmp_path, cap
     assert tuned.class_names == ["0", "1", "2"] and tuned.cfg.img_size == (16, 16)
 
 
+def test_summary_line_of_a_run_shorter_than_an_epoch(tmp_path, capsys):
+    train_ok("--recipe", str(write_recipe(tmp_path / "r.yaml")), "--set", "train.max_steps=4", "--out",
+             str(tmp_path / "run"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 1 and lines[0].startswith("epoch   0.2/0.2  loss"), lines  # 4 of 22 steps
+
+
 def test_budget_fit_adds_no_step_when_no_time_is_left():
     from vitkit.train.distributed import Dist
     from vitkit.train.trainer import _fit
@@ -301,9 +308,18 @@ def test_finetune_from_a_vitkit_checkpoint_keeps_its_architecture_and_inputs(tin
 def test_lr_schedule():
     s = {"name": "cosine", "warmup_steps": 10, "warmup_fraction": 0.0, "min_lr": 0.0}
     assert [lr_at(i, 110, s, 1.0) for i in (0, 4, 9)] == [0.1, 0.5, 1.0]
-    assert lr_at(60, 110, s, 1.0) == pytest.approx(0.5) and lr_at(110, 110, s, 1.0) == pytest.approx(0.0)
+    assert lr_at(59, 110, s, 1.0) == pytest.approx(0.5) and lr_at(109, 110, s, 1.0) == pytest.approx(0.0)
     lin = {**s, "name": "linear", "warmup_steps": 0, "warmup_fraction": 0.1, "min_lr": 0.1}
-    assert lr_at(10, 100, lin, 1.0) == pytest.approx(1.0) and lr_at(55, 100, lin, 1.0) == pytest.approx(0.55)
+    assert lr_at(9, 100, lin, 1.0) == pytest.approx(1.0) and lr_at(54, 100, lin, 1.0) == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear"])
+@pytest.mark.parametrize("total,warmup", [(100, 10), (4, 10000), (2, 0)])
+def test_lr_schedule_ends_at_min_lr_on_the_last_step(name, total, warmup):
+    """The last step that runs (total - 1) trains at min_lr, as the official vit_jax schedule does; also when the
+    warm-up is longer than the run (a short --set train.max_steps with recipes/pretrain.yaml's 10k warm-up)."""
+    s = {"name": name, "warmup_steps": warmup, "warmup_fraction": 0.0, "min_lr": 1e-5}
+    assert lr_at(total - 1, total, s, 1.0) == pytest.approx(1e-5)
 
 
 def test_ema_of_a_model_with_batchnorm():

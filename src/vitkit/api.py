@@ -17,12 +17,13 @@ _FROM_CHECKPOINT = ("class_token", "distilled", "pool", "fc_norm", "representati
 
 
 def create_model(name: str, *, weights: str | Path | None = None, num_classes: int | None = None,
-                 img_size: int | tuple[int, int] | None = None, **overrides) -> ViT:
+                 img_size: int | tuple[int, int] | None = None, pos_resample: str | None = None, **overrides) -> ViT:
     """Build a ViT by name ("ViT-B/16", "vit_base_patch16_224", "vit_b_16", ...), optionally with weights.
 
     With weights, the checkpoint's own head size is kept unless num_classes says otherwise (then the head is
     replaced by a zero-initialised one), and so is its resolution unless img_size says otherwise (then position
     embeddings are resampled in 2D): a 384 px checkpoint runs at 384 px under a name whose default is 224.
+    pos_resample: how ("bicubic", "bilinear", "vit_jax"); by default as the checkpoint's own codebase does it.
     """
     ckpt = read_checkpoint(weights) if weights is not None else None
     facts = {}
@@ -37,7 +38,7 @@ def create_model(name: str, *, weights: str | Path | None = None, num_classes: i
         model = ViT(cfg)
     model.preprocess.update(preprocess)
     if ckpt is not None:
-        _load(model, ckpt, weights)
+        _load(model, ckpt, weights, pos_resample)
     return model.eval()
 
 
@@ -54,21 +55,22 @@ def _native_size(ckpt, cfg: ViTConfig) -> tuple[int, int]:
     return (side * cfg.reduction,) * 2 if side * side == n and n > 0 else cfg.img_size
 
 
-def _load(model: ViT, ckpt, source: str | Path) -> None:
+def _load(model: ViT, ckpt, source: str | Path, pos_resample: str | None = None) -> None:
     """Load, saying what had to be fitted (head replaced, position embeddings resampled)."""
-    for note in load_into(model, ckpt, source=str(source)):
+    for note in load_into(model, ckpt, source=str(source), pos_resample=pos_resample):
         log.warning("%s: %s", source, note)
 
 
-def load_model(path: str | Path, **overrides) -> ViT:
-    """Rebuild a model from a vitkit checkpoint (.safetensors with its config), nothing else needed."""
+def load_model(path: str | Path, *, pos_resample: str | None = None, **overrides) -> ViT:
+    """Rebuild a model from a vitkit checkpoint (.safetensors with its config), nothing else needed; overrides
+    such as img_size change it (pos_resample: as in create_model)."""
     ckpt = read_checkpoint(path)
     if ckpt.format != "vitkit":
         raise CheckpointError(f"{path}: a {ckpt.format} checkpoint, which does not say its architecture; "
                               f"use create_model(NAME, weights=...) or `vitkit convert` it first")
     with torch.device("meta"):
         model = ViT(ViTConfig.from_dict({**ckpt.config, **overrides}))
-    _load(model, ckpt, path)
+    _load(model, ckpt, path, pos_resample)
     return model.eval()
 
 

@@ -87,16 +87,22 @@ SCHEMA: dict[str, dict[str, tuple[Any, Callable]]] = {
     "model": {
         "name": (None, _text()),  # a `vitkit models` name; None: build from the fields below
         "weights": (None, _text()),  # start from a checkpoint (fine-tuning); head and positions are fitted
+        # how its position embeddings are resampled to another grid; None: as the checkpoint's codebase does
+        "pos_resample": (None, _choice("bicubic", "bilinear", "vit_jax", optional=True)),
         "img_size": (None, _size), "patch_size": (None, _opt_int), "width": (None, _opt_int),
         "depth": (None, _opt_int), "num_heads": (None, _opt_int), "mlp_dim": (None, _opt_int),
         "pool": (None, _choice("token", "gap", optional=True)), "class_token": (None, _flag(True)),
         "fc_norm": (None, _flag(True)), "qkv_bias": (None, _flag(True)),
-        "representation_size": (None, _number(0, integer=True, optional=True)),  # 0: no pre-logits layer
+        # the pre-logits layer's width; 0: none; "width": as wide as the model (the paper's pre-training head)
+        "representation_size": (None, lambda v: None if v == "width" else _number(0, integer=True, optional=True)(v)),
         "hybrid_layers": (None, _numbers(lo=1, integer=True)), "dropout": (None, _rate),
         "attn_dropout": (None, _rate), "drop_path": (None, _rate), "zero_head": (None, _flag(True)),
         "mean": (None, _numbers(3)), "std": (None, _numbers(3, lo=1e-6)),
         "crop_pct": (None, _number(0, 1, optional=True, lo_open=True)),
         "interpolation": (None, _choice("bicubic", "bilinear", "nearest", optional=True)),
+        # evaluation resize: "center" (short side, then center crop: timm, torchvision) or "squash" (both sides
+        # to the input size: the official ViT code's and transformers' evaluation)
+        "crop_mode": (None, _choice("center", "squash", optional=True)),
     },
     "data": {
         "path": (None, _text(optional=False)),  # folder, .tar(.gz), digits, cifar10, cifar100, shards-{..}.tar
@@ -118,7 +124,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Callable]]] = {
         "scale": ([0.08, 1.0], _numbers(2, lo=0.0, hi=1.0, optional=False)),  # "random_resized" area range
         "hflip": (0.0, _number(0, 1)),
         "auto_augment": (None, _choice("randaugment", "trivialaugment", optional=True)),
-        "randaugment_ops": (2, _number(1, integer=True)), "randaugment_magnitude": (9, _number(0, 30, integer=True)),
+        "randaugment_ops": (2, _number(1, integer=True)),
+        "randaugment_magnitude": (9, _number(0, 10, integer=True)),  # of 10, as timm's and DeiT's "rand-m9"
         "mixup": (0.0, _number(0)), "cutmix": (0.0, _number(0)),  # Beta(alpha, alpha); 0 = off
         "label_smoothing": (0.0, _number(0, 1, hi_open=True)),
         "random_erasing": (0.0, _number(0, 1)),
@@ -159,9 +166,14 @@ SCHEMA: dict[str, dict[str, tuple[Any, Callable]]] = {
     },
 }
 VIT_FIELDS = {f.name for f in dataclasses.fields(ViTConfig)}
-SCHEMA["model"].update({f: (None, lambda v: None) for f in sorted(VIT_FIELDS - set(SCHEMA["model"]))
-                        if f != "num_classes"})  # other ViTConfig fields: checked by building the config
-PREPROCESS_KEYS = ("mean", "std", "crop_pct", "interpolation")
+# the other ViTConfig fields, checked by type like the rest (building the config does not check types: a string
+# norm_eps or in_chans 0 would only fail with a traceback at the first step, after the run directory is made)
+_OTHER_FIELDS = {"conv_stem": _numbers(lo=1, integer=True), "conv_stem_pool": _flag(True), "distilled": _flag(True),
+                 "dynamic_img_size": _flag(True), "hybrid_width": _opt_int, "in_chans": _opt_int,
+                 "norm_eps": _number(0, optional=True, lo_open=True)}
+SCHEMA["model"].update({f: (None, _OTHER_FIELDS.get(f, lambda v: None))
+                        for f in sorted(VIT_FIELDS - set(SCHEMA["model"])) if f != "num_classes"})
+PREPROCESS_KEYS = ("mean", "std", "crop_pct", "interpolation", "crop_mode")
 
 
 def defaults() -> dict:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from ..data.augment import BatchShiftFlip, batch_mixer, train_transform
 from ..data.datasets import ShardStream, Transformed, collate, describe, open_data
 from ..data.images import eval_transform
+from ..models.registry import build_config
 from ..models.vit import ViT, ViTConfig
 from .distributed import Dist, full_state, load_full_state, wrap
 from .evaluate import autocast, eval_loader, evaluate, training_precision
@@ -51,12 +52,16 @@ def build_model(m: dict, class_names: list[str]) -> ViT:
     from ..weights.vitkit_format import is_vitkit_checkpoint
 
     fields, k = model_fields(m), len(class_names)
+    if fields.get("representation_size") == "width":
+        fields["representation_size"] = fields.get("width") or (build_config(m["name"])[0].width if m["name"]
+                                                                else ViTConfig.width)
     if m["weights"] and is_vitkit_checkpoint(m["weights"]):
         if m["name"]:
             log.warning("%s: a vitkit checkpoint, built as it says (model.name %s not used)", m["weights"], m["name"])
-        model = load_model(m["weights"], **{**fields, "num_classes": k})
+        model = load_model(m["weights"], pos_resample=m["pos_resample"], **{**fields, "num_classes": k})
     elif m["name"]:
-        model = create_model(m["name"], weights=m["weights"], **{**fields, "num_classes": k})
+        model = create_model(m["name"], weights=m["weights"], pos_resample=m["pos_resample"],
+                             **{**fields, "num_classes": k})
     elif m["weights"]:
         raise RecipeError(f"model.weights {m['weights']}: not a vitkit checkpoint, so set model.name too")
     else:
@@ -80,11 +85,12 @@ def build_model(m: dict, class_names: list[str]) -> ViT:
 
 
 def make_optimizer(model: torch.nn.Module, o: dict) -> torch.optim.Optimizer:
-    """Weight decay on weight matrices only: not on biases, norms, position embeddings or the [class] token."""
+    """Weight decay on weight matrices only: not on biases, norms, position embeddings, the [class] or distillation
+    token (timm/DeiT's no_weight_decay)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token") else decay).append(p)
+            (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token", "dist_token") else decay).append(p)
     groups = [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
     # torch's default on CPU is a Python loop over the tensors (its foreach kernels are GPU-only); the fused
     # kernel (CPU and GPU) does the whole update in one pass. Sharded (DTensor) parameters keep the default.
@@ -100,7 +106,8 @@ def lr_at(step: int, total: int, s: dict, base_lr: float) -> float:
     warmup = min(max(s["warmup_steps"], round(s["warmup_fraction"] * total)), max(total - 1, 0))
     if step < warmup:
         return base_lr * (step + 1) / warmup
-    p = min((step - warmup) / max(total - warmup, 1), 1.0)
+    # progress after this step, as vit_jax's schedule (1-based steps): the last step (total - 1) is at min_lr
+    p = min((step + 1 - warmup) / max(total - warmup, 1), 1.0)
     shape = {"cosine": 0.5 * (1 + math.cos(math.pi * p)), "linear": 1 - p, "constant": 1.0}[s["name"]]
     return s["min_lr"] + (base_lr - s["min_lr"]) * shape
 
@@ -525,7 +532,8 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
                             val_top5=val.top5 if val else "", images_per_s=rate, elapsed_s=clock())
                 shown = (f"  val {val.top1:6.2%} (top-5 {val.top5:.2%}, loss {val.loss:.3f}){' *' if improved else ''}"
                          if val else "")
-                print(f"epoch {step / steps_per_epoch:5.1f}/{total / steps_per_epoch:.0f}  loss {loss_avg:.4f}  "
+                planned = f"{total / steps_per_epoch:.{0 if total % steps_per_epoch == 0 else 1}f}"
+                print(f"epoch {step / steps_per_epoch:5.1f}/{planned}  loss {loss_avg:.4f}  "
                       f"acc {acc:6.2%}{shown}  lr {lr:.2e}  {rate:,.0f} img/s  {_hms(clock())}", flush=True)
             t_save = time.time()
             save(weights=True, val=val)  # after the row: a resume drops rows beyond the state it finds

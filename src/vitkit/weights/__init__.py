@@ -189,10 +189,20 @@ def _grid_for(n: int, like: tuple[int, int]) -> tuple[int, int]:
                           f"img_size (e.g. --img-size HxW) to load it")
 
 
-def load_into(model, ckpt: Checkpoint, source: str = "checkpoint") -> list[str]:
-    """Fit and load; a mismatch raises CheckpointError naming every differing key and shape."""
+# ways to resample position embeddings to another grid, by name (default: the source codebase's own way)
+POS_RESAMPLE = {"bicubic": {}, "bilinear": {"mode": "bilinear", "antialias": False},
+                # the official code's scipy.ndimage.zoom(order=1) (vit_jax/checkpoint.py): corners aligned
+                "vit_jax": {"mode": "bilinear", "antialias": False, "align_corners": True}}
+
+
+def load_into(model, ckpt: Checkpoint, source: str = "checkpoint", pos_resample: str | None = None) -> list[str]:
+    """Fit and load; a mismatch raises CheckpointError naming every differing key and shape. `pos_resample`: a
+    POS_RESAMPLE name, else the checkpoint's codebase's way."""
+    if pos_resample is not None and pos_resample not in POS_RESAMPLE:
+        raise ValueError(f"pos_resample {pos_resample!r}: must be one of {sorted(POS_RESAMPLE)}")
     try:
-        sd, notes = fit_state_dict(ckpt.state_dict, model, ckpt.pos_resample)
+        resample = POS_RESAMPLE[pos_resample] if pos_resample else ckpt.pos_resample
+        sd, notes = fit_state_dict(ckpt.state_dict, model, resample)
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
     own = model.state_dict()
