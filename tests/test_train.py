@@ -434,34 +434,61 @@ def test_files_decoded_on_demand_skip_corrupt(tmp_path):
     assert len(skipped) == 1 and "bad.png" in skipped[0]
 
 
-def digit_shards(folder, shards: int, per_shard: int) -> str:
-    """sklearn digits as WebDataset shards (png + cls); the brace pattern naming them."""
+def digit_shards(folder, shards: int, per_shard: int | list[int]) -> str:
+    """sklearn digits as WebDataset shards (png + cls), `per_shard` samples in each (or in each its own number);
+    the brace pattern naming them."""
     import webdataset as wds
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    for shard in range(shards):
+    sizes = per_shard if isinstance(per_shard, list) else [per_shard] * shards
+    ends = np.cumsum(sizes)
+    for shard, (end, size) in enumerate(zip(ends, sizes)):
         with wds.TarWriter(str(folder / f"digits-{shard:03d}.tar")) as sink:
-            for i in range(shard * per_shard, shard * per_shard + per_shard):
+            for i in range(end - size, end):
                 px = np.rint(d.images[i] * (255 / 16)).astype(np.uint8)
                 sink.write({"__key__": f"{i:05d}", "png": np.stack([px] * 3, -1), "cls": int(d.target[i])})
     return str(folder / f"digits-{{000..{shards - 1:03d}}}.tar")
 
 
 def test_shards_cycle_when_a_rank_has_fewer(tmp_path):
-    """3 shards for 2 processes: rank 1 reads one shard and must cycle it to give as many batches as rank 0."""
+    """9 shards for 2 processes: rank 1 reads 4 and must cycle them to give as many batches as rank 0 (5)."""
     import itertools
 
-    stream = open_data(digit_shards(tmp_path, 3, 100)).train.configure(lambda im: im, 0, 0, rank=1, world=2,
-                                                                        repeat=True)
-    assert len(list(itertools.islice(iter(stream), 250))) == 250
-    assert len(list(stream.configure(lambda im: im, 0, 0, rank=1, world=2, repeat=False))) == 100
+    stream = open_data(digit_shards(tmp_path, 9, 20)).train.configure(lambda im: im, 0, 0, rank=1, world=2,
+                                                                       repeat=True)
+    assert len(list(itertools.islice(iter(stream), 100))) == 100
+    assert len(list(stream.configure(lambda im: im, 0, 0, rank=1, world=2, repeat=False))) == 80
 
 
-def test_webdataset_shards(tmp_path):
+@pytest.mark.parametrize("shards, per_shard", [(1, 200), (3, 100), (3, [300, 80, 20]), (4, 50)])
+def test_shards_shared_out_so_each_sample_is_read_once_per_epoch(tmp_path, shards, per_shard):
+    """Fewer shards than processes, shards that cannot be dealt evenly, or of very different sizes: the two ranks
+    together read every sample once per epoch, about half each (with the training shuffle on)."""
+    from collections import Counter
+
+    stream = open_data(digit_shards(tmp_path, shards, per_shard)).train
+    stream.shuffle_buffer = 50
+
+    def read(rank, world):  # an image's bytes stand for it
+        return [(x, y) for x, y in stream.configure(lambda im: hashlib.md5(im.tobytes()).hexdigest(), 7, 1,
+                                                    rank=rank, world=world)]
+
+    every = read(0, 1)
+    assert len(every) == len(stream)
+    ranks = [read(0, 2), read(1, 2)]
+    assert Counter(ranks[0] + ranks[1]) == Counter(every)
+    assert 0.4 * len(every) <= len(ranks[0]) <= 0.6 * len(every)
+
+
+def test_webdataset_shards(tmp_path, capsys):
     spec = digit_shards(tmp_path, 2, 300)
     data = open_data(spec)
     assert len(data.train) == 600 and data.class_names == [str(i) for i in range(10)]
+    one = tmp_path / "digits-000.tar"  # one shard named without a brace range reads as an ImageFolder archive
+    assert main(["train", "--recipe", str(write_recipe(tmp_path / "one.yaml")), "--data", str(one)]) == 2
+    err = capsys.readouterr().err
+    assert f"{one}: no class folders" in err and "it looks like one WebDataset shard" in err, err
     run = tmp_path / "run"
     # TINY's val_split 0.2 is unused: the val shards are the validation set
     recipe = write_recipe(tmp_path / "r.yaml", data={"path": spec, "val": spec, "batch_size": 50},

@@ -274,7 +274,10 @@ def _folder(root: Path, preload, cache_dir: str | None, like: list[str] | None =
     where = _shown(root, shown_as)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise DataError(f"{where}: no class folders (expected {where}/<class>/<image>)")
+        shard = shown_as is not None and any(root.glob("*.cls"))
+        raise DataError(f"{where}: no class folders (expected {where}/<class>/<image>)" + (
+            "; it looks like one WebDataset shard: name shards with a brace range, e.g. 'train-{000000..000000}.tar'"
+            if shard else ""))
     if like is not None and (extra := sorted(set(classes) - set(like))):
         raise DataError(f"{where}: classes {extra[:5]} are not among the training classes")
     index = {c: i for i, c in enumerate(like or classes)}
@@ -430,32 +433,35 @@ def _shards(spec: str, val: str | None, opts: dict, evaluate_only: bool) -> Data
     if missing:
         raise DataError(f"{spec}: {len(missing)} of {len(urls)} shards missing, e.g. {missing[0]}")
     names_file = Path(urls[0]).parent / "classes.txt"
-    count, labels = (opts.get("epoch_size"), None) if opts.get("epoch_size") else _count(urls)
+    sizes, labels = (None, None) if opts.get("epoch_size") else _count(urls)
+    count = opts.get("epoch_size") or sum(sizes)
     if names_file.is_file():
         class_names = [s.strip() for s in names_file.read_text().splitlines() if s.strip()]
     elif labels:
         class_names = [str(i) for i in range(max(labels) + 1)]
     else:
         raise DataError(f"{spec}: put the class names in {names_file} (one per line, in label order)")
-    stream = ShardStream(urls, count, shuffle_buffer=opts.get("shuffle_buffer", 2000))
+    stream = ShardStream(urls, count, shuffle_buffer=opts.get("shuffle_buffer", 2000), shard_sizes=sizes)
     val_urls = wds.shardlists.expand_urls(val) if val else None
-    held = ShardStream(val_urls, _count(val_urls)[0], shuffle_buffer=0) if val else None
+    val_sizes = _count(val_urls)[0] if val else None
+    held = ShardStream(val_urls, sum(val_sizes), shuffle_buffer=0, shard_sizes=val_sizes) if val else None
     data = Data(stream, held, class_names, spec, {"path": spec, "val_split": 0.0, "split_seed": 0})
     if evaluate_only:
-        data.train, data.val = None, held or ShardStream(urls, count, shuffle_buffer=0)
+        data.train, data.val = None, held or ShardStream(urls, count, shuffle_buffer=0, shard_sizes=sizes)
     return data
 
 
-def _count(urls: list[str]) -> tuple[int, list[int]]:
-    """Samples and labels in local shards (one pass over the archives)."""
-    n, labels = 0, set()
+def _count(urls: list[str]) -> tuple[list[int], list[int]]:
+    """Samples per shard and the labels, of local shards (one pass over the archives)."""
+    sizes, labels = [], set()
     for u in urls:
+        sizes.append(0)
         with tarfile.open(u) as tar:
             for m in tar:
                 if m.name.endswith(".cls"):
-                    n += 1
+                    sizes[-1] += 1
                     labels.add(int(tar.extractfile(m).read()))
-    return n, sorted(labels)
+    return sizes, sorted(labels)
 
 
 class ShardStream(IterableDataset):
@@ -463,8 +469,9 @@ class ShardStream(IterableDataset):
     (shard order and shuffle are seeded by it), the process's rank and whether to repeat the shards so
     that every rank can take the same number of batches."""
 
-    def __init__(self, urls: list[str], size: int | None, shuffle_buffer: int):
+    def __init__(self, urls: list[str], size: int | None, shuffle_buffer: int, shard_sizes: list[int] | None = None):
         self.urls, self.size, self.shuffle_buffer = urls, size, shuffle_buffer
+        self.shard_sizes = dict(zip(urls, shard_sizes)) if shard_sizes else {}  # unknown: taken as equal
         self.label_map: torch.Tensor | None = None  # labels renumbered into a checkpoint's classes
         self.transform, self.seed, self.epoch, self.rank, self.world, self.repeat = None, None, 0, 0, 1, False
 
@@ -485,19 +492,36 @@ class ShardStream(IterableDataset):
         urls = list(self.urls)
         if self.seed is not None:
             random.Random(hash((self.seed, self.epoch))).shuffle(urls)
-        by_shard = len(urls) >= parts  # enough shards: each reader gets its own, else every n-th sample
+        mine = self._share(urls, parts)
+        by_shard = mine is not None  # each reader its own shards, else every reader keeps every n-th sample
         if by_shard:
-            urls = urls[part::parts]
+            urls = [u for u in urls if u in mine[part]]
         ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False,
                             handler=wds.warn_and_continue)
         if self.repeat:  # WebDataset(repeat=True) reads the shards once (webdataset 1.0); .repeat() cycles them
             ds = ds.repeat()
         if self.seed is not None and self.shuffle_buffer > 1:
-            ds = ds.shuffle(self.shuffle_buffer, rng=random.Random(hash((self.seed, self.epoch, part))))
+            # reading every n-th sample needs one order on all readers: the same seed
+            ds = ds.shuffle(self.shuffle_buffer, rng=random.Random(hash((self.seed, self.epoch,
+                                                                         part if by_shard else -1))))
         for n, sample in enumerate(ds):
             if not by_shard and n % parts != part:
                 continue
             yield self._decode(sample, n)
+
+    def _share(self, urls: list[str], parts: int) -> list[set[str]] | None:
+        """Shards per reader, dealt largest first to the reader with the fewest samples so far. None when the
+        least loaded reader would get under 80% of the most loaded one's samples (fewer shards than readers, or
+        sizes too uneven): a reader short of samples repeats its own while others' are left unread, so then
+        every reader reads all shards instead (more reading, one epoch of every sample)."""
+        if len(urls) < parts:
+            return None
+        loads, mine = [0] * parts, [set() for _ in range(parts)]
+        for u in sorted(urls, key=lambda u: -self.shard_sizes.get(u, 1)):
+            i = loads.index(min(loads))
+            loads[i] += self.shard_sizes.get(u, 1)
+            mine[i].add(u)
+        return mine if min(loads) >= 0.8 * max(loads) else None
 
     def _decode(self, sample: dict, n: int):
         key = next((k for k in sample if k.lower() in {s[1:] for s in IMAGE_SUFFIXES}), None)

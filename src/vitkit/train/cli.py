@@ -121,7 +121,8 @@ def run_train(args: argparse.Namespace) -> int:
             return 2
         raise UserError(str(e)) from None
     except TrainingError as e:
-        logging.getLogger("vitkit").error("vitkit train: %s", e)
+        if not int(os.environ.get("RANK", 0)):  # every rank stops on it (they agree on it): rank 0 says it
+            logging.getLogger("vitkit").error("vitkit train: %s", e)
         return 1
     finally:
         torch.set_num_threads(threads)

@@ -254,7 +254,6 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
     t0 = time.time()
     M, D, A, O, T = r["model"], r["data"], r["augment"], r["optim"], r["train"]
     d = Dist.init(T["device"])
-    lock = lock_run_dir(run_dir) if d.main and resume else None  # fresh runs lock when they create it
 
     # data: every problem with it is reported here, before any work
     data = open_data(D["path"], val=D["val"], val_split=D["val_split"], split_seed=D["split_seed"], root=D["root"],
@@ -283,6 +282,22 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
     img_size = model.cfg.img_size
     if T["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    # the run directory, locked by rank 0 once everything else checked out; every rank learns whether it could
+    # be before the first collective (wrapping the model)
+    lock, problem = None, None
+    if d.main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = lock_run_dir(run_dir)
+        except RecipeError as e:
+            problem = str(e)
+    if d.world > 1:
+        box = [problem]
+        torch.distributed.broadcast_object_list(box, 0)
+        problem = box[0]
+    if problem:
+        d.close()
+        raise RecipeError(problem)
     ema = ema_model(model, T["ema_decay"]) if T["ema_decay"] else None
     wrapped = wrap(model, d, T["distributed"])
     sharded = d.world > 1 and T["distributed"] == "fsdp"
@@ -310,7 +325,8 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
         step, best, elapsed_before = state["step"], state["best_top1"], state["elapsed"]
         total = state["total_steps"] if T["time_budget"] else total
         skipped |= set(state["skipped"])
-        epoch_stats = state["epoch_stats"]
+        # the saved statistics are every rank's together: counted once, by rank 0
+        epoch_stats = state["epoch_stats"] if d.main else torch.zeros_like(state["epoch_stats"])
         if step >= total and d.main:
             log.warning("--resume: the run is at step %d of %d already (train.epochs %d, train.max_steps %s): "
                         "raise --epochs or --set train.max_steps to train on", step, total, T["epochs"], T["max_steps"])
@@ -321,11 +337,9 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
                         lr_at(step, state["total_steps"], r["schedule"], O["lr"]))
         if state["world"] == d.world:
             set_rng_state(state["rng"][d.rank])
-        else:
+        elif d.main:
             log.warning("resuming with %d processes instead of %d: random draws will differ", d.world, state["world"])
     elif d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = lock_run_dir(run_dir)
         (run_dir / RECIPE).write_text(to_yaml(r))
     metrics = Metrics(run_dir, d.main, upto_step=step if state is not None else None)
     if d.main:
@@ -369,15 +383,26 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
         if d.world > 1:
             rngs = [None] * d.world
             torch.distributed.all_gather_object(rngs, rng_state())
+        everywhere = gather_skipped()  # and the whole epoch's statistics so far, every rank's
+        stats = d.sum(epoch_stats.clone().to(d.device)).cpu()
         if d.main:
             try:
-                _write(weights, val, model_sd, optim_sd, rngs)
+                _write(weights, val, model_sd, optim_sd, rngs, everywhere, stats)
             except (OSError, SafetensorError) as e:  # a full disk, say: what was written before stays whole
                 raise TrainingError(f"cannot write the checkpoint in {run_dir} ({getattr(e, 'strerror', '') or e}); "
                                     f"{_last_good(run_dir)}") from None
         d.barrier()
 
-    def _write(weights: bool, val, model_sd: dict, optim_sd: dict, rngs: list) -> None:
+    def gather_skipped() -> set:
+        """Unreadable images found by any rank (each meets its own share of the data)."""
+        if d.world == 1:
+            return skipped
+        found = [None] * d.world
+        torch.distributed.all_gather_object(found, sorted(skipped))
+        return set().union(*found)
+
+    def _write(weights: bool, val, model_sd: dict, optim_sd: dict, rngs: list, everywhere: set,
+               stats: torch.Tensor) -> None:
         """The exported weights first, the training state last: state.pt is the commit point a resume starts
         from, and re-exports anything after it."""
         if weights:
@@ -393,8 +418,8 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
                 save_model(export, run_dir / BEST, **extra)
         atomic_save({"step": step, "total_steps": total, "model": model_sd, "optimizer": optim_sd,
                      "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
-                     "rng": rngs, "best_top1": best, "elapsed": clock(), "epoch_stats": epoch_stats.clone(),
-                     "skipped": sorted(skipped), "class_names": names, "world": d.world, "recipe": r},
+                     "rng": rngs, "best_top1": best, "elapsed": clock(), "epoch_stats": stats,
+                     "skipped": sorted(everywhere), "class_names": names, "world": d.world, "recipe": r},
                     run_dir / STATE)
         if resume and (run_dir / RECIPE).read_text(errors="replace") != to_yaml(r):  # changed on resuming
             tmp = run_dir / f".{RECIPE}.tmp"
@@ -412,13 +437,19 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
         step_loss = torch.zeros((), dtype=torch.float64, device=d.device)
         for i, (x, y, bad) in enumerate(group):
             skipped.update(bad)
-            if x is None:
+            sync = i == accum - 1 or not hasattr(wrapped, "no_sync")  # DDP: all-reduce on the last one only
+            if x is None:  # every image of this micro-batch was unreadable
+                if d.world > 1:  # the others' forward/backward hold collectives: join them with zero gradients
+                    model.eval()  # (no BatchNorm statistics from a blank image, no dropped blocks)
+                    with contextlib.nullcontext() if sync else wrapped.no_sync(), autocast(d.device, amp):
+                        blank = torch.zeros(1, 3, *img_size, device=d.device).contiguous(memory_format=fmt)
+                        scaler.scale(step_model(blank).float().sum() * 0).backward()
+                    model.train()
                 continue
             x = x.to(d.device, non_blocking=True).contiguous(memory_format=fmt)
             y = hard = y.to(d.device, non_blocking=True)
             if mixer is not None:
                 x, y = mixer(x, y)
-            sync = i == accum - 1 or not hasattr(wrapped, "no_sync")  # DDP: all-reduce on the last one only
             with contextlib.nullcontext() if sync else wrapped.no_sync():
                 with autocast(d.device, amp):
                     logits = step_model(x)
@@ -454,7 +485,9 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
                     g["lr"] = lr
                 step_loss, bad_step = gradients(group)
                 time_up = budget is not None and clock() + last_eval_s + last_save_s + 0.01 * budget >= budget
-                nonfinite, stop_now, time_up = d.any(bad_step, bool(caught), time_up)
+                # every decision that leads to a collective (saving gathers the RNG states) is taken together
+                late = time.time() - last_ckpt > 60 * T["checkpoint_minutes"]  # each rank's own clock
+                nonfinite, stop_now, time_up, late = d.any(bad_step, bool(caught), time_up, late)
                 if nonfinite:
                     break
                 scaler.step(optimizer)
@@ -481,10 +514,10 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
                     last_eval_s = last_eval_s or n_val * views / (3 * D["batch_size"] / per_step)
                     total = _fit(step, limit, budget - clock(), per_step, last_eval_s / T["eval_every"] /
                                  steps_per_epoch, d)
-                    log.info("time budget: %.2f s/step -> %d steps (%.1f epochs)", per_step, total,
-                             total / steps_per_epoch)
-                mid_save = (T["checkpoint_every_steps"] and step % T["checkpoint_every_steps"] == 0
-                            or time.time() - last_ckpt > 60 * T["checkpoint_minutes"])
+                    if d.main:
+                        log.info("time budget: %.2f s/step -> %d steps (%.1f epochs)", per_step, total,
+                                 total / steps_per_epoch)
+                mid_save = T["checkpoint_every_steps"] and step % T["checkpoint_every_steps"] == 0 or late
                 if stop_now or time_up or step >= total or step % steps_per_epoch == 0:
                     stop = stop_now and step < total and step % steps_per_epoch  # at an epoch's end: finish it
                     stop_after_epoch = stop_now and not stop
@@ -542,7 +575,8 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
                 plot_curves(metrics.csv_path, run_dir / "curves.png")
                 last_plot = time.time()
             if time_up:
-                log.info("time budget of %g min reached at step %d", T["time_budget"], step)
+                if d.main:
+                    log.info("time budget of %g min reached at step %d", T["time_budget"], step)
                 break
             if stop_after_epoch and not finished:
                 exit_code = stopped(caught, step)
@@ -552,6 +586,7 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
         if d.main:
             (log.info if same else log.error)("%d processes end with %s weights (sha1 of rank 0: %s)", d.world,
                                               "identical" if same else "DIFFERENT", digest[:12])
+    skipped = gather_skipped()
     if d.main:
         plot_curves(metrics.csv_path, run_dir / "curves.png")
         metrics.close()
