@@ -100,3 +100,44 @@ def test_non_finite_loss_is_said_once(tmp_path):
     done = torchrun("train", "--recipe", str(recipe), "--out", str(tmp_path / "run"))
     assert done.returncode != 0
     assert done.stderr.count("became non-finite") == 1, done.stderr[-3000:]
+
+
+def test_sigterm_under_torchrun_then_resume_continues_exactly(tmp_path):
+    """Both ranks stop at the same step and save; resumed under torchrun, the run ends with the uninterrupted run's
+    weights and metrics (the interrupted epoch's loss and accuracy count every rank's images once)."""
+    import time
+
+    from vitkit.train.report import read_metrics
+
+    recipe = write_recipe(tmp_path / "r.yaml", **{**DETERMINISTIC, "train": {**DETERMINISTIC["train"],
+                                                                              "checkpoint_every_steps": 2}})
+    assert torchrun("train", "--recipe", str(recipe), "--out", str(tmp_path / "ref")).returncode == 0
+
+    def saved_step(run):
+        try:
+            return torch.load(run / "state.pt", weights_only=True)["step"]
+        except (OSError, RuntimeError, EOFError, KeyError):
+            return 0
+
+    for attempt in range(3):  # the stop must land inside the first epoch (22 steps)
+        run = tmp_path / f"run{attempt}"
+        p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "vitkit", "train", "--recipe", str(recipe), "--out", str(run)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env(),
+                             start_new_session=True)
+        while saved_step(run) < 4 and p.poll() is None:
+            time.sleep(0.005)
+        p.send_signal(signal.SIGTERM)
+        err = p.communicate(timeout=120)[1]
+        if 0 < (step := saved_step(run)) < 22:
+            break
+    else:
+        pytest.fail("could not stop the run inside its first epoch")
+    assert err.count("stopped by SIGTERM") == 1, err[-3000:]
+    resumed = torchrun("train", "--resume", str(run))
+    assert resumed.returncode == 0 and f"resuming at step {step}" in resumed.stderr, resumed.stderr[-3000:]
+    a, b = load_file(run / "last.safetensors"), load_file(tmp_path / "ref" / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows, ref_rows = read_metrics(run / "metrics.csv"), read_metrics(tmp_path / "ref" / "metrics.csv")
+    for key in ("step", "train_loss", "train_acc", "val_top1"):
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in ref_rows], rel=1e-9), key
