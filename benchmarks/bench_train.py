@@ -64,7 +64,8 @@ def timm_model(cfg: dict) -> torch.nn.Module:
 
 def step_rate(model, optimizer, x, y, amp: str, kernel, repeats: int) -> float:
     """Images/s of full training steps (median of `repeats` after 2 warm-up steps)."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)  # GPU work is asynchronous
+    # GPU work is asynchronous; synchronize() without a device waits for the current one (cuda:0), not x's
+    sync = (lambda: torch.cuda.synchronize(x.device)) if x.is_cuda else (lambda: None)
     times = []
     with kernel:
         for i in range(2 + repeats):
@@ -118,16 +119,16 @@ def rate_in_child(name: str, setup: str, amp: str, args: argparse.Namespace) -> 
     return rate, kernel
 
 
-def kernel_sweep(amp: str, repeats: int) -> None:
+def kernel_sweep(amp: str, repeats: int, device: torch.device) -> None:
     print("| model | img px | tokens | batch | math img/s | flash img/s | math / flash |")
     print("|---|---|---|---|---|---|---|")
     for variant, patch, size, batch in (("S", 16, 128, 32), ("S", 16, 160, 32), ("S", 16, 192, 32),
                                         ("S", 16, 224, 32), ("Ti", 4, 32, 128), ("Ti", 4, 48, 128)):
         cfg = dict(decode_variant(variant, patch), img_size=size, num_classes=10)
         torch.manual_seed(0)
-        model = timm_model(cfg).train()
+        model = timm_model(cfg).train().to(device)
         optimizer = torch.optim.AdamW(model.parameters())
-        x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+        x, y = torch.randn(batch, 3, size, size, device=device), torch.randint(0, 10, (batch,), device=device)
         rate = {k: max(step_rate(model, optimizer, x, y, amp, attention_kernel(k), repeats) for _ in range(2))
                 for k in ("math", "flash")}
         print(f"| ViT-{variant}/{patch} | {size} | {(size // patch) ** 2 + 1} | {batch} | {rate['math']:.1f} | "
@@ -149,7 +150,7 @@ def main() -> None:
     device = torch.device(args.device)
     args.amp = args.amp or (["bf16", "none"] if native_bf16(device) else ["none"])
     if args.kernel_sweep:
-        return kernel_sweep(args.amp[0], args.repeats)
+        return kernel_sweep(args.amp[0], args.repeats, device)
     if args.child:  # one peer, one setup, one precision: print [images/s, kernel]
         cfg, batch = SETUPS[args.models[0]]
         batch = args.batch or batch

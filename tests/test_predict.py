@@ -91,6 +91,23 @@ def test_classify_matches_direct_forward(tiny_ckpt, image_zoo):
         np.testing.assert_allclose([t["prob"] for t in r["top_k"]], top.values.numpy(), atol=1e-6)
 
 
+def test_classify_in_the_models_precision(tiny_ckpt, image_zoo):
+    """A model cast to bf16 (or .half() on a GPU) gets its inputs in that precision too."""
+    path, model = tiny_ckpt
+    good = image_zoo[1][:2]
+    full = list(vitkit.classify(vitkit.load_model(path), good, top_k=1))
+    half = list(vitkit.classify(vitkit.load_model(path).to(torch.bfloat16), good, top_k=1))
+    assert [r["top_k"][0]["index"] for r in half] == [r["top_k"][0]["index"] for r in full]
+    np.testing.assert_allclose([r["top_k"][0]["prob"] for r in half], [r["top_k"][0]["prob"] for r in full],
+                               atol=0.05)
+
+
+def test_cli_device(tiny_ckpt, image_zoo):
+    path, _ = tiny_ckpt
+    r = vitkit_cli("predict", image_zoo[1][0], "--weights", path, "--device", "cpu", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[0])["top_k"], r.stderr
+
+
 def test_classify_flip_tta(tiny_ckpt, image_zoo):
     path, model = tiny_ckpt
     good = image_zoo[1][:3]
@@ -154,6 +171,8 @@ def test_cli_walks_folders_and_prints_text(tiny_ckpt, image_zoo, tmp_path):
     (["--weights", "nope.safetensors"], "no such file"),
     (["--top-k", "0"], "--top-k"),
     (["--threads", "-1"], "--threads -1: must be at least 1"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device 'cuda:"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a device name"),
 ])
 def test_cli_argument_errors_are_one_line(tiny_ckpt, image_zoo, args, message):
     path, _ = tiny_ckpt

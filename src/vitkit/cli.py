@@ -38,6 +38,7 @@ def add_model_arguments(p: argparse.ArgumentParser, weights_required: bool = Tru
                         "or a transformers directory")
     p.add_argument("--img-size", type=image_size, metavar="N|HxW",
                    help="input resolution (position embeddings resampled in 2D); default: the checkpoint's own")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps (default: cuda if there is one)")
 
 
 def image_size(text: str) -> int | tuple[int, int]:
@@ -52,7 +53,10 @@ def image_size(text: str) -> int | tuple[int, int]:
 
 
 def model_from_args(args: argparse.Namespace, **overrides):
-    """--model/--weights -> an eval-mode model. A vitkit checkpoint needs no --model."""
+    """--model/--weights (and --device, where the command has it) -> an eval-mode model. A vitkit checkpoint
+    needs no --model."""
+    import torch
+
     from . import create_model, load_model
     from .weights import CheckpointError
     from .weights.vitkit_format import is_vitkit_checkpoint
@@ -65,13 +69,22 @@ def model_from_args(args: argparse.Namespace, **overrides):
                         f"add --model NAME (see `vitkit models`)")
     if getattr(args, "img_size", None) is not None:
         overrides.setdefault("img_size", args.img_size)
+    device = torch.device("cpu")
+    if getattr(args, "device", None) is not None:
+        from .train.distributed import resolve_device
+
+        try:
+            device = resolve_device(args.device)
+        except ValueError as e:
+            raise UserError(f"--device {e}") from None
     try:
-        return create_model(args.model, weights=args.weights, **overrides) if args.model else \
+        model = create_model(args.model, weights=args.weights, **overrides) if args.model else \
             load_model(args.weights, **overrides)
     except CheckpointError:
         raise
     except ValueError as e:  # a model name or size that cannot be built
         raise UserError(f"--model {args.model}: {e}" if args.model else f"--weights {args.weights}: {e}") from None
+    return model.to(device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,11 +66,12 @@ def classify(model, images: Iterable[str | Path | Image.Image], top_k: int = 5, 
     transform = eval_transform(model.preprocess, model.cfg.img_size)
     labels = class_names(model)
     k = min(top_k, len(labels))
-    device = next(model.parameters()).device
+    weight = next(model.parameters())  # inputs go where the model is, in its precision (a .half() model too)
 
     def flush(batch):
         with torch.inference_mode():
-            probs = tta_logits(model, torch.stack([t for _, t in batch]).to(device), tta).float().softmax(dim=-1)
+            x = torch.stack([t for _, t in batch]).to(weight.device, weight.dtype)
+            probs = tta_logits(model, x, tta).float().softmax(dim=-1)
         top = probs.topk(k, dim=-1)
         for (name, _), p, i in zip(batch, top.values.tolist(), top.indices.tolist()):
             yield {"path": name, "top_k": [{"label": labels[j], "index": j, "prob": q} for q, j in zip(p, i)]}

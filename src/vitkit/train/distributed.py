@@ -47,12 +47,19 @@ class Dist:
         world = int(os.environ.get("WORLD_SIZE", 1))
         rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
         dev = resolve_device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", local)
         if dev.type == "cuda":
+            if world > 1 and dev.index is not None:  # every rank would take that one GPU: NCCL refuses duplicates
+                raise ValueError(f"{device!r} under torchrun: each process takes the GPU of its LOCAL_RANK; "
+                                 "give cuda (or auto)")
+            if dev.index is None:
+                count = torch.cuda.device_count()  # 1 where the launcher shows each process its own GPU only
+                if local >= count > 1:
+                    raise ValueError(f"LOCAL_RANK {local}, but this process sees {count} GPUs")
+                dev = torch.device("cuda", local if local < count else 0)
             torch.cuda.set_device(dev)
-        if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if world > 1 and not dist.is_initialized():  # device_id: NCCL bound to this GPU (barrier, object collectives)
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                    device_id=dev if dev.type == "cuda" else None)
         return cls(rank, world, local, dev)
 
     def any(self, *flags: bool) -> list[bool]:

@@ -59,8 +59,9 @@ def native_bf16(device: torch.device) -> bool:
     """Whether the device computes bf16 in hardware: GPUs that report it; CPUs with AVX-512 bf16 or AMX. On an
     AVX2-only CPU bf16 matmuls and convolutions fall back to slow reference kernels (a bf16 training step of the
     CIFAR-10 model measured 10x slower than fp32 there)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # Ampere (sm80) or later; is_bf16_supported() also says True for the emulated bf16
+        # of a V100 / T4, several times slower than fp32 there
+        return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
         return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
                                                                               "_is_amx_tile_supported"))
@@ -73,15 +74,16 @@ def training_precision(device: torch.device, amp: str) -> str:
     if amp == "auto":
         return "bf16" if native_bf16(device) else "none"
     if amp == "bf16" and not native_bf16(device):
-        log.warning("train.amp=bf16 on a %s without native bf16 (no AVX-512 bf16/AMX): expect it to run several "
-                    "times slower than train.amp=none", device.type.upper())
+        why = "a GPU older than Ampere: fp16 is its fast precision" if device.type == "cuda" else "no AVX-512 bf16/AMX"
+        log.warning("train.amp=bf16 on a %s without native bf16 (%s): expect it to run several times slower than "
+                    "train.amp=none", device.type.upper(), why)
     return amp
 
 
 def autocast(device: torch.device, amp: str):
     """bf16/fp16 autocast, or nothing. 'auto': bf16 on a GPU that has it, full precision on a CPU."""
     if amp == "auto":
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+        amp = "bf16" if device.type == "cuda" and native_bf16(device) else "none"
     if amp == "none":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
@@ -112,10 +114,17 @@ def evaluate(model, loader, class_names: list[str], device: torch.device, amp: s
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # top-5 correct, loss
     skipped: list[str] = []
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    bar = tqdm(loader, desc="eval", leave=False, unit="batch", disable=None if progress else True)  # None: a
-    for x, y, bad in bar:  # terminal only, so piped output and logs get no bar
+    # an FSDP-sharded model all-gathers its weights in every forward pass, so every rank must make as many: ranks
+    # whose share of the data is used up (or whose batch was unreadable) join the others with a blank image
+    lockstep = dist is not None and dist.world > 1 and _sharded(model)
+    bar = tqdm(_in_lockstep(loader, dist) if lockstep else loader, desc="eval", leave=False, unit="batch",
+               disable=None if progress else True)  # None: a terminal only, so piped output and logs get no bar
+    for x, y, bad in bar:
         skipped += bad
         if x is None:
+            if lockstep:
+                with autocast(device, amp):
+                    tta_logits(model, torch.zeros(1, model.cfg.in_chans, *model.cfg.img_size, device=device), tta)
             continue
         x, y = x.to(device, non_blocking=True).contiguous(memory_format=fmt), y.to(device, non_blocking=True)
         with autocast(device, amp):
@@ -128,6 +137,22 @@ def evaluate(model, loader, class_names: list[str], device: torch.device, amp: s
         dist.sum(confusion), dist.sum(sums)
     model.train(was_training)
     return EvalResult(confusion.cpu(), int(sums[0]), float(sums[1]), class_names, skipped)
+
+
+def _sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _in_lockstep(loader, dist):
+    """The loader's batches, then (None, None, []) until every rank's are used up (one all-reduce per batch)."""
+    batches = iter(loader)
+    while True:
+        item = next(batches, None)
+        if not dist.any(item is not None)[0]:
+            return
+        yield item if item is not None else (None, None, [])
 
 
 # --- the command ----------------------------------------------------------------------------------------
@@ -147,7 +172,6 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="image-decoding processes (default: none for data decoded in "
                                                 "memory, else up to 4)")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto")
-    p.add_argument("--device", default="auto")
     p.add_argument("--data-root", help="where torchvision's CIFAR lives (downloaded there when online)")
     p.add_argument("--out", default=".", help="folder for confusion.png (default: current folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, n, per_class, ...)")
@@ -172,14 +196,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..data.datasets import DataError, describe, in_memory, open_data, relabel
     from ..data.images import eval_transform
     from ..predict import imagenet_wnids
-    from .distributed import resolve_device
     from .report import plot_confusion
 
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        raise UserError(f"--device {e}") from None
-    model = model_from_args(args).to(device)
+    model = model_from_args(args)
+    device = next(model.parameters()).device
     if args.val_split is not None and not 0 <= args.val_split < 1:
         raise UserError(f"--val-split {args.val_split}: must be in [0, 1) (0: evaluate everything)")
     split = recorded_split(args.weights, args.data)

@@ -140,20 +140,23 @@ class EpochSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device = torch.device("cpu")) -> dict:
+    """The generators this process draws from: CPU, Python, NumPy and, on a GPU, that GPU's (one: the others
+    visible to the process are not used, and need not exist where the run resumes)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []}
 
 
-def set_rng_state(s: dict) -> None:
+def set_rng_state(s: dict, device: torch.device = torch.device("cpu")) -> None:
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
     kind, keys, pos, has_gauss, gauss = s["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    cuda = s["cuda"]  # one state; states of older versions: one per GPU then visible, this GPU's at its index
+    if cuda and device.type == "cuda" and (len(cuda) == 1 or device.index < len(cuda)):
+        torch.cuda.set_rng_state(cuda[0] if len(cuda) == 1 else cuda[device.index], device)
 
 
 def _readable(path: Path) -> bool:
@@ -234,6 +237,9 @@ def pick_attention(name: str | None, device: torch.device, amp: str, tokens: int
     0.95x at 197: BENCHMARKS.md, training throughput); elsewhere torch's choice."""
     if name == "auto":
         return "math" if device.type == "cpu" and amp in ("bf16", "fp16") and tokens <= 160 else None
+    if name == "flash" and device.type == "cuda" and amp not in ("bf16", "fp16"):  # CUDA's flash kernel: fp16/bf16
+        raise RecipeError("train.attention=flash on a GPU needs train.amp bf16 or fp16 (its flash kernel has no "
+                          "fp32); use efficient or default")
     return None if name == "default" else name
 
 
@@ -253,7 +259,10 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
     resume = state is not None
     t0 = time.time()
     M, D, A, O, T = r["model"], r["data"], r["augment"], r["optim"], r["train"]
-    d = Dist.init(T["device"])
+    try:
+        d = Dist.init(T["device"])
+    except ValueError as e:
+        raise RecipeError(f"train.device (--device) {e}") from None
 
     # data: every problem with it is reported here, before any work
     data = open_data(D["path"], val=D["val"], val_split=D["val_split"], split_seed=D["split_seed"], root=D["root"],
@@ -280,6 +289,9 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
         M = {**M, "weights": str(run_dir / LAST), "name": None, "zero_head": None}  # start file is not needed
     model = build_model(M, names).to(d.device)
     img_size = model.cfg.img_size
+    amp = training_precision(d.device, T["amp"])
+    tokens = model.num_prefix_tokens + math.prod(model.cfg.grid)
+    kernel = pick_attention(T["attention"], d.device, amp, tokens)  # a RecipeError before any work
     if T["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     # the run directory, locked by rank 0 once everything else checked out; every rank learns whether it could
@@ -302,7 +314,6 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
     wrapped = wrap(model, d, T["distributed"])
     sharded = d.world > 1 and T["distributed"] == "fsdp"
     optimizer = make_optimizer(model, O)
-    amp = training_precision(d.device, T["amp"])
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp == "fp16")
     step_model = torch.compile(wrapped) if T["compile"] else wrapped
     eval_model = ema.module if ema is not None else (wrapped if sharded else model)
@@ -315,18 +326,19 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
     # where we are: fresh, or exactly where the saved state left off
     step, best, elapsed_before, skipped = 0, -1.0, 0.0, set(data.skipped)
     total = limit = min(T["epochs"] * steps_per_epoch, T["max_steps"] or sys.maxsize)  # a budget fits total <= limit
-    epoch_stats = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, images (this epoch)
+    epoch_stats = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss sum, correct, images (this epoch)
     torch.manual_seed(T["seed"] + d.rank)  # per-rank randomness (dropout, mixup) from here on
     if state is not None:
         load_full_state(wrapped if sharded else model, optimizer, state["model"], state["optimizer"], sharded)
         if ema is not None and state["ema"] is not None:
             ema.load_state_dict(state["ema"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty: saved by a disabled scaler (a bf16/fp32 run now resumed under fp16)
+            scaler.load_state_dict(state["scaler"])
         step, best, elapsed_before = state["step"], state["best_top1"], state["elapsed"]
         total = state["total_steps"] if T["time_budget"] else total
         skipped |= set(state["skipped"])
         # the saved statistics are every rank's together: counted once, by rank 0
-        epoch_stats = state["epoch_stats"] if d.main else torch.zeros_like(state["epoch_stats"])
+        epoch_stats = (state["epoch_stats"] if d.main else torch.zeros_like(state["epoch_stats"])).to(d.device)
         if step >= total and d.main:
             log.warning("--resume: the run is at step %d of %d already (train.epochs %d, train.max_steps %s): "
                         "raise --epochs or --set train.max_steps to train on", step, total, T["epochs"], T["max_steps"])
@@ -336,7 +348,7 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
                         lr_at(step, total, r["schedule"], O["lr"]),
                         lr_at(step, state["total_steps"], r["schedule"], O["lr"]))
         if state["world"] == d.world:
-            set_rng_state(state["rng"][d.rank])
+            set_rng_state(state["rng"][d.rank], d.device)
         elif d.main:
             log.warning("resuming with %d processes instead of %d: random draws will differ", d.world, state["world"])
     elif d.main:
@@ -379,12 +391,12 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
     def save(weights: bool, val=None) -> None:
         """The training state; with `weights` also last.safetensors (and best.safetensors when val is the best)."""
         model_sd, optim_sd = full_state(wrapped if sharded else model, optimizer, sharded)
-        rngs = [rng_state()]
+        rngs = [rng_state(d.device)]
         if d.world > 1:
             rngs = [None] * d.world
-            torch.distributed.all_gather_object(rngs, rng_state())
+            torch.distributed.all_gather_object(rngs, rng_state(d.device))
         everywhere = gather_skipped()  # and the whole epoch's statistics so far, every rank's
-        stats = d.sum(epoch_stats.clone().to(d.device)).cpu()
+        stats = d.sum(epoch_stats.clone()).cpu()
         if d.main:
             try:
                 _write(weights, val, model_sd, optim_sd, rngs, everywhere, stats)
@@ -456,8 +468,9 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=A["label_smoothing"])
                 scaler.scale(loss / accum).backward()
             step_loss += loss.detach() / accum
-            epoch_stats.add_(torch.tensor([loss.item() * len(hard), (logits.argmax(1) == hard).sum().item(),
-                                           len(hard)], dtype=torch.float64))
+            epoch_stats[0] += loss.detach().double() * len(hard)  # on the device: no GPU sync per micro-batch
+            epoch_stats[1] += (logits.argmax(1) == hard).sum()
+            epoch_stats[2] += len(hard)
         scaler.unscale_(optimizer)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), O["clip_grad_norm"] or float("inf"))
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
@@ -465,12 +478,11 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
 
     # --- the loop -------------------------------------------------------------------------------------------
     budget = T["time_budget"] * 60 if T["time_budget"] else None
-    tokens = model.num_prefix_tokens + math.prod(model.cfg.grid)
     last_eval_s, last_save_s, last_ckpt, last_plot, steps_here = 0.0, 0.0, time.time(), time.time(), 0
     train_s_here = 0.0  # seconds of training steps (no evaluation, no saving) in this process
     probe_t = None
     exit_code = 0
-    with stop_signals() as caught, attention_kernel(pick_attention(T["attention"], d.device, amp, tokens)):
+    with stop_signals() as caught, attention_kernel(kernel):
         while step < total:
             epoch, position = divmod(step, steps_per_epoch)
             if position == 0:
@@ -552,7 +564,7 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
                 val = evaluate(eval_model, val_loader, names, d.device, amp, T["channels_last"], d, tta=T["eval_tta"])
                 last_eval_s = time.time() - t_eval
                 skipped.update(val.skipped)
-            epoch_stats_all = d.sum(epoch_stats.clone().to(d.device)).cpu()
+            epoch_stats_all = d.sum(epoch_stats.clone()).cpu()
             improved = val is not None and val.top1 > best
             if val is not None:
                 best = max(best, val.top1)

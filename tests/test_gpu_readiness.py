@@ -1,0 +1,146 @@
+"""What a GPU run depends on, checked without one: torch.cuda is stubbed where the code asks it something."""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from vitkit.train import distributed as D
+from vitkit.train import trainer as TR
+from vitkit.train.evaluate import autocast, native_bf16, training_precision
+from vitkit.train.recipe import RecipeError
+
+from train_utils import run_vitkit, train_in_subprocess
+
+CUDA0, CUDA1 = torch.device("cuda", 0), torch.device("cuda", 1)
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """A machine with `n` visible GPUs (set gpus.n); set_device and init_process_group recorded."""
+    class G:
+        n, calls = 2, []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: G.n)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: G.calls.append(("set_device", torch.device(d))))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: G.calls.append((backend, kw)))
+    return G
+
+
+def torchrun_env(monkeypatch, rank, world=2, local=None):
+    for k, v in dict(WORLD_SIZE=world, RANK=rank, LOCAL_RANK=rank if local is None else local).items():
+        monkeypatch.setenv(k, str(v))
+
+
+def test_each_rank_takes_its_local_gpu_and_binds_nccl_to_it(gpus, monkeypatch):
+    for rank in (0, 1):
+        torchrun_env(monkeypatch, rank)
+        assert D.Dist.init("auto").device == torch.device("cuda", rank)
+    assert gpus.calls == [("set_device", CUDA0), ("nccl", {"device_id": CUDA0}),
+                          ("set_device", CUDA1), ("nccl", {"device_id": CUDA1})]
+
+
+def test_an_explicit_gpu_index_under_torchrun_is_refused(gpus, monkeypatch):
+    """--device cuda:1 on every rank put both processes on one GPU (NCCL: duplicate GPU)."""
+    torchrun_env(monkeypatch, 0)
+    with pytest.raises(ValueError, match="LOCAL_RANK"):
+        D.Dist.init("cuda:1")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: any GPU it names
+    assert D.Dist.init("cuda:1").device == CUDA1
+
+
+def test_one_visible_gpu_per_process(gpus, monkeypatch):
+    """Launchers that give each rank its own CUDA_VISIBLE_DEVICES: LOCAL_RANK 3 sees one GPU, cuda:0."""
+    gpus.n = 1
+    torchrun_env(monkeypatch, 3, world=4)
+    assert D.Dist.init("cuda").device == CUDA0
+    gpus.n = 2
+    with pytest.raises(ValueError, match="LOCAL_RANK 3, but this process sees 2 GPUs"):
+        D.Dist.init("cuda")
+
+
+def test_cuda_rng_state_is_the_run_gpus_own(monkeypatch):
+    """One state, of the GPU the run uses; restored there, on a machine with fewer GPUs too (the old
+    get/set_rng_state_all raised IndexError there); a CPU resume ignores it."""
+    states, restored = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}, []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: states[torch.device(device).index])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((int(s), torch.device(device))))
+    s = TR.rng_state(CUDA1)
+    assert [int(t) for t in s["cuda"]] == [1]
+    TR.set_rng_state(s, CUDA0)  # resumed with --device cuda:0, or on a one-GPU machine
+    TR.set_rng_state(s, torch.device("cpu"))
+    old = {**s, "cuda": [states[0], states[1]]}  # written by the previous version: every visible GPU's
+    TR.set_rng_state(old, CUDA1)
+    TR.set_rng_state(old, torch.device("cuda", 5))  # no such state: left as seeded
+    assert restored == [(1, CUDA0), (1, CUDA1)]
+    assert TR.rng_state()["cuda"] == []
+
+
+@pytest.mark.parametrize("major, native", [(7, False), (8, True), (9, True)])
+def test_auto_precision_on_gpus(monkeypatch, major, native):
+    """bf16 only where the GPU has it (Ampere on): torch.cuda.is_bf16_supported() also says True for a V100/T4,
+    which only emulate it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    gpu = torch.device("cuda")
+    assert native_bf16(gpu) == native
+    assert training_precision(gpu, "auto") == ("bf16" if native else "none")
+    ctx = autocast(gpu, "auto")
+    assert (getattr(ctx, "fast_dtype", None) == torch.bfloat16) == native
+
+
+def test_flash_attention_on_a_gpu_needs_half_precision():
+    gpu = torch.device("cuda")
+    with pytest.raises(RecipeError, match="flash"):
+        TR.pick_attention("flash", gpu, "none", 197)
+    assert TR.pick_attention("flash", gpu, "bf16", 197) == "flash"
+    assert TR.pick_attention("efficient", gpu, "none", 197) == "efficient"
+    assert TR.pick_attention("flash", torch.device("cpu"), "none", 197) == "flash"  # the CPU one has fp32
+
+
+def test_resume_under_fp16_after_a_run_without_it(tmp_path):
+    """A bf16/fp32 run's scaler state is empty: resumed with train.amp=fp16 (say, moved to a V100) it starts a
+    fresh loss scale instead of failing in GradScaler.load_state_dict."""
+    _, run = train_in_subprocess(tmp_path, train={"epochs": 1})
+    resumed = run_vitkit("train", "--resume", str(run), "--epochs", "2", "--set", "train.amp=fp16")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert torch.load(run / "state.pt", weights_only=True)["scaler"]["scale"] > 0
+
+
+def _fsdp_eval(rank: int, port: int, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
+    from vitkit.models.vit import ViT, ViTConfig
+    from vitkit.train.evaluate import eval_loader, evaluate
+
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(img_size=8, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=16, num_classes=2))
+    d = D.Dist(rank, 2, rank, torch.device("cpu"))
+    data = [(torch.zeros(3, 8, 8), 0)] * 3  # rank 0 gets two images, rank 1 one: two batches against one
+    r = evaluate(D.wrap(model, d, "fsdp"), eval_loader(data, lambda x: x, 1, 0, rank, 2), ["a", "b"], d.device, dist=d)
+    out.put((rank, r.n))
+    dist.destroy_process_group()
+
+
+def test_fsdp_validation_with_uneven_shares_of_the_data():
+    """A sharded model all-gathers in every forward pass: a rank with one batch more used to wait forever."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_fsdp_eval, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(out.get(timeout=5) for _ in procs) == [(0, 3), (1, 3)]
