@@ -80,3 +80,11 @@ def test_pretrain_recipe_has_a_pre_logits_layer_as_wide_as_the_model():
         r = R.load(RECIPES / "pretrain.yaml", {"data.path": "digits", "model.name": name, "model.img_size": 32})
         model = build_model(r["model"], ["a", "b"])
         assert model.pre_logits.in_features == model.pre_logits.out_features == width
+
+
+def test_class_token_gets_no_weight_decay():
+    model = vitkit.create_model("ViT-Ti/16", num_classes=2, img_size=32)
+    assert model.cls_token.ndim > 1  # only its name keeps it out of the decayed group
+    opt = make_optimizer(model, {**R.defaults()["optim"], "weight_decay": 0.05})
+    assert not any(p is model.cls_token for p in opt.param_groups[0]["params"])
+    assert any(p is model.cls_token for p in opt.param_groups[1]["params"])

@@ -806,3 +806,237 @@ def test_interrupted_state_write_leaves_no_temporary_file(tmp_path, monkeypatch)
     with pytest.raises(OSError):
         atomic_save({"step": 1}, tmp_path / "state.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"] and (tmp_path / "state.pt").read_bytes() == b"previous"
+
+
+# --- every recipe value acts, and a resume keeps what it must ---------------------------------------------
+def test_lr_schedule_decay_shapes():
+    s = {"name": "cosine", "warmup_steps": 0, "warmup_fraction": 0.0, "min_lr": 0.0}
+    # a quarter of the way (1-based progress 25/100): cosine 0.5 * (1 + cos(pi/4)) = 0.854, linear 0.75
+    assert lr_at(24, 100, s, 1.0) == pytest.approx(0.5 * (1 + np.cos(np.pi / 4)))
+    assert lr_at(24, 100, {**s, "name": "linear"}, 1.0) == pytest.approx(0.75)
+    assert lr_at(24, 100, {**s, "name": "constant", "min_lr": 0.1}, 1.0) == 1.0
+
+
+def test_tensorboard_logs_the_learning_rate_of_each_step(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tiny_run / "tensorboard"))
+    events.Reload()
+    r = yaml.safe_load((tiny_run / "recipe.yaml").read_text())
+    logged = events.Scalars("train/lr")
+    assert [e.step for e in logged] == [10, 20, 30, 40]  # train.log_every 10, 44 steps
+    assert [e.value for e in logged] == pytest.approx([lr_at(e.step - 1, 44, r["schedule"], r["optim"]["lr"])
+                                                       for e in logged], rel=1e-6)
+
+
+def _first_step(tmp_path, name: str, **sections):
+    """Train TINY for one optimizer step; (the start model, the trained model, the first batch (x, y), the run)."""
+    recipe = write_recipe(tmp_path / f"{name}.yaml", **{"train": {"max_steps": 1}, **sections})
+    run = tmp_path / name
+    train_ok("--recipe", str(recipe), "--out", str(run))
+    r = yaml.safe_load((run / "recipe.yaml").read_text())
+    torch.manual_seed(r["train"]["seed"])  # as the trainer builds it
+    start = build_model(r["model"], [str(i) for i in range(10)])
+    from vitkit.train.trainer import EpochSampler
+
+    data = open_data("digits", val_split=r["data"]["val_split"], split_seed=r["data"]["split_seed"])
+    sampler = EpochSampler(data.train, 1, 0, r["train"]["seed"])
+    sampler.set_epoch(0)
+    idx = [i for _, i in sampler][: r["data"]["batch_size"]]
+    x, y = digits_tensors()
+    train_idx = torch.tensor(data.train.indices)[idx]
+    return start, vitkit.load_model(run / "last.safetensors"), (x[train_idx], y[train_idx]), run
+
+
+def test_gradient_clipping_bounds_the_step(tmp_path):
+    """Plain SGD (no momentum, no decay), lr 1, gradients clipped to norm 1e-3: the first step moves the weights
+    by exactly 1e-3 in all (the gradient itself is far larger)."""
+    start, trained, _, _ = _first_step(tmp_path, "clip", optim={"name": "sgd", "lr": 1.0, "momentum": 0.0,
+                                                                 "clip_grad_norm": 1e-3},
+                                       schedule={"name": "constant"})
+    a, b = start.state_dict(), trained.state_dict()
+    moved = torch.cat([(b[k] - a[k]).flatten() for k in a]).norm().item()
+    assert moved == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_label_smoothing_is_in_the_training_loss(tmp_path):
+    """The first row's train_loss of a one-step run is the smoothed cross-entropy of the first batch at the
+    start weights (computed here by hand), not the plain one."""
+    start, _, (x, y), run = _first_step(tmp_path, "smooth", augment={"label_smoothing": 0.4})
+    with torch.no_grad():
+        logits = start(x)
+    logged = read_metrics(run / "metrics.csv")[-1]["train_loss"]
+    assert logged == pytest.approx(F.cross_entropy(logits, y, label_smoothing=0.4).item(), rel=1e-5)
+    assert logged != pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)  # (0.04% apart at the start)
+
+
+def test_ema_run_validates_and_exports_the_average(tmp_path):
+    run = tmp_path / "run"
+    train_ok("--recipe", str(write_recipe(tmp_path / "r.yaml", train={"epochs": 1, "ema_decay": 0.9})),
+             "--out", str(run))
+    state = torch.load(run / "state.pt", weights_only=True)
+    best = vitkit.load_model(run / "best.safetensors").state_dict()
+    ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    assert all(torch.equal(best[k], ema[k]) for k in best)  # the average is what is exported ...
+    assert not all(torch.equal(best[k], state["model"][k]) for k in best)  # ... not the raw weights
+    meta = read_metadata(run / "best.safetensors")
+    assert meta["train"]["ema"] is True
+    x, y = digits_tensors()
+    _, val_idx = stratified_split(y, 0.2, 0)
+    averaged, raw = vitkit.load_model(run / "best.safetensors"), vitkit.load_model(run / "best.safetensors")
+    raw.load_state_dict(state["model"])
+    with torch.no_grad():
+        losses = [F.cross_entropy(m(x[val_idx]), y[val_idx]).item() for m in (averaged, raw)]
+    logged = read_metrics(run / "metrics.csv")[-1]["val_loss"]  # what training validated: the average
+    assert logged == pytest.approx(losses[0], rel=1e-5) and logged != pytest.approx(losses[1], rel=1e-5)
+
+
+def test_resumed_epoch_logs_the_uninterrupted_runs_train_loss(tiny_run, tmp_path, monkeypatch):
+    forward, steps = vitkit.ViT.forward, []
+
+    def counting(self, x):
+        if self.training:
+            steps.append(1)
+            if len(steps) == 30:  # in the middle of epoch 2 (22 steps each)
+                os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, x)
+
+    monkeypatch.setattr(vitkit.ViT, "forward", counting)
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", str(write_recipe(tmp_path / "r.yaml")), "--out", str(run)]) == 128 + 15
+    monkeypatch.setattr(vitkit.ViT, "forward", forward)
+    train_ok("--resume", str(run))
+    got, want = read_metrics(run / "metrics.csv"), read_metrics(tiny_run / "metrics.csv")
+    assert [r["step"] for r in got] == [22, 44]
+    for key in ("train_loss", "train_acc", "val_top1", "val_loss"):
+        assert [r[key] for r in got] == [r[key] for r in want], key
+
+
+def test_resume_keeps_the_best_score(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    state = torch.load(run / "state.pt", weights_only=True)
+    state["best_top1"] = 1.01  # an earlier epoch scored better than any epoch can
+    torch.save(state, run / "state.pt")
+    before = hashlib.sha1((run / "best.safetensors").read_bytes()).hexdigest()
+    train_ok("--resume", str(run), "--epochs", "3")
+    assert hashlib.sha1((run / "best.safetensors").read_bytes()).hexdigest() == before
+    assert torch.load(run / "state.pt", weights_only=True)["best_top1"] == 1.01
+
+
+def test_failed_export_leaves_the_previous_state(tmp_path, monkeypatch, caplog):
+    real, calls = vitkit.save_model, []
+
+    def full_disk_on_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # epoch 1 wrote last + best; epoch 2's last fails
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vitkit, "save_model", full_disk_on_the_third)
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", str(write_recipe(tmp_path / "r.yaml")), "--out", str(run)]) == 1
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == 22
+    assert "No space left on device" in caplog.text and "(step 22)" in caplog.text
+
+
+def test_eval_uses_the_recorded_split_seed(tmp_path, capsys):
+    run = tmp_path / "run"
+    train_ok("--recipe", str(write_recipe(tmp_path / "r.yaml", data={"split_seed": 3}, train={"epochs": 1})),
+             "--out", str(run))
+    x, y = digits_tensors()
+    _, val3 = stratified_split(y, 0.2, 3)
+    _, val0 = stratified_split(y, 0.2, 0)
+    assert set(val3.tolist()) != set(val0.tolist())  # the seed chooses the images
+    capsys.readouterr()
+    assert main(["eval", "--data", "digits", "--weights", str(run / "best.safetensors"), "--json",
+                 "--workers", "0", "--out", str(tmp_path)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    model = vitkit.load_model(run / "best.safetensors")
+    with torch.no_grad():
+        logits = model(x[val3])
+    assert got["loss"] == pytest.approx(F.cross_entropy(logits, y[val3]).item(), rel=1e-5)
+    assert got["top1"] == read_metadata(run / "best.safetensors")["train"]["val_top1"]
+
+
+def test_resume_refuses_another_split_seed(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--set", "data.split_seed=5"]) == 2
+    assert "data.split_seed cannot change in a run (0 -> 5)" in capsys.readouterr().err
+
+
+def test_preload_cache_sees_a_rewritten_image(tmp_path):
+    files = digit_images(tmp_path / "ds", ["0", "1"], per_class=4)
+    cache = str(tmp_path / "cache")
+    before = open_data(str(tmp_path / "ds"), cache_dir=cache).train.images.clone()
+    new = np.zeros((8, 8, 3), np.uint8)
+    new[2:6, 2:6] = 255
+    Image.fromarray(new).save(files["0"][0])  # same name, other picture
+    after = open_data(str(tmp_path / "ds"), cache_dir=cache).train.images
+    assert torch.equal(after[0], torch.from_numpy(new).permute(2, 0, 1))
+    assert torch.equal(after[1:], before[1:])
+
+
+def test_shard_order_changes_with_the_epoch(tmp_path):
+    stream = open_data(digit_shards(tmp_path, 6, 10)).train
+    stream.shuffle_buffer = 1  # no sample shuffle: the order is the shards' order
+
+    def labels(epoch):
+        return [y for _, y in stream.configure(lambda im: 0, 7, epoch)]
+
+    e0, e1 = labels(0), labels(1)
+    assert sorted(e0) == sorted(e1) and e0 != e1
+    assert labels(0) == e0  # and reproducible
+
+
+def test_augmentation_rates_are_the_recipes():
+    from torchvision.transforms import v2
+
+    from vitkit.data.augment import BatchShiftFlip, batch_mixer, train_transform
+    from vitkit.data.datasets import TensorImages
+
+    aug = {**R.defaults()["augment"], "hflip": 0.3, "random_erasing": 0.25}
+    ops = {type(t).__name__: t for t in train_transform(aug, (8, 8), {"mean": [0.5] * 3, "std": [0.5] * 3}).transforms}
+    assert ops["RandomErasing"].p == 0.25 and ops["RandomHorizontalFlip"].p == 0.3
+    mixup = batch_mixer({**aug, "mixup": 0.2, "cutmix": 0.0}, 10)
+    cutmix = batch_mixer({**aug, "mixup": 0.0, "cutmix": 1.0}, 10)
+    assert type(mixup) is v2.MixUp and mixup.alpha == 0.2 and type(cutmix) is v2.CutMix and cutmix.alpha == 1.0
+    both = batch_mixer({**aug, "mixup": 0.8, "cutmix": 1.0}, 10)
+    assert {type(t): t.alpha for t in both.transforms} == {v2.MixUp: 0.8, v2.CutMix: 1.0}
+
+    ds = TensorImages(torch.zeros(2000, 3, 8, 8, dtype=torch.uint8), torch.zeros(2000, dtype=torch.long))
+    for rate in (0.1, 0.9):
+        batched = BatchShiftFlip.applies({**aug, "random_erasing": 0.0, "crop": "pad", "padding": 1, "hflip": rate},
+                                         ds, (8, 8), {"mean": [0.5] * 3, "std": [0.5] * 3}, seed=0)
+        _, _, flip = batched.draws(np.zeros(2000, np.int64), np.arange(2000))
+        assert flip.float().mean().item() == pytest.approx(rate, abs=0.04)
+
+
+def test_checkpoint_minutes_saves_mid_epoch(tmp_path, monkeypatch):
+    from vitkit.train import trainer
+
+    real, steps = trainer.atomic_save, []
+
+    def recording(obj, path):
+        steps.append(obj["step"])
+        return real(obj, path)
+
+    monkeypatch.setattr(trainer, "atomic_save", recording)
+    train_ok("--recipe", str(write_recipe(tmp_path / "r.yaml", train={"epochs": 1, "checkpoint_minutes": 1e-9})),
+             "--out", str(tmp_path / "run"))
+    assert steps == list(range(1, 23))  # overdue after every step; the epoch's end saves step 22
+
+
+def test_nonfinite_gradient_stops_before_the_step(tmp_path, monkeypatch, caplog):
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def nan_at_the_third(params, max_norm, *args, **kwargs):
+        calls.append(1)
+        norm = real(params, max_norm, *args, **kwargs)
+        return torch.full_like(norm, float("nan")) if len(calls) == 3 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_at_the_third)
+    code = main(["train", "--recipe", str(write_recipe(tmp_path / "r.yaml")), "--out", str(tmp_path / "run")])
+    assert code == 1 and "non-finite at step 3" in caplog.text
