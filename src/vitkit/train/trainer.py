@@ -454,8 +454,8 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
                 if d.world > 1:  # the others' forward/backward hold collectives: join them with zero gradients
                     model.eval()  # (no BatchNorm statistics from a blank image, no dropped blocks)
                     with contextlib.nullcontext() if sync else wrapped.no_sync(), autocast(d.device, amp):
-                        blank = torch.zeros(1, 3, *img_size, device=d.device).contiguous(memory_format=fmt)
-                        scaler.scale(step_model(blank).float().sum() * 0).backward()
+                        blank = torch.zeros(1, model.cfg.in_chans, *img_size, device=d.device)
+                        scaler.scale(step_model(blank.contiguous(memory_format=fmt)).float().sum() * 0).backward()
                     model.train()
                 continue
             x = x.to(d.device, non_blocking=True).contiguous(memory_format=fmt)
