@@ -84,6 +84,26 @@ def test_run_dir_files_read_back(tiny_run):
         assert im.format == "PNG" and im.width > 500
 
 
+def test_train_and_evaluate_from_python(tmp_path):
+    """vitkit.train_model / vitkit.evaluate_model do what `vitkit train` / `vitkit eval` do."""
+    run = vitkit.train_model(write_recipe(tmp_path / "r.yaml"), out=tmp_path / "run", epochs=1,
+                             values={"optim.lr": 0.004})
+    assert run == tmp_path / "run" and yaml.safe_load((run / "recipe.yaml").read_text())["optim"]["lr"] == 0.004
+    result = vitkit.evaluate_model(run / "best.safetensors", "digits")  # the run's held-out split, recorded
+    assert result.n == 359 and result.top1 == read_metadata(run / "best.safetensors")["train"]["val_top1"]
+    model = vitkit.load_model(run / "best.safetensors")
+    assert vitkit.evaluate_model(model, "digits", val_split=0.2).top1 == result.top1  # a model: say the split
+    assert vitkit.evaluate_model(model, "digits").n == 1797  # else all of it
+    assert vitkit.train_model(resume=run, epochs=2) == run
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == 2 * 22
+    with pytest.raises(TypeError, match="unknown options"):
+        vitkit.train_model(write_recipe(tmp_path / "r.yaml"), learning_rate=0.1)
+    with pytest.raises(R.RecipeError, match="optim.lr must be > 0"):
+        vitkit.train_model(write_recipe(tmp_path / "r.yaml"), out=tmp_path / "bad", lr=-1.0)
+    with pytest.raises(ValueError, match="no such file"):
+        vitkit.evaluate_model(model, str(tmp_path / "nothing"))
+
+
 def test_eval_matches_direct_computation(tiny_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--data", "digits", "--weights", str(tiny_run / "best.safetensors"), "--json",

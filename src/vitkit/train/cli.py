@@ -39,9 +39,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
 
 
-def resolve_recipe(args: argparse.Namespace) -> tuple[dict, Path, dict | None]:
-    """(validated recipe, run dir, the run's training state when resuming) from the flags; every problem raised
-    as one RecipeError."""
+def resolve_recipe(args: argparse.Namespace, values: dict | None = None) -> tuple[dict, Path, dict | None]:
+    """(validated recipe, run dir, the run's training state when resuming) from the flags (and `values`,
+    {"section.key": value}, last); every problem raised as one RecipeError."""
     from . import recipe as R
     from .trainer import read_state
 
@@ -49,6 +49,7 @@ def resolve_recipe(args: argparse.Namespace) -> tuple[dict, Path, dict | None]:
     for text in args.set:
         section, key, value = R.parse_override(text)
         overrides[f"{section}.{key}"] = value
+    overrides.update(values or {})
     if args.resume:
         run = Path(args.resume)
         if args.recipe or args.out:
@@ -97,25 +98,17 @@ def _at(recipe: dict, dotted: str):
 def run_train(args: argparse.Namespace) -> int:
     import logging
 
-    import torch
-
     from ..cli import UserError
     from ..data.datasets import DataError
     from . import recipe as R
-    from .trainer import TrainingError, train
+    from .trainer import TrainingError
 
-    threads = torch.get_num_threads()
     try:
         recipe, run, state = resolve_recipe(args)
         if args.print_recipe:
             print(R.to_yaml(recipe), end="")
             return 0
-        if recipe["train"]["threads"]:
-            torch.set_num_threads(recipe["train"]["threads"])
-        # late in a run, with a small learning rate, denormal floats made CPU steps ~8x slower (cifar10 trials)
-        torch.set_flush_denormal(True)
-        keep_freed_memory()
-        return train(recipe, run, state)
+        return _train(recipe, run, state)
     except (R.RecipeError, DataError) as e:
         if int(os.environ.get("RANK", 0)):  # under torchrun every rank finds it: rank 0 says it
             return 2
@@ -124,6 +117,41 @@ def run_train(args: argparse.Namespace) -> int:
         if not int(os.environ.get("RANK", 0)):  # every rank stops on it (they agree on it): rank 0 says it
             logging.getLogger("vitkit").error("vitkit train: %s", e)
         return 1
+
+
+def train_model(recipe: str | Path | None = None, *, out: str | Path | None = None,
+                resume: str | Path | None = None, values: dict | None = None, **flags) -> Path:
+    """`vitkit train` from Python; returns the run directory (best.safetensors, last.safetensors, metrics.csv...).
+
+    flags: the command's named options (data, model, weights, epochs, time_budget, img_size, batch_size, lr,
+    val_split, val_data, seed, workers, device); values: any recipe value, {"optim.lr": 0.01, ...}. Bad input
+    raises RecipeError or DataError before any work; a failed run raises TrainingError; a run stopped by
+    SIGINT/SIGTERM (everything saved) raises KeyboardInterrupt: train_model(resume=RUN) goes on with it.
+    """
+    if unknown := sorted(set(flags) - set(FLAG_KEYS)):
+        raise TypeError(f"train_model() got unknown options {unknown}; any recipe value goes in values=")
+    args = argparse.Namespace(recipe=recipe and str(recipe), out=out and str(out), resume=resume and str(resume),
+                              set=[], print_recipe=False, **{flag: flags.get(flag) for flag in FLAG_KEYS})
+    recipe_, run, state = resolve_recipe(args, values)
+    if _train(recipe_, run, state):
+        raise KeyboardInterrupt(f"training stopped by a signal, everything saved: train_model(resume={str(run)!r})")
+    return run
+
+
+def _train(recipe: dict, run: Path, state: dict | None) -> int:
+    """Train with the process set up as a run wants it (threads, denormals, malloc), restored afterwards."""
+    import torch
+
+    from .trainer import train
+
+    threads = torch.get_num_threads()
+    try:
+        if recipe["train"]["threads"]:
+            torch.set_num_threads(recipe["train"]["threads"])
+        # late in a run, with a small learning rate, denormal floats made CPU steps ~8x slower (cifar10 trials)
+        torch.set_flush_denormal(True)
+        keep_freed_memory()
+        return train(recipe, run, state)
     finally:
         torch.set_num_threads(threads)
         torch.set_flush_denormal(False)
