@@ -1,6 +1,7 @@
 """vitkit.inspect: attention maps and the paper's Figure 7, checked against direct computations."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from vitkit.inspect import all_attentions, attention_map, rollout
 from vitkit.inspect import figure7
 from vitkit.inspect.attention import token_map
 from vitkit.models.vit import Attention
+
+from image_utils import photo
 
 
 def tiny_vit(**overrides):
@@ -474,3 +477,168 @@ def test_failed_inspect_writes_nothing(digits, tmp_path, capsys):
     assert f"vitkit inspect: error: {tmp_path / 'empty'}: no images found in this folder" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == sorted(figure7.FIGURES)
     assert json.loads((out / "summary.json").read_text())["attention_distance"]["images"] == 3
+
+
+# --- non-square grids, summary numbers and command details ----------------------------------------------
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A 5-class vitkit checkpoint with its own class names, depth 3, 2 heads."""
+    model = tiny_vit()
+    model.class_names = [f"class-{i}" for i in range(5)]
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    vitkit.save_model(model, path)
+    return path, model
+
+
+def test_map_of_a_non_square_model_is_row_major_on_its_grid():
+    from vitkit.inspect import all_attentions, rollout
+    from vitkit.inspect.attention import token_map
+
+    model = tiny_vit(img_size=(16, 40))  # 2 x 5 patches
+    x = torch.randn(1, 3, 16, 40)
+    for method in ("rollout", "last-layer"):
+        _, grid = token_map(model, x, method)
+        attn = all_attentions(model, x).double()
+        matrix = rollout(attn) if method == "rollout" else attn[-1].mean(0)
+        row = matrix[0, 1:].numpy()
+        want = np.array([[row[r * 5 + c] for c in range(5)] for r in range(2)])  # patch (r, c) is token 1 + 5r + c
+        np.testing.assert_allclose(grid.double().numpy(), want / want.max(), atol=1e-5, err_msg=method)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "nearest"])
+def test_prepare_resizes_the_whole_image_with_the_models_interpolation(interpolation):
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    from vitkit.inspect.attention import prepare
+
+    model = tiny_vit()
+    model.preprocess.update(interpolation=interpolation, crop_pct=0.75, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))
+    img = Image.fromarray(photo(6, (53, 37)))
+    x, size = prepare(model, img)
+    assert size == (37, 53)
+    whole = TF.resize(img, [32, 32], interpolation=InterpolationMode[interpolation.upper()], antialias=True)
+    want = (torch.from_numpy(np.array(whole)).permute(2, 0, 1) / 255 - torch.tensor([0.4, 0.5, 0.6])[:, None, None]) \
+        / torch.tensor([0.2, 0.3, 0.25])[:, None, None]
+    torch.testing.assert_close(x[0], want, atol=1e-5, rtol=0)
+
+
+def test_grid_distances_on_a_non_square_grid():
+    from vitkit.inspect import figure7
+
+    grid = (2, 3)
+    cells = [(r, c) for r in range(2) for c in range(3)]
+    want = np.array([[math.dist(a, b) for b in cells] for a in cells])
+    np.testing.assert_allclose(figure7.grid_distances(grid), want)
+
+
+def test_position_summary_numbers(tmp_path):
+    from vitkit.inspect import figure7
+
+    model = tiny_vit(img_size=(32, 48))
+    out = figure7.position_figure(model, tmp_path / "p.png")
+    pos = torch.nn.functional.normalize(model.pos_embed[0, 1:].detach().double(), dim=-1).numpy()
+    sim = pos @ pos.T
+    cells = [(r, c) for r in range(4) for c in range(6)]
+    dist = np.array([[math.dist(a, b) for b in cells] for a in cells])
+    assert out["neighbours_mean"] == pytest.approx(sim[dist == 1].mean(), abs=1e-5)
+    assert out["mean_by_distance"]["2.000"] == pytest.approx(sim[np.isclose(dist, 2)].mean(), abs=1e-5)
+    assert out["mean_by_distance"]["0.000"] == pytest.approx(1, abs=1e-5)
+
+
+def test_position_similarity_without_class_token():
+    from vitkit.inspect import figure7
+
+    model = tiny_vit(pool="gap", class_token=False)
+    sim = figure7.position_similarity(model)
+    pos = torch.nn.functional.normalize(model.pos_embed[0].detach().double(), dim=-1).numpy()
+    assert sim.shape == (16, 16)
+    np.testing.assert_allclose(sim, pos @ pos.T, atol=1e-5)
+
+
+def test_attention_distance_summary_fields(tmp_path):
+    from vitkit.inspect import figure7
+
+    model = tiny_vit()  # depth 3, 2 heads, 4x4 grid of 8-pixel patches
+    dist = np.array([[1.0, 3.0], [5.0, 7.0], [9.0, 11.0]])
+    out = figure7.distance_figure(model, tmp_path / "d.png", dist, 4, "given images")
+    assert out["per_layer_mean"] == [2.0, 6.0, 10.0]
+    assert out["per_layer_head"] == dist.tolist() and out["images"] == 4 and out["unit"] == "pixels"
+    cells = [(r, c) for r in range(4) for c in range(4)]
+    assert out["uniform_attention"] == pytest.approx(np.mean([math.dist(a, b) for a in cells for b in cells]) * 8)
+
+
+def test_default_samples_folder_is_the_checkouts_shared_folder():
+    from vitkit.inspect import figure7
+
+    root = next((p for p in Path(figure7.__file__).resolve().parents if (p / "pyproject.toml").is_file()), None)
+    if root is None:
+        pytest.skip("vitkit is installed, not run from a source checkout")
+    shared = root.parent / "shared" / "data" / "imagenet-samples"
+    assert figure7.SAMPLES == shared
+
+
+def _captured_figures(monkeypatch):
+    """Replaces attention_figure: records (image, amap, path) and writes a placeholder file."""
+    from vitkit.inspect import cli
+
+    seen = []
+
+    def fake(image, amap, title, path):
+        seen.append((image, amap, Path(path)))
+        Path(path).write_bytes(b"png")
+    monkeypatch.setattr(cli, "attention_figure", fake)
+    return seen
+
+
+def test_attention_command_draws_the_chosen_head_at_the_images_size(ckpt, tmp_path, monkeypatch):
+    from vitkit.inspect import attention_map
+
+    path, model = ckpt
+    img = tmp_path / "wide.png"
+    Image.fromarray(photo(7, (70, 30))).save(img)
+    seen = _captured_figures(monkeypatch)
+    out = tmp_path / "maps"
+    args = ["attention", str(img), "--weights", str(path), "-o", str(out), "--method", "head", "--layer", "0",
+            "--head", "1"]
+    assert vitkit_main(args) == 0
+    (image, amap, target), = seen
+    assert target == out / "wide_layer0-head1.png"
+    assert amap.shape == (30, 70)
+    np.testing.assert_allclose(amap, attention_map(model, img, "head", layer=0, head=1), atol=1e-6)
+    assert not np.allclose(amap, attention_map(model, img, "head", layer=1, head=0), atol=1e-3)  # the test can tell
+
+
+def test_negative_layer_is_named_by_its_index(ckpt, tmp_path, monkeypatch):
+    path, _ = ckpt
+    img = tmp_path / "x.png"
+    Image.fromarray(photo(8)).save(img)
+    seen = _captured_figures(monkeypatch)
+    args = ["attention", str(img), "--weights", str(path), "-o", str(tmp_path / "maps"), "--method", "head",
+            "--layer", "-1", "--head", "-1"]
+    assert vitkit_main(args) == 0
+    assert seen[0][2].name == "x_layer2-head1.png"
+
+
+def test_attention_picture_follows_the_images_orientation(tmp_path):
+    from vitkit.inspect.cli import attention_figure
+
+    sizes = {}
+    for name, (h, w) in {"tall": (120, 40), "wide": (40, 120)}.items():
+        image = photo(9, (w, h))
+        amap = np.linspace(0, 1, h * w).reshape(h, w)
+        attention_figure(image, amap, name, tmp_path / f"{name}.png")
+        with Image.open(tmp_path / f"{name}.png") as pic:
+            sizes[name] = pic.size
+    assert sizes["tall"][1] > 2 * sizes["wide"][1]  # 3 tall panels need a far taller picture than 3 wide ones
+
+
+def test_attention_failure_count_counts_empty_folders(ckpt, tmp_path, monkeypatch, capsys):
+    path, _ = ckpt
+    img = tmp_path / "x.png"
+    Image.fromarray(photo(10)).save(img)
+    (tmp_path / "empty").mkdir()
+    _captured_figures(monkeypatch)
+    args = ["attention", str(img), str(tmp_path / "empty"), "--weights", str(path), "-o", str(tmp_path / "maps")]
+    assert vitkit_main(args) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "vitkit attention: 1 of 2 images failed"

@@ -13,7 +13,10 @@ import torch
 from PIL import Image
 
 import vitkit
+from vitkit.cli import main as vitkit_main
 from vitkit.data.images import ImageError, eval_transform, load_image
+
+from image_utils import photo
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-samples"
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason="../shared/data/imagenet-samples not present")
@@ -32,13 +35,6 @@ def tiny_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     vitkit.save_model(model, path)
     return path, model
-
-
-def photo(seed=0, size=(80, 60)):
-    """A smooth colour picture (survives JPEG), different per seed."""
-    y, x = np.mgrid[0:size[1], 0:size[0]] / max(size)
-    phase = np.random.default_rng(seed).uniform(0, 6, 3)
-    return np.stack([127.5 + 127 * np.sin(4 * x + 3 * y + p) for p in phase], -1).astype(np.uint8)
 
 
 def png_with_size(path: Path, width: int, height: int):
@@ -302,3 +298,92 @@ def test_preprocessing_matches_timm_and_torchvision():
 def test_image_error_is_value_error():
     with pytest.raises(ImageError, match="no such file"):
         load_image("/definitely/not/here.png")
+
+
+# --- output, conversions and shapes in detail -------------------------------------------------------------
+def test_text_output_lists_labels_with_percentages(tiny_ckpt, tmp_path, capsys):
+    path, model = tiny_ckpt
+    img = tmp_path / "a.png"
+    Image.fromarray(photo(1)).save(img)
+    assert vitkit_main(["predict", str(img), "--weights", str(path), "--top-k", "3"]) == 0
+    want = next(vitkit.classify(vitkit.load_model(path), [img], top_k=3))
+    tops = ", ".join(f"{t['label']} ({t['prob']:.1%})" for t in want["top_k"])
+    assert capsys.readouterr().out == f"{img}: {tops}\n"
+
+
+def test_top_k_beyond_the_number_of_classes_lists_every_class(tiny_ckpt, tmp_path, capsys):
+    path, _ = tiny_ckpt
+    img = tmp_path / "a.png"
+    Image.fromarray(photo(2)).save(img)
+    assert vitkit_main(["predict", str(img), "--weights", str(path), "--top-k", "20", "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)["top_k"]
+    assert sorted(t["index"] for t in top) == list(range(10))
+    assert sum(t["prob"] for t in top) == pytest.approx(1, abs=1e-5)
+
+
+def test_failure_count_counts_all_inputs(tiny_ckpt, tmp_path, capsys):
+    path, _ = tiny_ckpt
+    good, bad = tmp_path / "good.png", tmp_path / "bad.jpg"
+    Image.fromarray(photo(3)).save(good)
+    bad.write_text("not an image")
+    assert vitkit_main(["predict", str(good), str(bad), "--weights", str(path)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "vitkit predict: 1 of 2 images failed"
+
+
+def test_transparent_pixels_become_white_and_opaque_ones_stay(tmp_path):
+    rgb = photo(4)
+    alpha = np.where(np.arange(80) < 40, 0, 255).astype(np.uint8)[None].repeat(60, 0)
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(tmp_path / "half.png")
+    out = np.asarray(load_image(tmp_path / "half.png")[0])
+    assert (out[:, :40] == 255).all()  # transparent half: white
+    np.testing.assert_array_equal(out[:, 40:], rgb[:, 40:])  # opaque half: untouched
+    la = Image.fromarray(np.dstack([rgb[..., 0], alpha]), "LA")  # grey + alpha as well
+    la.save(tmp_path / "la.png")
+    assert (np.asarray(load_image(tmp_path / "la.png")[0])[:, :40] == 255).all()
+
+
+def test_palette_transparency_is_composited_on_white(tmp_path):
+    idx = np.zeros((20, 30), dtype=np.uint8)
+    idx[:, 15:] = 1
+    img = Image.fromarray(idx, "P")
+    img.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+    img.info["transparency"] = 0
+    img.save(tmp_path / "p.png", transparency=0)
+    out = np.asarray(load_image(tmp_path / "p.png")[0])
+    assert (out[:, :15] == 255).all()
+    assert (out[:, 15:] == [200, 30, 30]).all()
+
+
+def test_sixteen_bit_values_in_mode_I_are_scaled_by_the_16_bit_range(tmp_path):
+    dark = (photo(5)[..., 0].astype(np.int32) // 2) * 257  # values 0..127 in 16-bit units
+    Image.fromarray(dark).save(tmp_path / "i32.tif")
+    img, note = load_image(tmp_path / "i32.tif")
+    assert note == "I image scaled to 8 bits"
+    np.testing.assert_array_equal(np.asarray(img)[..., 0], photo(5)[..., 0] // 2)
+
+
+def test_high_depth_values_are_rounded_to_the_nearest_8_bit_level(tmp_path):
+    levels = np.arange(255, dtype=np.float32)
+    values = np.concatenate([(levels + 0.6) / 255, [0.0, 1.0]]).astype(np.float32)[None]  # 0 and 1: range [0, 1]
+    Image.fromarray(values, "F").save(tmp_path / "f.tif")
+    out = np.asarray(load_image(tmp_path / "f.tif")[0])[0, :, 0]
+    np.testing.assert_array_equal(out[:255], levels + 1)
+    sixteen = (np.arange(255, dtype=np.uint16) * 257 + 128)[None]  # k + 0.498 in 8-bit units: rounds down to k
+    Image.fromarray(sixteen).save(tmp_path / "s.png")
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "s.png")[0])[0, :, 0], np.arange(255))
+
+
+def test_classify_with_a_non_square_model_matches_a_direct_forward(tmp_path):
+    from vitkit.data.images import eval_transform
+
+    torch.manual_seed(0)
+    model = vitkit.ViT(vitkit.ViTConfig(patch_size=8, img_size=(32, 48), width=32, depth=2, num_heads=2, mlp_dim=64,
+                                        num_classes=5)).eval()
+    img = tmp_path / "a.png"
+    Image.fromarray(photo(11, (90, 50))).save(img)
+    x = eval_transform(model.preprocess, model.cfg.img_size)(load_image(img)[0])
+    assert x.shape == (3, 32, 48)
+    with torch.no_grad():
+        probs = model(x[None]).softmax(-1)[0]
+    got = next(vitkit.classify(model, [img], top_k=5))["top_k"]
+    np.testing.assert_allclose([t["prob"] for t in got], probs.sort(descending=True).values.numpy(), atol=1e-6)
