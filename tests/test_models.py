@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import vitkit
 from vitkit.models import registry, resample_pos_embed
+from weight_peers import CLASSES, assert_close, images, randomize, save_timm, tv, vitkit_logits
 
 timm = pytest.importorskip("timm")
 
@@ -157,3 +158,83 @@ def test_hybrid_grid_and_features():
     assert model.cfg.grid == (8, 8) and model.patch_embed.proj.kernel_size == (1, 1)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 128, 128)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("name", [n for n in vitkit.list_models() if n.startswith("vit_")
+                                  and not n.startswith(("vit_b_", "vit_l_", "vit_h_")) and n != "vit_small_patch8_224"])
+def test_every_timm_name_has_timms_heads_and_preprocessing(name):
+    cfg, pre = registry.resolve(name)
+    with torch.device("meta"):
+        theirs = timm.create_model(name)
+    assert cfg["num_heads"] == theirs.blocks[0].attn.num_heads
+    pc = theirs.pretrained_cfg
+    assert (tuple(pre["mean"]), tuple(pre["std"]), pre["crop_pct"], pre["interpolation"]) == \
+        (tuple(pc["mean"]), tuple(pc["std"]), pc["crop_pct"], pc["interpolation"])
+
+
+@pytest.mark.parametrize("tv_name, weights", [
+    ("vit_b_16", "IMAGENET1K_V1"), ("vit_b_32", "IMAGENET1K_V1"), ("vit_l_32", "IMAGENET1K_V1"),
+    ("vit_l_16", "IMAGENET1K_V1"),  # resized to 242, not 256
+    ("vit_h_14", "IMAGENET1K_SWAG_LINEAR_V1")])
+def test_torchvision_names_have_torchvisions_heads_and_preprocessing(tv_name, weights):
+    cfg, pre = registry.resolve(tv_name)
+    with torch.device("meta"):
+        theirs = getattr(tv, tv_name)()
+    assert cfg["num_heads"] == theirs.encoder.layers[0].self_attention.num_heads
+    from torchvision.models import get_model_weights
+
+    t = get_model_weights(tv_name)[weights].transforms()  # ImageClassification: resize, crop, mean/std
+    assert tuple(pre["mean"]) == tuple(t.mean) and tuple(pre["std"]) == tuple(t.std)
+    assert pre["crop_pct"] == pytest.approx(t.crop_size[0] / t.resize_size[0])
+    assert pre["interpolation"] == t.interpolation.value
+
+
+@pytest.mark.parametrize("eps", [1e-12, 1e-6, 1e-3])
+def test_every_layernorm_uses_the_configured_eps(eps):
+    model = vitkit.create_model("ViT-Ti/16", img_size=64, depth=2, norm_eps=eps, pool="gap", fc_norm=True)
+    model2 = vitkit.create_model("ViT-Ti/16", img_size=64, depth=2, norm_eps=eps)
+    norms = [m for mod in (model, model2) for m in mod.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * 2 * 2 + 2 and all(m.eps == eps for m in norms)
+
+
+def test_mlp_is_exact_gelu_against_timm(tmp_path):
+    peer = randomize(timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=CLASSES))
+    with torch.no_grad():
+        peer.blocks[0].mlp.fc1.weight.mul_(5)  # pre-activations of about one unit, where the two GELUs differ most
+        peer.blocks[0].mlp.fc2.weight.mul_(20)  # and the MLP's share of the residual stream large
+    path = tmp_path / "ti.safetensors"
+    save_timm(peer, path)
+    with torch.no_grad():
+        ref = peer(images(224))
+    assert_close(vitkit_logits("ViT-Ti/16", path, 224), ref)
+
+
+def test_distilled_pre_logits_match_timm(tmp_path):
+    peer = randomize(timm.create_model("deit_tiny_distilled_patch16_224", depth=1, num_classes=CLASSES))
+    path = tmp_path / "deit.pth"
+    save_timm(peer, path, container=True)
+    model = vitkit.create_model("ViT-Ti/16", weights=path, depth=1)
+    x = images(224)
+    with torch.no_grad():
+        ref = peer.forward_head(peer.forward_features(x), pre_logits=True)
+        assert_close(model.forward_head(model.forward_features(x), pre_logits=True), ref)
+
+
+def test_dynamic_img_size_distilled(tmp_path):
+    torch.manual_seed(0)
+    model = vitkit.create_model("ViT-Ti/16", img_size=64, depth=2, distilled=True, dynamic_img_size=True).eval()
+    vitkit.save_model(model, tmp_path / "m.safetensors")
+    other = vitkit.load_model(tmp_path / "m.safetensors", img_size=(96, 48))
+    x = torch.randn(2, 3, 96, 48)
+    with torch.no_grad():
+        assert torch.allclose(model(x), other(x), atol=1e-5)
+
+
+def test_registry_deit_crop_and_paper_hybrid_size():
+    for size, crop in ((224, 0.875), (384, 1.0)):
+        for name in (f"deit_base_patch16_{size}", f"deit_base_distilled_patch16_{size}"):
+            cfg, pre = registry.resolve(name)
+            assert pre == {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_pct": crop,
+                           "interpolation": "bicubic"} and cfg["img_size"] == size
+    cfg, pre = registry.resolve("R50+ViT-B/16")
+    assert cfg["img_size"] == 384 and cfg["hybrid_layers"] == (3, 4, 9) and pre["crop_pct"] == 1.0

@@ -2,6 +2,7 @@
 position-embedding resampling, and files that are not checkpoints, are cut short, do not fit, or hold pickles."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
@@ -301,3 +302,36 @@ def test_torchvision_preprocessing_follows_the_weights(tmp_path, size, patch, in
     pre = read_checkpoint(path).preprocess
     assert pre == {"mean": IMAGENET_MEAN, "std": (0.229, 0.224, 0.225), "interpolation": interpolation,
                    "crop_pct": crop_pct}
+
+
+def test_distilled_checkpoint_runs_at_its_own_resolution(tmp_path, caplog):
+    path = tmp_path / "deit384.pth"
+    peer = timm.create_model("deit_tiny_distilled_patch16_224", img_size=384, depth=1, num_classes=CLASSES)
+    save_timm(peer, path, container=True)
+    with caplog.at_level(logging.WARNING, logger="vitkit"):
+        model = vitkit.create_model("deit_tiny_distilled_patch16_224", weights=path, depth=1)
+    assert model.cfg.img_size == (384, 384) and "resampled" not in caplog.text
+
+
+def test_transformers_center_crop_and_other_activations(tmp_path):
+    peer = hf_vit("ViT-Ti/16")
+    peer.save_pretrained(tmp_path / "crop")
+    (tmp_path / "crop" / "preprocessor_config.json").write_text(json.dumps({
+        "do_center_crop": True, "size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224},
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3}))
+    pre = read_checkpoint(tmp_path / "crop").preprocess
+    assert pre["crop_pct"] == 224 / 256 and pre["crop_mode"] == "center" and pre["interpolation"] == "bicubic"
+    hf_vit("ViT-Ti/16", hidden_act="gelu_new").save_pretrained(tmp_path / "gelu_new")
+    with pytest.raises(vitkit.weights.CheckpointError, match="hidden_act 'gelu_new'"):
+        vitkit.create_model("ViT-Ti/16", weights=tmp_path / "gelu_new", depth=1)
+
+
+def test_vitkit_checkpoint_round_trip_keeps_class_names_and_preprocess(tmp_path):
+    model = vitkit.create_model("ViT-Ti/16", img_size=64, depth=1, num_classes=3)
+    model.class_names = ["cat", "dog", "eel"]
+    model.preprocess.update(crop_pct=0.8, interpolation="bilinear")
+    loaded = vitkit.load_model(vitkit.save_model(model, tmp_path / "m.safetensors"))
+    def norm(pre):  # JSON gives lists back for the mean/std tuples
+        return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in pre.items()}
+    assert loaded.class_names == ["cat", "dog", "eel"] and norm(loaded.preprocess) == norm(model.preprocess)
+    assert loaded.cfg == model.cfg

@@ -116,3 +116,16 @@ def test_url_not_found_is_one_line(http_root):
         vitkit.create_model("ViT-Ti/16", weights=f"{base}/missing.npz")
     msg = str(e.value)
     assert "missing.npz: download failed (HTTP Error 404" in msg and "\n" not in msg
+
+
+def test_url_cache_is_per_url(tmp_path, http_root):
+    root, base, _ = http_root
+    for sub, seed in (("a", 0), ("b", 1)):
+        (root / sub).mkdir()
+        google_npz(root / sub / "ViT-Ti_16.npz", *TI, seed=seed)
+    a = vitkit_logits("ViT-Ti/16", f"{base}/a/ViT-Ti_16.npz", 224)
+    b = vitkit_logits("ViT-Ti/16", f"{base}/b/ViT-Ti_16.npz", 224)
+    ref = timm_from_npz(root / "b" / "ViT-Ti_16.npz", *TI, 224)
+    with torch.no_grad():
+        assert_close(b, ref(images(224)))
+    assert not torch.allclose(a, b)

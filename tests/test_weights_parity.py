@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import vitkit
+from vitkit.weights import read_checkpoint
 from weight_peers import (CLASSES, SHAPES, assert_close, google_npz, hf_vit, images, randomize, save_timm,
                           timm_from_npz, timm_reference, tv, tv_vit, vitkit_logits)
 
@@ -252,3 +254,74 @@ def test_torchvision_parity(tmp_path, name, size):
     assert model.preprocess["mean"] == (0.485, 0.456, 0.406) and model.class_names is None
     with torch.no_grad():
         assert_close(model(images(size)), ref)
+
+
+@pytest.mark.parametrize("cls", [False, True])
+def test_timm_gap_fc_norm_parity(tmp_path, cls):
+    from timm.models.vision_transformer import VisionTransformer
+    peer = randomize(VisionTransformer(img_size=224, patch_size=16, embed_dim=192, depth=1, num_heads=3,
+                                       num_classes=CLASSES, class_token=cls, global_pool="avg", fc_norm=True))
+    path = tmp_path / "gap.safetensors"
+    save_timm(peer, path)
+    model = vitkit.create_model("ViT-Ti/16", weights=path, depth=1)
+    assert model.cfg.pool == "gap" and model.cfg.fc_norm
+    with torch.no_grad():
+        assert_close(model(images(224)), peer(images(224)))
+
+
+def test_timm_without_qkv_bias(tmp_path):
+    peer = randomize(timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=CLASSES, qkv_bias=False))
+    path = tmp_path / "nobias.pth"
+    save_timm(peer, path)
+    model = vitkit.create_model("ViT-Ti/16", weights=path, depth=1)
+    assert not model.cfg.qkv_bias
+    with torch.no_grad():
+        assert_close(model(images(224)), peer(images(224)))
+
+
+def test_timm_ddp_prefix_and_old_pre_logits_names(tmp_path):
+    peer = randomize(timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=CLASSES))
+    torch.save({"module." + k: v for k, v in peer.state_dict().items()}, tmp_path / "ddp.pth")
+    assert_close(vitkit_logits("ViT-Ti/16", tmp_path / "ddp.pth", 224), peer(images(224)).detach())
+    src = vitkit.create_model("ViT-Ti/16", img_size=224, depth=1, representation_size=192, num_classes=CLASSES)
+    randomize(src)
+    old = {k.replace("pre_logits.", "pre_logits.fc."): v for k, v in src.state_dict().items()}
+    torch.save(old, tmp_path / "old.pth")
+    model = vitkit.create_model("ViT-Ti/16", weights=tmp_path / "old.pth", depth=1)
+    assert model.cfg.representation_size == 192
+    with torch.no_grad():
+        assert_close(model(images(224)), src(images(224)))
+
+
+def test_npz_bfloat16_arrays(tmp_path):
+    path32, path16 = tmp_path / "f32.npz", tmp_path / "bf16.npz"
+    w = google_npz(path32, *SHAPES["ViT-Ti/16"][:4])
+
+    def bf16(a):  # float32 -> bfloat16 (truncated), stored the way JAX's np.asarray(bf16 array) is: dtype V2
+        return (a.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).view("V2")
+    np.savez(path16, **{k: bf16(v) for k, v in w.items()})
+    sd32, sd16 = read_checkpoint(path32).state_dict, read_checkpoint(path16).state_dict
+    for k, v in sd32.items():
+        assert sd16[k].dtype == torch.float32
+        assert torch.allclose(sd16[k], v, rtol=1e-2, atol=1e-6), k  # bfloat16 keeps ~3 significant digits
+
+
+def test_non_square_checkpoint_resampled_to_another_non_square_size(tmp_path):
+    peer = randomize(timm.create_model("vit_tiny_patch16_224", img_size=(224, 320), depth=1, num_classes=CLASSES))
+    path = tmp_path / "wide.pth"
+    save_timm(peer, path)
+    size = (112, 160)  # 7x10: same aspect ratio, so the file's 280 positions are read as 14x20
+    from timm.layers import resample_abs_pos_embed
+    state = dict(peer.state_dict())
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], [7, 10], [14, 20], num_prefix_tokens=1)
+    ref = timm.create_model("vit_tiny_patch16_224", img_size=size, depth=1, num_classes=CLASSES).eval()
+    ref.load_state_dict(state)
+    with torch.no_grad():
+        assert_close(vitkit_logits("ViT-Ti/16", path, size), ref(images(size)))
+
+
+def test_transformers_bare_state_dict_gets_transformers_eps(tmp_path):
+    peer = hf_vit("ViT-Ti/16")
+    save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, str(tmp_path / "bare.safetensors"))
+    assert read_checkpoint(tmp_path / "bare.safetensors").config["norm_eps"] == 1e-12
+    assert vitkit.create_model("ViT-Ti/16", weights=tmp_path / "bare.safetensors", depth=1).cfg.norm_eps == 1e-12

@@ -9,6 +9,7 @@ from .vit import WIDTHS, ViTConfig
 GOOGLE = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 TORCHVISION = {**IMAGENET, "crop_pct": 224 / 256, "interpolation": "bilinear"}
+TV_L16_CROP = 224 / 242  # vit_l_16's IMAGENET1K_V1 weights resize to 242, the others to 256
 DEIT = {**IMAGENET, "crop_pct": 0.875, "interpolation": "bicubic"}
 
 _TIMM_SIZE = {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "huge": "H"}
@@ -38,7 +39,8 @@ def _entries() -> dict[str, tuple[dict, dict]]:
         if size == 224:
             out[f"ViT-{v}/{p}"] = (cfg, pre)
         if v in _TV_SIZE.values() and (p, size) in ((16, 224), (32, 224), (14, 224)) and (v, p) != ("B", 8):
-            tv_pre = {**TORCHVISION, "crop_pct": 1.0, "interpolation": "bicubic"} if v == "H" else TORCHVISION
+            tv_pre = {**TORCHVISION, "crop_pct": 1.0, "interpolation": "bicubic"} if v == "H" else \
+                {**TORCHVISION, "crop_pct": TV_L16_CROP} if (v, p) == ("L", 16) else TORCHVISION
             out[f"vit_{v.lower()}_{p}"] = (cfg, tv_pre)
     for size in (224, 384):
         cfg = dict(decode_variant("B", 1), img_size=size, hybrid_layers=(3, 4, 9))

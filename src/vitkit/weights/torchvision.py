@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 
-from ..models.registry import IMAGENET, TORCHVISION
+from ..models.registry import IMAGENET, TORCHVISION, TV_L16_CROP
 from . import Checkpoint, CheckpointError, infer_config, rename
 
 _LAYER = r"encoder\.layers\.encoder_layer_(\d+)\."
@@ -44,10 +44,10 @@ def convert(sd: dict) -> Checkpoint:
 
 
 def _preprocess(sd: dict) -> dict:
-    """The IMAGENET1K_V1 weights: bilinear, resize 256, crop 224. The SWAG ones (vit_h_14 at any size, the
-    others above 224 px): bicubic, resized straight to the input size."""
-    patch = sd["patch_embed.proj.weight"].shape[-1]
+    """The IMAGENET1K_V1 weights: bilinear, resize 256 (vit_l_16: 242), crop 224. The SWAG ones (vit_h_14 at any
+    size, the others above 224 px): bicubic, resized straight to the input size."""
+    width, _, _, patch = sd["patch_embed.proj.weight"].shape
     side = math.isqrt(sd["pos_embed"].shape[1] - 1) * patch
     if side != 224 or patch == 14:
         return {**IMAGENET, "interpolation": "bicubic", "crop_pct": 1.0}
-    return dict(TORCHVISION)
+    return {**TORCHVISION, "crop_pct": TV_L16_CROP} if (width, patch) == (1024, 16) else dict(TORCHVISION)
