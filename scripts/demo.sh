@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main job, offline on a fresh machine: train a small ViT on scikit-learn's bundled digits,
 # evaluate it on the held-out 20%, then classify a few digit pictures written as PNG files.
-#   scripts/demo.sh [RUN_DIR]        (default runs/digits; about a minute on 2 CPU cores)
+#   scripts/demo.sh [RUN_DIR]        (default runs/digits; about 40 s on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh  # creates .venv and installs vitkit the first time

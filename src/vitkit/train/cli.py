@@ -33,7 +33,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-data", help="a separate validation DATA")
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, help="data-loading processes")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available; under torchrun each "
+                                     "process takes the GPU of its LOCAL_RANK)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any recipe value, e.g. --set optim.lr=0.01 --set augment.mixup=0.8 (repeatable)")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
