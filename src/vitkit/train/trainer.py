@@ -607,6 +607,7 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
         if exit_code == 0:
             log.info("done in %s: best val top-1 %s -> %s", _hms(clock()), f"{best:.2%}" if best >= 0 else "n/a",
                      run_dir / BEST)
+    d.barrier()  # the ranks leave together: one tearing down its process group while another works aborted it
     d.close()
     return exit_code
 
