@@ -27,6 +27,8 @@ class EvalResult:
     loss_sum: float
     class_names: list[str]
     skipped: list[str] = field(default_factory=list)
+    data: str = ""  # what was evaluated (set by evaluate_model)
+    split: str = ""
 
     @property
     def n(self) -> int:
@@ -191,53 +193,48 @@ def recorded_split(weights: str | None, data: str) -> dict:
     return rec if same else {}
 
 
-def evaluate_model(model, data: str, *, val_split: float | None = None, split_seed: int | None = None,
-                   batch_size: int = 256, workers: int | None = None, amp: str = "auto", tta: str = "none",
-                   data_root: str | None = None, progress: bool = False) -> EvalResult:
+def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_split: float | None = None,
+                   split_seed: int | None = None, batch_size: int = 256, workers: int | None = None,
+                   amp: str = "auto", tta: str = "none", data_root: str | None = None,
+                   progress: bool = False) -> EvalResult:
     """`vitkit eval` from Python: a model (or the path of a vitkit checkpoint) on DATA (what `vitkit train` takes),
-    classes matched by name. When DATA is the data a checkpoint was trained on, its held-out split is evaluated
-    unless val_split says otherwise. Returns top1, top5, loss, n, per_class(), the confusion matrix. Problems
-    with the data or the arguments raise ValueError (DataError) before any work."""
+    classes matched by name. When DATA is the data the checkpoint (`weights`: its path, for a model given as
+    such) was trained on, its held-out split is evaluated unless val_split says otherwise. Returns top1, top5,
+    loss, n, per_class(), the confusion matrix. Problems with the data or the arguments raise ValueError
+    (DataError) before any work."""
     from ..api import load_model
-
-    path = model if isinstance(model, (str, Path)) else None
-    model = load_model(path) if path else model
-    return _evaluate(model, path, data, val_split, split_seed, batch_size, workers, amp, tta, data_root, progress)[0]
-
-
-def _evaluate(model, weights, data_spec: str, val_split, split_seed, batch_size, workers, amp, tta, data_root,
-              progress):
-    """(result, the data as described, which part of it); `weights`: the checkpoint's path, if any."""
     from ..data.datasets import DataError, describe, in_memory, open_data, relabel
     from ..data.images import eval_transform
     from ..predict import imagenet_wnids
 
+    if isinstance(model, (str, Path)):
+        weights, model = model, load_model(model)
     model = model.eval()
     device = next(model.parameters()).device
     if val_split is not None and not 0 <= val_split < 1:
         raise DataError(f"--val-split {val_split}: must be in [0, 1) (0: evaluate everything)")
-    split = recorded_split(weights and str(weights), data_spec)
+    split = recorded_split(weights and str(weights), data)
     val_split = val_split if val_split is not None else split.get("val_split", 0.0)
     split_seed = split_seed if split_seed is not None else split.get("split_seed", 0)
-    data = open_data(data_spec, val_split=val_split, split_seed=split_seed, root=data_root, evaluate_only=True)
+    ds = open_data(data, val_split=val_split, split_seed=split_seed, root=data_root, evaluate_only=True)
     names = model.class_names
-    if names is None and model.cfg.num_classes == 1000 and set(data.class_names) <= set(imagenet_wnids()):
+    if names is None and model.cfg.num_classes == 1000 and set(ds.class_names) <= set(imagenet_wnids()):
         names = imagenet_wnids()  # ImageNet folders (n01440764/...) for an ImageNet-1k head: matched by WordNet ID
     if names is None:  # a checkpoint without class names: only positions can be matched
-        if len(data.class_names) != model.cfg.num_classes:
+        if len(ds.class_names) != model.cfg.num_classes:
             raise DataError(f"--weights {weights}: the checkpoint names no classes and has {model.cfg.num_classes}, "
-                            f"the data {len(data.class_names)}; cannot match them")
-        log.warning("the checkpoint names no classes: matching the data's %d classes by position",
-                    len(data.class_names))
-        names = data.class_names
-    data = relabel(data, names)
+                            f"the data {len(ds.class_names)}; cannot match them")
+        log.warning("the checkpoint names no classes: matching the data's %d classes by position", len(ds.class_names))
+        names = ds.class_names
+    ds = relabel(ds, names)
     what = f"held-out {val_split:.0%} (seed {split_seed})" if val_split else "all"
-    log.info("evaluating on %s: %s", describe(data), what)
-    workers = workers if workers is not None else 0 if in_memory(data.val) else min(4, os.cpu_count() or 1)
-    loader = eval_loader(data.val, eval_transform(model.preprocess, model.cfg.img_size), batch_size, workers)
+    log.info("evaluating on %s: %s", describe(ds), what)
+    workers = workers if workers is not None else 0 if in_memory(ds.val) else min(4, os.cpu_count() or 1)
+    loader = eval_loader(ds.val, eval_transform(model.preprocess, model.cfg.img_size), batch_size, workers)
     result = evaluate(model, loader, list(names), device, amp, progress=progress, tta=tta)
-    result.skipped = data.skipped + result.skipped  # found while preloading, and while evaluating
-    return result, data.name, what
+    result.skipped = ds.skipped + result.skipped  # found while preloading, and while evaluating
+    result.data, result.split = ds.name, what
+    return result
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -246,9 +243,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     model = model_from_args(args)
     try:
-        result, data_name, what = _evaluate(model, args.weights, args.data, args.val_split, args.split_seed,
-                                            args.batch_size, args.workers, args.amp, args.tta, args.data_root,
-                                            not args.json)
+        result = evaluate_model(model, args.data, weights=args.weights, val_split=args.val_split,
+                                split_seed=args.split_seed, batch_size=args.batch_size, workers=args.workers,
+                                amp=args.amp, tta=args.tta, data_root=args.data_root, progress=not args.json)
     except ValueError as e:  # DataError included
         raise UserError(str(e)) from None
     names = result.class_names
@@ -257,9 +254,9 @@ def run_eval(args: argparse.Namespace) -> int:
     present = sorted({i for i, c in enumerate(result.confusion.sum(1).tolist()) if c} |
                      {i for i, c in enumerate(result.confusion.sum(0).tolist()) if c})
     png = plot_confusion(result.confusion[present][:, present], [names[i] for i in present], out / "confusion.png",
-                         f"{Path(args.weights).name} on {data_name}: top-1 {result.top1:.2%}")
+                         f"{Path(args.weights).name} on {result.data}: top-1 {result.top1:.2%}")
     if args.json:
-        print(json.dumps({**result.to_json(), "data": data_name, "split": what, "tta": args.tta,
+        print(json.dumps({**result.to_json(), "data": result.data, "split": result.split, "tta": args.tta,
                           "weights": str(args.weights), "confusion_png": str(png) if png else None}))
     else:
         width = max(len(n) for n in result.per_class())
