@@ -30,6 +30,8 @@ def gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: G.calls.append(("set_device", torch.device(d))))
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: G.calls.append((backend, kw)))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"uuid": "GPU-a"})())
+    monkeypatch.setattr(D, "_refuse_shared_gpu", lambda rank, world, gpu: G.calls.append((rank, world, gpu)) or "store")
     return G
 
 
@@ -63,6 +65,51 @@ def test_one_visible_gpu_per_process(gpus, monkeypatch):
     gpus.n = 2
     with pytest.raises(ValueError, match="LOCAL_RANK 3, but this process sees 2 GPUs"):
         D.Dist.init("cuda")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("uuids", [("GPU-a", "GPU-a"), ("GPU-a", "GPU-b")])
+def test_two_processes_on_the_one_gpu_they_both_see_are_refused(monkeypatch, uuids):
+    """torchrun --nproc_per_node 2 on a one-GPU machine looks, from each process, like a launcher giving each
+    its own GPU: the GPUs' UUIDs, exchanged through the rendezvous store, tell them apart (both ranks say it)."""
+    import threading
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    found = {}
+
+    def rank(r):
+        try:
+            found[r] = D._refuse_shared_gpu(r, 2, uuids[r])
+        except ValueError as e:
+            found[r] = str(e)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if uuids[0] == uuids[1]:
+        assert found == {r: "ranks 0, 1 would share GPU GPU-a: start at most as many processes per machine as it "
+                            "has GPUs (torchrun --nproc_per_node)" for r in (0, 1)}
+    else:
+        assert all(isinstance(found[r], dist.PrefixStore) for r in (0, 1))
+
+
+def test_the_gpu_check_runs_where_each_process_sees_one(gpus, monkeypatch):
+    torchrun_env(monkeypatch, 1, world=4)
+    gpus.n = 1
+    D.Dist.init("auto")
+    gpus.n = 2  # one GPU per LOCAL_RANK: nothing to check
+    D.Dist.init("auto")
+    assert gpus.calls == [("set_device", CUDA0), (1, 4, "GPU-a"),
+                          ("nccl", {"device_id": CUDA0, "store": "store", "rank": 1, "world_size": 4}),
+                          ("set_device", CUDA1), ("nccl", {"device_id": CUDA1})]
 
 
 def test_cuda_rng_state_is_the_run_gpus_own(monkeypatch):
@@ -132,9 +179,7 @@ def _fsdp_eval(rank: int, port: int, out):
 
 def test_fsdp_validation_with_uneven_shares_of_the_data():
     """A sharded model all-gathers in every forward pass: a rank with one batch more used to wait forever."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_fsdp_eval, args=(r, port, out)) for r in range(2)]

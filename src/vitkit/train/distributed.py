@@ -58,8 +58,11 @@ class Dist:
                 dev = torch.device("cuda", local if local < count else 0)
             torch.cuda.set_device(dev)
         if world > 1 and not dist.is_initialized():  # device_id: NCCL bound to this GPU (barrier, object collectives)
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                    device_id=dev if dev.type == "cuda" else None)
+            kw = {"device_id": dev} if dev.type == "cuda" else {}
+            if dev.type == "cuda" and torch.cuda.device_count() == 1:  # its own GPU, or one GPU for all?
+                gpu = str(torch.cuda.get_device_properties(dev).uuid)
+                kw.update(store=_refuse_shared_gpu(rank, world, gpu), rank=rank, world_size=world)
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", **kw)
         return cls(rank, world, local, dev)
 
     def any(self, *flags: bool) -> list[bool]:
@@ -102,6 +105,22 @@ class Dist:
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _refuse_shared_gpu(rank: int, world: int, gpu: str) -> dist.Store:
+    """Each process sees one GPU: a launcher gave each its own, or torchrun started more processes than the
+    machine has GPUs. GPU UUIDs tell which, through the rendezvous store, before NCCL stops with its own
+    "Duplicate GPU" error. Returns the store for init_process_group."""
+    from datetime import timedelta
+
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timedelta(minutes=10)))
+    key = f"vitkit/gpu/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/"  # a restarted job: fresh keys
+    store.set(key + str(rank), gpu)
+    sharing = [r for r in range(world) if store.get(key + str(r)).decode() == gpu]
+    if len(sharing) > 1:
+        raise ValueError(f"ranks {', '.join(map(str, sharing))} would share GPU {gpu}: start at most as many "
+                         "processes per machine as it has GPUs (torchrun --nproc_per_node)")
+    return dist.PrefixStore("default_pg", store)
 
 
 def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
