@@ -86,7 +86,7 @@ def test_two_processes_on_the_one_gpu_they_both_see_are_refused(monkeypatch, uui
     def rank(r):
         try:
             found[r] = D._refuse_shared_gpu(r, 2, uuids[r])
-        except ValueError as e:
+        except RecipeError as e:  # not said as a --device problem
             found[r] = str(e)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
@@ -95,7 +95,7 @@ def test_two_processes_on_the_one_gpu_they_both_see_are_refused(monkeypatch, uui
     for t in threads:
         t.join(60)
     if uuids[0] == uuids[1]:
-        assert found == {r: "ranks 0, 1 would share GPU GPU-a: start at most as many processes per machine as it "
+        assert found == {r: "torchrun: ranks 0, 1 would share GPU GPU-a: start at most as many processes per machine as it "
                             "has GPUs (torchrun --nproc_per_node)" for r in (0, 1)}
     else:
         assert all(isinstance(found[r], dist.PrefixStore) for r in (0, 1))

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .recipe import RecipeError
+
 
 def resolve_device(name: str) -> torch.device:
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps', ... -> a device this machine has;
@@ -118,7 +120,7 @@ def _refuse_shared_gpu(rank: int, world: int, gpu: str) -> dist.Store:
     store.set(key + str(rank), gpu)
     sharing = [r for r in range(world) if store.get(key + str(r)).decode() == gpu]
     if len(sharing) > 1:
-        raise ValueError(f"ranks {', '.join(map(str, sharing))} would share GPU {gpu}: start at most as many "
+        raise RecipeError(f"torchrun: ranks {', '.join(map(str, sharing))} would share GPU {gpu}: start at most as many "
                          "processes per machine as it has GPUs (torchrun --nproc_per_node)")
     return dist.PrefixStore("default_pg", store)
 

@@ -261,6 +261,8 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
     M, D, A, O, T = r["model"], r["data"], r["augment"], r["optim"], r["train"]
     try:
         d = Dist.init(T["device"])
+    except RecipeError:
+        raise
     except ValueError as e:
         raise RecipeError(f"train.device (--device) {e}") from None
 
