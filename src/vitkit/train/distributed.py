@@ -9,8 +9,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .recipe import RecipeError
-
 
 def resolve_device(name: str) -> torch.device:
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps', ... -> a device this machine has;
@@ -114,6 +112,8 @@ def _refuse_shared_gpu(rank: int, world: int, gpu: str) -> dist.Store:
     machine has GPUs. GPU UUIDs tell which, through the rendezvous store, before NCCL stops with its own
     "Duplicate GPU" error. Returns the store for init_process_group."""
     from datetime import timedelta
+
+    from .recipe import RecipeError
 
     store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timedelta(minutes=10)))
     key = f"vitkit/gpu/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/"  # a restarted job: fresh keys
