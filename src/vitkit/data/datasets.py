@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, IterableDataset, Subset, get_worker_info
 from torchvision import tv_tensors
 
@@ -162,6 +163,9 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
             shown_as = (f"{folder}{os.sep}", f"{spec}:")  # name files by their place in the archive
         train_dir, val_dir = _layout(folder)
         train, skipped = _folder(train_dir, preload, cache_dir, shown_as=shown_as)
+        if len(train.class_names) < 2 and not evaluate_only:
+            raise DataError(f"{_shown(train_dir, shown_as)}: one class folder ({train.class_names[0]}) only; "
+                            "training needs at least two (expected <class>/<image> for each class)")
         held = None
         if val_dir is not None:
             held, more = _folder(val_dir, preload, cache_dir, like=train.class_names, shown_as=shown_as)
@@ -170,6 +174,8 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
     split = {"path": spec, "val_split": 0.0, "split_seed": split_seed}
     if Path(spec).is_file():  # an archive is recognised by name and size wherever it is later (vitkit eval)
         split["bytes"] = Path(spec).stat().st_size
+    if spec not in BUILTIN:  # a relative path means another place from another working directory
+        split["resolved"] = str(Path(spec).resolve())
     if val is not None:  # a separate validation dataset, classes matched by name
         other = open_data(val, root=root, preload=preload, cache_dir=cache_dir, evaluate_only=True)
         held = _relabel(other.val, other.class_names, class_names, val)
@@ -255,15 +261,26 @@ def _extract(archive: Path, cache_dir: str | None) -> Path:
     return dest
 
 
+def _junk(name: str) -> bool:
+    """Hidden entries and macOS archive debris (`.DS_Store`, AppleDouble `._x.jpg`, `__MACOSX/`)."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return [e for e in folder.iterdir() if e.is_dir() and not _junk(e.name)]
+
+
 def _layout(folder: Path) -> tuple[Path, Path | None]:
-    """(train folder, val folder or None). Wrapper folders holding a single folder are looked through."""
+    """(train folder, val folder or None). A wrapper folder (the only folder beside files such as a README or
+    macOS debris) is looked through when it holds folders itself: a folder whose only class folder holds the
+    images is that one class. `train/` is the training split only when it holds class folders (CIFAR-100 has a
+    class named "train")."""
     while True:
-        entries = [e for e in folder.iterdir() if not e.name.startswith(".")]
-        dirs = {e.name.lower(): e for e in entries if e.is_dir()}
-        if "train" in dirs:
+        dirs = {e.name.lower(): e for e in _subdirs(folder)}
+        if "train" in dirs and _subdirs(dirs["train"]):
             return dirs["train"], dirs.get("val") or dirs.get("validation")
-        if len(entries) == 1 and dirs:
-            folder = entries[0]
+        if len(dirs) == 1 and _subdirs(only := next(iter(dirs.values()))):
+            folder = only
             continue
         return folder, None
 
@@ -272,7 +289,7 @@ def _folder(root: Path, preload, cache_dir: str | None, like: list[str] | None =
             shown_as: tuple[str, str] | None = None) -> tuple[Dataset, list[str]]:
     """An ImageFolder (one subfolder per class). `like`: the training classes these must be among."""
     where = _shown(root, shown_as)
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = sorted(d.name for d in _subdirs(root))
     if not classes:
         shard = shown_as is not None and any(root.glob("*.cls"))
         raise DataError(f"{where}: no class folders (expected {where}/<class>/<image>)" + (
@@ -283,7 +300,8 @@ def _folder(root: Path, preload, cache_dir: str | None, like: list[str] | None =
     index = {c: i for i, c in enumerate(like or classes)}
     per_class = {}
     for c in classes:
-        files = sorted(f for f in (root / c).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(f for f in (root / c).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                       and not any(map(_junk, f.relative_to(root / c).parts)))
         if not files:
             raise DataError(f"{_shown(root / c, shown_as)}: empty class folder (no image files)")
         per_class[c] = files
@@ -435,16 +453,38 @@ def _shards(spec: str, val: str | None, opts: dict, evaluate_only: bool) -> Data
     names_file = Path(urls[0]).parent / "classes.txt"
     sizes, labels = (None, None) if opts.get("epoch_size") else _count(urls)
     count = opts.get("epoch_size") or sum(sizes)
+    if not count:
+        raise DataError(f"{spec}: no sample has a class label: a WebDataset sample is <key>.jpg (or .png, ...) with "
+                        "<key>.cls holding its class index; class names go in classes.txt beside the shards")
     if names_file.is_file():
         class_names = [s.strip() for s in names_file.read_text().splitlines() if s.strip()]
+        if labels and labels[-1] >= len(class_names):
+            raise DataError(f"{spec}: label {labels[-1]} in the shards, but {names_file} names "
+                            f"{len(class_names)} classes (labels 0..{len(class_names) - 1})")
     elif labels:
         class_names = [str(i) for i in range(max(labels) + 1)]
     else:
         raise DataError(f"{spec}: put the class names in {names_file} (one per line, in label order)")
     stream = ShardStream(urls, count, shuffle_buffer=opts.get("shuffle_buffer", 2000), shard_sizes=sizes)
     val_urls = wds.shardlists.expand_urls(val) if val else None
-    val_sizes = _count(val_urls)[0] if val else None
+    val_sizes = None
+    if val and not is_shards(val):
+        raise DataError(f"{val}: the validation data (--val-data, data.val) of WebDataset shards must be shards "
+                        "too, named with a brace range ('val-{000000..000009}.tar')")
+    if val:
+        if missing := [u for u in val_urls if "://" not in u and not Path(u).is_file()]:
+            raise DataError(f"{val}: {len(missing)} of {len(val_urls)} shards missing, e.g. {missing[0]}")
+        val_sizes, val_labels = _count(val_urls)
+        val_names_file = Path(val_urls[0]).parent / "classes.txt"
+        val_names = class_names  # the validation shards' labels are the training shards' unless they name theirs
+        if val_names_file.is_file() and val_names_file.resolve() != names_file.resolve():
+            val_names = [s.strip() for s in val_names_file.read_text().splitlines() if s.strip()]
+        if val_labels and val_labels[-1] >= len(val_names):
+            raise DataError(f"{val}: label {val_labels[-1]} in the shards, but {len(val_names)} classes "
+                            f"({val_names_file if val_names is not class_names else 'those of the training data'})")
     held = ShardStream(val_urls, sum(val_sizes), shuffle_buffer=0, shard_sizes=val_sizes) if val else None
+    if val and val_names is not class_names:  # matched by name, as a folder's classes are
+        held = _relabel(held, val_names, class_names, val)
     data = Data(stream, held, class_names, spec, {"path": spec, "val_split": 0.0, "split_seed": 0})
     if evaluate_only:
         data.train, data.val = None, held or ShardStream(urls, count, shuffle_buffer=0, shard_sizes=sizes)
@@ -452,15 +492,29 @@ def _shards(spec: str, val: str | None, opts: dict, evaluate_only: bool) -> Data
 
 
 def _count(urls: list[str]) -> tuple[list[int], list[int]]:
-    """Samples per shard and the labels, of local shards (one pass over the archives)."""
+    """Samples per shard and the labels, of local shards (one pass over the archives). A shard that cannot be
+    read or a label that is not a class index is a DataError."""
     sizes, labels = [], set()
     for u in urls:
         sizes.append(0)
-        with tarfile.open(u) as tar:
-            for m in tar:
-                if m.name.endswith(".cls"):
-                    sizes[-1] += 1
-                    labels.add(int(tar.extractfile(m).read()))
+        try:
+            with tarfile.open(u) as tar:
+                for m in tar:
+                    if m.name.endswith(".cls"):
+                        raw = tar.extractfile(m).read()
+                        try:
+                            label = int(raw)
+                        except ValueError:
+                            label = -1
+                        if label < 0:
+                            raise DataError(f"{u}:{m.name}: label {raw[:20]!r} is not a class index (an integer "
+                                            ">= 0; class names go in classes.txt beside the shards)")
+                        sizes[-1] += 1
+                        labels.add(label)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            why = "truncated, or not a .tar archive" if isinstance(e, (tarfile.TarError, EOFError)) else \
+                (e.strerror or str(e))
+            raise DataError(f"{u}: not a readable shard ({why})") from None
     return sizes, sorted(labels)
 
 
@@ -529,15 +583,19 @@ class ShardStream(IterableDataset):
         try:
             if key is None:
                 raise ImageError(f"{where}: no image in sample")
+            if "cls" not in sample:
+                raise ImageError(f"{where}: no .cls label in sample")
+            if not sample[key]:
+                raise ImageError(f"{where}: empty file")
             label = int(sample["cls"])
             label = label if self.label_map is None else int(self.label_map[label])
-            from PIL import Image
-
             with Image.open(io.BytesIO(sample[key])) as im:
                 im.load()
                 img = _to_rgb(im)[0]
         except (ImageError, KeyError, ValueError, OSError) as e:
-            return None, str(e) if isinstance(e, ImageError) else f"{where}: unreadable ({e})"
+            why = "not an image (unrecognised format)" if isinstance(e, UnidentifiedImageError) else \
+                f"corrupt or truncated image ({e})"
+            return None, str(e) if isinstance(e, ImageError) else f"{where}: {why}"
         if self.seed is None:
             return self.transform(img), label
         with seeded(self.seed, self.epoch, n):

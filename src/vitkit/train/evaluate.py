@@ -188,8 +188,11 @@ def recorded_split(weights: str | None, data: str) -> dict:
         return {}
     rec = ((read_metadata(Path(weights)) or {}).get("data")) or {}
     here, there = Path(data), Path(rec.get("path", ""))
-    same = rec.get("path") == data or (here.exists() and there.resolve() == here.resolve()) or (
-        here.is_file() and here.name == there.name and here.stat().st_size == rec.get("bytes"))
+    if rec.get("resolved") and here.exists():  # a local path: the same place, whichever the working directory
+        same = Path(rec["resolved"]) == here.resolve()
+    else:  # recorded by an older version: a relative path is taken as relative to this working directory
+        same = rec.get("path") == data or (here.exists() and there.resolve() == here.resolve())
+    same = same or (here.is_file() and here.name == there.name and here.stat().st_size == rec.get("bytes"))
     return rec if same else {}
 
 
