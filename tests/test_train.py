@@ -501,6 +501,23 @@ def test_shards_shared_out_so_each_sample_is_read_once_per_epoch(tmp_path, shard
     assert 0.4 * len(every) <= len(ranks[0]) <= 0.6 * len(every)
 
 
+@pytest.mark.parametrize("world, workers, micro", [(1, 2, 16), (2, 2, 8), (2, 3, 5)])
+def test_shard_epochs_read_no_sample_twice_with_loader_workers(tmp_path, world, workers, micro):
+    """The DataLoader takes batches from its workers in turn: each worker keeps exactly the batches it will be
+    asked for. (With every other sample per worker, 3 shards of 50 at batch 16 read 5 samples twice, 11 never.)"""
+    from collections import Counter
+
+    stream = open_data(digit_shards(tmp_path, 3, 50)).train
+    steps = len(stream) // (micro * world)  # the trainer's steps per epoch, drop_last
+    read = []
+    for rank in range(world):
+        ds = stream.configure(lambda im: hashlib.md5(im.tobytes()).hexdigest(), 7, 1, rank=rank, world=world,
+                              repeat=True, batch=micro)
+        loader = iter(torch.utils.data.DataLoader(ds, batch_size=micro, num_workers=workers, collate_fn=list))
+        read += [x for _ in range(steps) for x, _ in next(loader)]
+    assert len(read) == steps * micro * world and max(Counter(read).values()) == 1
+
+
 def test_webdataset_shards(tmp_path, capsys):
     spec = digit_shards(tmp_path, 2, 300)
     data = open_data(spec)

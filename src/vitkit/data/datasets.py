@@ -528,13 +528,15 @@ class ShardStream(IterableDataset):
         self.shard_sizes = dict(zip(urls, shard_sizes)) if shard_sizes else {}  # unknown: taken as equal
         self.label_map: torch.Tensor | None = None  # labels renumbered into a checkpoint's classes
         self.transform, self.seed, self.epoch, self.rank, self.world, self.repeat = None, None, 0, 0, 1, False
+        self.batch = 1
 
     def __len__(self):
         return self.size or 0
 
-    def configure(self, transform, seed=None, epoch=0, rank=0, world=1, repeat=False) -> "ShardStream":
-        self.transform, self.seed, self.epoch, self.rank, self.world, self.repeat = \
-            transform, seed, epoch, rank, world, repeat
+    def configure(self, transform, seed=None, epoch=0, rank=0, world=1, repeat=False, batch=1) -> "ShardStream":
+        """`batch`: the DataLoader's batch size, which takes batches from its workers in turn."""
+        self.transform, self.seed, self.epoch, self.rank, self.world, self.repeat, self.batch = \
+            transform, seed, epoch, rank, world, repeat, batch
         return self
 
     def __iter__(self):
@@ -559,7 +561,10 @@ class ShardStream(IterableDataset):
             ds = ds.shuffle(self.shuffle_buffer, rng=random.Random(hash((self.seed, self.epoch,
                                                                          part if by_shard else -1))))
         for n, sample in enumerate(ds):
-            if not by_shard and n % parts != part:
+            # every reader sees one order: consecutive batches go to the ranks in turn, and each rank's to its
+            # loader workers in turn, as the DataLoader then asks for them (an epoch reads no sample twice)
+            j = n // self.batch
+            if not by_shard and (j % self.world != self.rank or j // self.world % nworkers != wid):
                 continue
             yield self._decode(sample, n)
 

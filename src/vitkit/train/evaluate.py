@@ -96,7 +96,7 @@ def eval_loader(dataset, transform, batch_size: int, workers: int, rank: int = 0
     from ..data.datasets import ShardStream, Transformed, collate
 
     if isinstance(dataset, ShardStream):
-        ds = dataset.configure(transform, rank=rank, world=world)
+        ds = dataset.configure(transform, rank=rank, world=world, batch=batch_size)
     else:
         ds = Transformed(Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset, transform)
     return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate)

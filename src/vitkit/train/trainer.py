@@ -369,7 +369,7 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
     def batches(epoch: int, position: int):
         """The epoch's optimizer steps from `position` on, each a list of `accum` micro-batches."""
         if stream:
-            ds = data.train.configure(train_tf, T["seed"], epoch, d.rank, d.world, repeat=True)
+            ds = data.train.configure(train_tf, T["seed"], epoch, d.rank, d.world, repeat=True, batch=micro)
             loader = iter(DataLoader(ds, batch_size=micro, num_workers=D["num_workers"], collate_fn=collate,
                                      generator=torch.Generator().manual_seed(T["seed"])))
             for _ in range(position * accum):  # a stream can only be skipped by reading it
