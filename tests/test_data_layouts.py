@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 import tarfile
+from pathlib import Path
 
 import pytest
 
-from vitkit.data.datasets import DataError, open_data
+from vitkit.data.datasets import DataError, in_memory, open_data
 from vitkit.train import evaluate as E
 
 from train_utils import digit_images
@@ -107,3 +108,133 @@ def test_validation_shards_naming_their_classes_are_matched_by_name(tmp_path):
     assert labels == [1, 0, 1, 0]
     with pytest.raises(DataError, match="must be shards too"):
         open_data(str(tmp_path / "train" / "t-{0..0}.tar"), val=str(tmp_path / "img"))
+
+
+def test_train_val_test_layouts(tmp_path, caplog):
+    """train/ + valid/ validates on valid/; train/ + test/: training leaves test/ unseen (validation from
+    --val-split) and `vitkit eval` scores test/, reading only its class names from train/; other folders beside
+    train/ are named as ignored."""
+    for split in ("train", "test"):
+        digit_images(tmp_path / "tt" / split, ["1", "2"], per_class=6, offset=0 if split == "train" else 6)
+    (tmp_path / "tt" / "train" / "1" / "bad.png").write_bytes(b"not a png")  # read only if train/ is read
+    (tmp_path / "tt" / "extra").mkdir()
+    cache = str(tmp_path / "cache")
+    data = open_data(str(tmp_path / "tt"), val_split=0.5, cache_dir=cache)
+    assert (len(data.train), len(data.val)) == (6, 6) and data.val_name == "held-out 50% (seed 0)"
+    assert "beside train/, extra/ ignored" in caplog.text
+    scored = open_data(str(tmp_path / "tt"), evaluate_only=True, cache_dir=cache)
+    assert (scored.train, len(scored.val), scored.val_name, scored.skipped) == (None, 12, "the test/ folder", [])
+    (tmp_path / "tt" / "test").rename(tmp_path / "tt" / "valid")
+    data = open_data(str(tmp_path / "tt"), cache_dir=cache)
+    assert (len(data.train), len(data.val), data.val_name) == (12, 12, "the valid/ folder")
+
+
+def test_images_of_several_sizes_are_not_squashed_into_one(tmp_path):
+    """Preloading decided by the first image used to squash every image to its size (here 8x8)."""
+    from PIL import Image
+
+    digit_images(tmp_path / "mixed", ["1", "2"], per_class=2)
+    for c in ("1", "2"):
+        Image.new("RGB", (40, 24), "white").save(tmp_path / "mixed" / c / "zz-wide.png")
+    data = open_data(str(tmp_path / "mixed"), evaluate_only=True, cache_dir=str(tmp_path / "cache"))
+    sizes = sorted({tuple(data.val[i][0].size) for i in range(len(data.val))})
+    assert sizes == [(8, 8), (40, 24)]
+    digit_images(tmp_path / "same", ["1", "2"], per_class=2)  # one size: decoded once into memory
+    assert in_memory(open_data(str(tmp_path / "same"), evaluate_only=True, cache_dir=str(tmp_path / "cache")).val)
+
+
+def test_symlinked_folders_inside_a_class_are_followed(tmp_path):
+    digit_images(tmp_path / "elsewhere", ["1"], per_class=3)
+    digit_images(tmp_path / "ds", ["1", "2"], per_class=2)
+    (tmp_path / "ds" / "1" / "more").symlink_to(tmp_path / "elsewhere" / "1")
+    (tmp_path / "ds" / "1" / "loop").symlink_to(tmp_path / "ds" / "1")  # each real folder read once
+    data = open_data(str(tmp_path / "ds"), evaluate_only=True, preload=False)
+    assert len(data.val) == 7
+
+
+def _cifar_root(root, monkeypatch):
+    """A torchvision-format CIFAR-10 root: 5 x 4 training images, 6 test images."""
+    import pickle
+
+    import numpy as np
+    from torchvision import datasets
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    for name, n in [(f"data_batch_{i}", 4) for i in range(1, 6)] + [("test_batch", 6)]:
+        batch = {"data": np.zeros((n, 3072), np.uint8), "labels": [i % 2 for i in range(n)]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+    monkeypatch.setattr(datasets.cifar, "check_integrity", lambda *args: True)  # no md5 of the real files
+
+
+def test_cifar_test_split_is_never_validated_on_and_is_what_eval_scores(tmp_path, monkeypatch):
+    _cifar_root(tmp_path, monkeypatch)
+    data = open_data("cifar10", root=str(tmp_path))
+    assert (len(data.train), data.val) == (20, None)
+    assert len(open_data("cifar10", root=str(tmp_path), val_split=0.5).val) == 10  # carved from train
+    scored = open_data("cifar10", root=str(tmp_path), evaluate_only=True)
+    assert (len(scored.val), scored.val_name) == (6, "the test split")
+
+
+def test_a_failed_cifar_download_leaves_no_folder_and_names_both_flags(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    def offline(self):
+        (Path(self.root) / "partial").mkdir(parents=True)
+        raise OSError("no network")
+
+    monkeypatch.setattr(datasets.CIFAR10, "download", offline)
+    with pytest.raises(DataError, match=r"--set data.root=DIR.*--data-root DIR"):
+        open_data("cifar10", root=str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+
+
+def test_archive_messages_name_the_archive_where_it_is_now(tmp_path):
+    """Skipped images are named inside the archive as it is named now, also when the decoded images come from
+    the cache an earlier run under another name wrote; a class with no readable image at the archive's top
+    level is named archive:class."""
+    import shutil
+
+    digit_images(tmp_path / "d", ["1", "2"], per_class=3)
+    (tmp_path / "d" / "2" / "broken.png").write_bytes(b"junk")
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        for c in ("1", "2"):
+            tar.add(tmp_path / "d" / c, arcname=c)
+    cache = str(tmp_path / "cache")
+    assert open_data(str(tmp_path / "a.tar"), evaluate_only=True, cache_dir=cache).skipped[0].startswith(
+        f"{tmp_path / 'a.tar'}:2/broken.png")
+    (tmp_path / "moved").mkdir()
+    shutil.move(tmp_path / "a.tar", tmp_path / "moved" / "b.tar")
+    assert open_data(str(tmp_path / "moved" / "b.tar"), evaluate_only=True, cache_dir=cache).skipped[0].startswith(
+        f"{tmp_path / 'moved' / 'b.tar'}:2/broken.png")
+    for f in (tmp_path / "d" / "2").glob("*.png"):
+        f.write_bytes(b"junk")
+    with tarfile.open(tmp_path / "c.tar", "w") as tar:
+        for c in ("1", "2"):
+            tar.add(tmp_path / "d" / c, arcname=c)
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'c.tar'}:2: none of its images is readable"):
+        open_data(str(tmp_path / "c.tar"), evaluate_only=True, cache_dir=cache)
+
+
+def test_one_shard_without_a_brace_range_gets_a_hint_with_its_own_name(tmp_path):
+    png = (next(iter(digit_images(tmp_path / "img", ["1"], per_class=1).values()))[0]).read_bytes()
+    _shard(tmp_path / "val-000003.tar", [("a.png", png), ("a.cls", b"0")])
+    with pytest.raises(DataError, match=r"e\.g\. '\S*/val-\{000003\.\.000003\}\.tar'"):
+        open_data(str(tmp_path / "val-000003.tar"), evaluate_only=True, cache_dir=str(tmp_path / "cache"))
+
+
+def test_eval_of_the_training_data_of_a_run_that_validated_elsewhere_warns(tmp_path, monkeypatch, caplog):
+    digit_images(tmp_path / "tr", ["1", "2"], per_class=4)
+    digit_images(tmp_path / "va", ["1", "2"], per_class=2, offset=4)
+    split = open_data(str(tmp_path / "tr"), val=str(tmp_path / "va")).split
+    assert split["val"] == str(tmp_path / "va")
+    monkeypatch.setattr("vitkit.weights.vitkit_format.read_metadata", lambda path: {"data": split})
+    from vitkit.models.vit import ViT, ViTConfig
+
+    model = ViT(ViTConfig(img_size=8, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=16, num_classes=2))
+    model.class_names = ["1", "2"]
+    result = E.evaluate_model(model, str(tmp_path / "tr"), weights=str(tmp_path / "run" / "best.safetensors"),
+                              workers=0)
+    assert result.n == 8 and "these are training images" in caplog.text

@@ -3,6 +3,7 @@ run-directory files read back, eval numbers against a direct computation, fine-t
 non-finite loss, bad inputs."""
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -128,6 +129,10 @@ def test_eval_matches_direct_computation(tiny_run, tmp_path, capsys):
     assert got["top1"] == read_metadata(tiny_run / "best.safetensors")["train"]["val_top1"]
     assert got["top1"] == pytest.approx(max(r["val_top1"] for r in read_metrics(tiny_run / "metrics.csv")), abs=1e-6)
     assert (tmp_path / "confusion.png").stat().st_size > 0
+    rows = list(csv.reader(open(got["confusion_csv"])))  # the counts, also where the picture is skipped
+    counts = torch.zeros(10, 10, dtype=torch.long).index_put_((y, logits.argmax(1)), torch.ones_like(y), accumulate=True)
+    assert rows[0][1:] == [str(c) for c in range(10)] and [[int(v) for v in r[1:]] for r in rows[1:]] == counts.tolist()
+    assert got["split"] == "held-out 20% (seed 0)"
 
 
 def test_flip_tta_in_training_and_eval(tmp_path, capsys):

@@ -48,6 +48,7 @@ class Data:
     name: str
     split: dict = field(default_factory=dict)  # how `val` was carved out, recorded in checkpoints
     skipped: list[str] = field(default_factory=list)  # unreadable files found while preparing
+    val_name: str = ""  # what `val` is, in words ("the val/ folder", "held-out 20% (seed 0)", ...)
 
 
 # --- sources --------------------------------------------------------------------------------------------
@@ -146,8 +147,14 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
     folder or held-out split when there is one, else everything."""
     name = spec
     skipped: list[str] = []
+    held_name = "all"
     if spec in BUILTIN:
         train, held = _builtin(spec, root, cache_dir)
+        if evaluate_only and not val_split:  # an official test split: what `vitkit eval` scores
+            held_name = "the test split" if held is not None else "all"
+        elif held is not None and not val_split and val is None:
+            log.info("%s: no validation (its test split stays unseen; --val-split holds out training images)", spec)
+            held = None
     elif is_shards(spec):
         if val_split and val is None:
             raise DataError(f"{spec}: --val-split (data.val_split) needs an indexed dataset, not a stream of "
@@ -161,16 +168,23 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
         if folder.is_file():
             folder = _extract(folder, cache_dir)
             shown_as = (f"{folder}{os.sep}", f"{spec}:")  # name files by their place in the archive
-        train_dir, val_dir = _layout(folder)
-        train, skipped = _folder(train_dir, preload, cache_dir, shown_as=shown_as)
-        if len(train.class_names) < 2 and not evaluate_only:
-            raise DataError(f"{_shown(train_dir, shown_as)}: one class folder ({train.class_names[0]}) only; "
-                            "training needs at least two (expected <class>/<image> for each class)")
+        train_dir, val_dir, test_dir = _layout(folder, shown_as)
+        if evaluate_only and val_dir is None and test_dir is not None and not val_split:
+            val_dir = test_dir  # `vitkit eval` of a train/ + test/ folder scores test/
         held = None
+        if evaluate_only and val_dir is not None and not val_split:  # only the val/ folder is read
+            train, class_names = None, _class_folders(train_dir, shown_as)
+        else:
+            train, skipped = _folder(train_dir, preload, cache_dir, shown_as=shown_as)
+            class_names = train.class_names
+        if len(class_names) < 2 and not evaluate_only:
+            raise DataError(f"{_shown(train_dir, shown_as)}: one class folder ({class_names[0]}) only; "
+                            "training needs at least two (expected <class>/<image> for each class)")
         if val_dir is not None:
-            held, more = _folder(val_dir, preload, cache_dir, like=train.class_names, shown_as=shown_as)
+            held, more = _folder(val_dir, preload, cache_dir, like=class_names, shown_as=shown_as)
             skipped += more
-    class_names = train.class_names
+            held_name = f"the {val_dir.name}/ folder"
+    class_names = train.class_names if train is not None else class_names
     split = {"path": spec, "val_split": 0.0, "split_seed": split_seed}
     if Path(spec).is_file():  # an archive is recognised by name and size wherever it is later (vitkit eval)
         split["bytes"] = Path(spec).stat().st_size
@@ -180,6 +194,7 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
         other = open_data(val, root=root, preload=preload, cache_dir=cache_dir, evaluate_only=True)
         held = _relabel(other.val, other.class_names, class_names, val)
         skipped += other.skipped
+        held_name, split["val"] = f"{val} ({other.val_name})", val  # eval of the training data then warns
     elif val_split > 0 and spec not in BUILTIN and held is not None:  # a val/ folder is the validation set
         log.info("%s: validating on its val/ folder; data.val_split applies to data without one", spec)
     elif val_split > 0:  # carved out of train (a builtin's test split stays unseen)
@@ -189,9 +204,10 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
                             f"at all of {len(train)}; raise it or give --val-data")
         train, held = Subset(train, train_idx.tolist()), Subset(train, val_idx.tolist())
         split["val_split"] = val_split
+        held_name = f"held-out {val_split:.0%} (seed {split_seed})"
     if evaluate_only:  # evaluate the held-out part if there is one, else everything
-        return Data(None, train if held is None else held, class_names, name, split, skipped)
-    return Data(train, held, class_names, name, split, skipped)
+        return Data(None, train if held is None else held, class_names, name, split, skipped, held_name)
+    return Data(train, held, class_names, name, split, skipped, held_name if held is not None else "")
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,6 +237,7 @@ def _builtin(name: str, root: str | None, cache_dir: str | None) -> tuple[Datase
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     root = Path(root or cache_root(cache_dir) / "datasets")
+    existed = root.exists()
     out = []
     for train in (True, False):
         try:
@@ -229,11 +246,14 @@ def _builtin(name: str, root: str | None, cache_dir: str | None) -> tuple[Datase
             try:
                 ds = cls(str(root), train=train, download=True)
             except Exception as e:
+                if not existed:  # the download made it: leave nothing behind
+                    shutil.rmtree(root, ignore_errors=True)
                 raise DataError(f"{name}: not found under {root} and could not be downloaded ({type(e).__name__}); "
-                                f"set data.root to a folder holding {cls.base_folder}/") from None
+                                f"name a folder holding {cls.base_folder}/ (vitkit train: --set data.root=DIR, "
+                                "vitkit eval: --data-root DIR)") from None
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         out.append(_labelled(TensorImages(images, torch.tensor(ds.targets)), list(ds.classes)))
-    return out[0], out[1]  # the official test split is the validation set
+    return out[0], out[1]  # the official test split: what `vitkit eval` scores unless a split is asked for
 
 
 def _extract(archive: Path, cache_dir: str | None) -> Path:
@@ -270,50 +290,83 @@ def _subdirs(folder: Path) -> list[Path]:
     return [e for e in folder.iterdir() if e.is_dir() and not _junk(e.name)]
 
 
-def _layout(folder: Path) -> tuple[Path, Path | None]:
-    """(train folder, val folder or None). A wrapper folder (the only folder beside files such as a README or
-    macOS debris) is looked through when it holds folders itself: a folder whose only class folder holds the
-    images is that one class. `train/` is the training split only when it holds class folders (CIFAR-100 has a
-    class named "train")."""
+def _layout(folder: Path, shown_as=None) -> tuple[Path, Path | None, Path | None]:
+    """(train, val, test folder; the last two None when absent). A wrapper folder (the only folder beside files
+    such as a README or macOS debris) is looked through when it holds folders itself: a folder whose only class
+    folder holds the images is that one class. `train/` is the training split only when it holds class folders
+    (CIFAR-100 has a class named "train"). Training never looks at test/."""
     while True:
         dirs = {e.name.lower(): e for e in _subdirs(folder)}
         if "train" in dirs and _subdirs(dirs["train"]):
-            return dirs["train"], dirs.get("val") or dirs.get("validation")
+            val = next((dirs[n] for n in ("val", "validation", "valid") if n in dirs), None)
+            test = dirs.get("test")
+            if other := sorted(e.name for n, e in dirs.items() if e not in (dirs["train"], val, test)):
+                log.warning("%s: beside train/, %s ignored", _shown(folder, shown_as), ", ".join(f"{o}/" for o in other))
+            return dirs["train"], val, test
         if len(dirs) == 1 and _subdirs(only := next(iter(dirs.values()))):
             folder = only
             continue
-        return folder, None
+        return folder, None, None
+
+
+def _class_folders(root: Path, shown_as=None) -> list[str]:
+    if not (classes := sorted(d.name for d in _subdirs(root))):
+        where = _shown(root, shown_as)
+        shard = shown_as is not None and any(root.glob("*.cls"))
+        raise DataError(f"{where}: no class folders (expected {where}/<class>/<image>)" + (
+            f"; it looks like one WebDataset shard: name shards with a brace range, e.g. '{_brace(shown_as[1])}'"
+            if shard else ""))
+    return classes
+
+
+def _brace(archive: str) -> str:
+    """A one-shard brace pattern for a shard's name: val-000003.tar -> val-{000003..000003}.tar."""
+    import re
+
+    name = archive.rstrip(":")
+    m = re.fullmatch(r"(.*?)(\d+)(\.tar(?:\.gz)?)", name)
+    return f"{m[1]}{{{m[2]}..{m[2]}}}{m[3]}" if m else "train-{000000..000000}.tar"
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, symlinked folders followed (as torchvision's ImageFolder does; each real
+    folder once), hidden entries and macOS debris skipped."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        if (real := os.path.realpath(top)) in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not _junk(d)]
+        found += [f for name in files if not _junk(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES
+                  and (f := Path(top, name)).is_file()]
+    return sorted(found)
 
 
 def _folder(root: Path, preload, cache_dir: str | None, like: list[str] | None = None,
             shown_as: tuple[str, str] | None = None) -> tuple[Dataset, list[str]]:
     """An ImageFolder (one subfolder per class). `like`: the training classes these must be among."""
     where = _shown(root, shown_as)
-    classes = sorted(d.name for d in _subdirs(root))
-    if not classes:
-        shard = shown_as is not None and any(root.glob("*.cls"))
-        raise DataError(f"{where}: no class folders (expected {where}/<class>/<image>)" + (
-            "; it looks like one WebDataset shard: name shards with a brace range, e.g. 'train-{000000..000000}.tar'"
-            if shard else ""))
+    classes = _class_folders(root, shown_as)
     if like is not None and (extra := sorted(set(classes) - set(like))):
         raise DataError(f"{where}: classes {extra[:5]} are not among the training classes")
     index = {c: i for i, c in enumerate(like or classes)}
     per_class = {}
     for c in classes:
-        files = sorted(f for f in (root / c).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-                       and not any(map(_junk, f.relative_to(root / c).parts)))
-        if not files:
+        if not (files := _image_files(root / c)):
             raise DataError(f"{_shown(root / c, shown_as)}: empty class folder (no image files)")
         per_class[c] = files
     paths = [f for files in per_class.values() for f in files]
     labels = [index[c] for c, files in per_class.items() for _ in files]
     files_ds = _labelled(FileImages(paths, labels, shown_as), like or classes)
-    if preload is False or (preload == "auto" and not _small(paths)):
-        # decoded on demand, so a class none of whose files is an image must be caught here
-        if unreadable := [c for c, files in per_class.items() if not _any_opens(files)]:
-            raise DataError(_no_readable(where, unreadable))
-        return files_ds, []
-    return _preload(files_ds, root, where, cache_dir)
+    if preload is True or (preload == "auto" and _small(paths)):
+        if (decoded := _preload(files_ds, root, where, cache_dir)) is not None:
+            return decoded
+        log.info("%s: images of several sizes, so read as needed (each its own size)", where)
+    # decoded on demand, so a class none of whose files is an image must be caught here
+    if unreadable := [c for c, files in per_class.items() if not _any_opens(files)]:
+        raise DataError(_no_readable([_shown(root / c, shown_as) for c in unreadable]))
+    return files_ds, []
 
 
 def _any_opens(paths: list[Path]) -> bool:
@@ -329,9 +382,10 @@ def _any_opens(paths: list[Path]) -> bool:
     return False
 
 
-def _no_readable(where: str, classes: list[str]) -> str:
+def _no_readable(classes: list[str]) -> str:
+    """`classes`: the class folders as messages name them."""
     more = f" (nor those of {len(classes) - 1} more classes)" if len(classes) > 1 else ""
-    return f"{where}/{classes[0]}: none of its images is readable{more}"
+    return f"{classes[0]}: none of its images is readable{more}"
 
 
 def _shown(path: Path, shown_as: tuple[str, str] | None) -> str:
@@ -364,15 +418,14 @@ class _Decode(Dataset):
             img = self.files[i][0]
         except ImageError as e:
             return None, str(e)
-        if img.size != self.size:
-            img = img.resize(self.size)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), i
+        if img.size != self.size:  # not preloaded then: a placeholder of the right shape, flagged
+            return torch.zeros(3, self.size[1], self.size[0], dtype=torch.uint8), (i, 0)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), (i, 1)
 
 
-def _preload(files: FileImages, root: Path, where: str, cache_dir: str | None) -> tuple[Dataset, list[str]]:
+def _preload(files: FileImages, root: Path, where: str, cache_dir: str | None) -> tuple[Dataset, list[str]] | None:
     """Decode every image once into a uint8 tensor (cached on disk, keyed by the folder and the files' names,
-    sizes and times: the skipped files' messages name them). Images of another size than the first are resized
-    to it."""
+    sizes and times). None when the images are not all of one size: one tensor would squash them."""
     h = hashlib.blake2b(digest_size=12)
     h.update(f"{root.resolve()}\n".encode())
     for p, label in zip(files.paths, files.labels.tolist()):
@@ -385,21 +438,27 @@ def _preload(files: FileImages, root: Path, where: str, cache_dir: str | None) -
         size = next((img.size for i in range(len(files)) if (img := _try(files, i)) is not None), None)
         if size is None:
             raise DataError(f"{where}: none of the {len(files)} image files is readable")
-        loader = torch.utils.data.DataLoader(_Decode(files, size), batch_size=500, collate_fn=collate,
+        raw = FileImages(files.paths, files.labels.tolist())  # messages name the files as found here
+        loader = torch.utils.data.DataLoader(_Decode(raw, size), batch_size=500, collate_fn=collate,
                                              num_workers=min(4, os.cpu_count() or 1))
-        images, keep, skipped = [], [], []
+        images, keep, skipped, one_size = [], [], [], True
         for x, index, bad in loader:
             skipped += bad
             if x is not None:
-                images.append(x), keep.append(index)
-        d = {"images": torch.cat(images), "labels": files.labels[torch.cat(keep)], "skipped": skipped}
+                images.append(x), keep.append(index[:, 0])
+                one_size &= bool(index[:, 1].all())
+        d = {"images": torch.cat(images), "labels": files.labels[torch.cat(keep)], "skipped": skipped} if one_size \
+            else {"several_sizes": True}
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         torch.save(d, tmp)
         os.replace(tmp, cache)
+    if "several_sizes" in d:
+        return None
     unreadable = sorted(set(files.labels.tolist()) - set(d["labels"].tolist()))
     if unreadable:  # as unusable as an empty class folder
-        raise DataError(_no_readable(where, [files.class_names[i] for i in unreadable]))
-    return _labelled(TensorImages(d["images"], d["labels"]), files.class_names), list(d["skipped"])
+        raise DataError(_no_readable([_shown(root / files.class_names[i], files.shown_as) for i in unreadable]))
+    shown = [m.replace(*files.shown_as, 1) for m in d["skipped"]] if files.shown_as else list(d["skipped"])
+    return _labelled(TensorImages(d["images"], d["labels"]), files.class_names), shown
 
 
 def _try(files: FileImages, i: int):
@@ -485,9 +544,11 @@ def _shards(spec: str, val: str | None, opts: dict, evaluate_only: bool) -> Data
     held = ShardStream(val_urls, sum(val_sizes), shuffle_buffer=0, shard_sizes=val_sizes) if val else None
     if val and val_names is not class_names:  # matched by name, as a folder's classes are
         held = _relabel(held, val_names, class_names, val)
-    data = Data(stream, held, class_names, spec, {"path": spec, "val_split": 0.0, "split_seed": 0})
+    data = Data(stream, held, class_names, spec, {"path": spec, "val_split": 0.0, "split_seed": 0,
+                                                  **({"val": val} if val else {})}, val_name=val or "")
     if evaluate_only:
         data.train, data.val = None, held or ShardStream(urls, count, shuffle_buffer=0, shard_sizes=sizes)
+        data.val_name = val or "all"
     return data
 
 

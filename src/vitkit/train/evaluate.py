@@ -230,7 +230,10 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
         log.warning("the checkpoint names no classes: matching the data's %d classes by position", len(ds.class_names))
         names = ds.class_names
     ds = relabel(ds, names)
-    what = f"held-out {val_split:.0%} (seed {split_seed})" if val_split else "all"
+    what = ds.val_name
+    if split.get("val") and what == "all":  # the run validated on other data: these are its training images
+        log.warning("%s is the data %s was trained on (it validated on %s): these are training images",
+                    data, weights, split["val"])
     log.info("evaluating on %s: %s", describe(ds), what)
     workers = workers if workers is not None else 0 if in_memory(ds.val) else min(4, os.cpu_count() or 1)
     loader = eval_loader(ds.val, eval_transform(model.preprocess, model.cfg.img_size), batch_size, workers)
@@ -242,7 +245,7 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..cli import UserError, model_from_args
-    from .report import plot_confusion
+    from .report import plot_confusion, write_confusion
 
     model = model_from_args(args)
     try:
@@ -258,9 +261,11 @@ def run_eval(args: argparse.Namespace) -> int:
                      {i for i, c in enumerate(result.confusion.sum(0).tolist()) if c})
     png = plot_confusion(result.confusion[present][:, present], [names[i] for i in present], out / "confusion.png",
                          f"{Path(args.weights).name} on {result.data}: top-1 {result.top1:.2%}")
+    table = write_confusion(result.confusion, list(names), out / "confusion.csv")
     if args.json:
         print(json.dumps({**result.to_json(), "data": result.data, "split": result.split, "tta": args.tta,
-                          "weights": str(args.weights), "confusion_png": str(png) if png else None}))
+                          "weights": str(args.weights), "confusion_png": str(png) if png else None,
+                          "confusion_csv": str(table)}))
     else:
         width = max(len(n) for n in result.per_class())
         for name, c in result.per_class().items():

@@ -97,11 +97,20 @@ def plot_curves(metrics_csv: Path, out: Path) -> Path | None:
     return out
 
 
+def write_confusion(confusion: torch.Tensor, names: list[str], out: Path) -> Path:
+    """The confusion matrix as counts: one row per true class, one column per predicted class."""
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true \\ predicted", *names])
+        w.writerows([name, *row] for name, row in zip(names, confusion.tolist()))
+    return out
+
+
 def plot_confusion(confusion: torch.Tensor, names: list[str], out: Path, title: str = "") -> Path | None:
     """Row-normalised confusion matrix (rows: true class, columns: predicted); counts written when few classes."""
     k = len(names)
     if k > 100:
-        log.warning("%d classes: confusion-matrix picture skipped (numbers are in the JSON output)", k)
+        log.warning("%d classes: confusion-matrix picture skipped (the numbers are in confusion.csv)", k)
         return None
     size = min(4 + 0.35 * k, 30)
     plt, fig, ax = _figure(1, size + 1.5, size)
