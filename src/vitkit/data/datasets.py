@@ -145,6 +145,8 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
               evaluate_only: bool = False, shards: dict | None = None) -> Data:
     """DATA -> Data(train, val, class_names). With evaluate_only, `val` holds what to evaluate: the val/
     folder or held-out split when there is one, else everything."""
+    if not str(spec).strip():  # Path("") is the current directory
+        raise DataError("DATA is empty: give a folder, a .tar(.gz), digits, cifar10, cifar100 or shards")
     name = spec
     skipped: list[str] = []
     held_name = "all"

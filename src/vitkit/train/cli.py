@@ -131,6 +131,7 @@ def train_model(recipe: str | Path | None = None, *, out: str | Path | None = No
     """
     if unknown := sorted(set(flags) - set(FLAG_KEYS)):
         raise TypeError(f"train_model() got unknown options {unknown}; any recipe value goes in values=")
+    flags = {flag: os.fspath(v) if isinstance(v, os.PathLike) else v for flag, v in flags.items()}
     args = argparse.Namespace(recipe=recipe and str(recipe), out=out and str(out), resume=resume and str(resume),
                               set=[], print_recipe=False, **{flag: flags.get(flag) for flag in FLAG_KEYS})
     recipe_, run, state = resolve_recipe(args, values)

@@ -208,13 +208,27 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
     from ..api import load_model
     from ..data.datasets import DataError, describe, in_memory, open_data, relabel
     from ..data.images import eval_transform
-    from ..predict import imagenet_wnids
+    from ..predict import TTA, imagenet_wnids
 
+    data = os.fspath(data)
+    problems = [(f"--batch-size {batch_size}", "must be an integer >= 1")
+                if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1 else None,
+                (f"--workers {workers}", "must be an integer >= 0") if workers is not None and (
+                    isinstance(workers, bool) or not isinstance(workers, int) or workers < 0) else None,
+                (f"--split-seed {split_seed}", "must be an integer in [0, 2**63)") if split_seed is not None and (
+                    isinstance(split_seed, bool) or not isinstance(split_seed, int)
+                    or not 0 <= split_seed < 2**63) else None,
+                (f"--amp {amp}", "must be one of auto, bf16, fp16, none")
+                if amp not in ("auto", "bf16", "fp16", "none") else None,
+                (f"--tta {tta}", f"must be one of {', '.join(TTA)}") if tta not in TTA else None]
+    if problem := next((p for p in problems if p), None):
+        raise DataError(f"{problem[0]}: {problem[1]}")
     if isinstance(model, (str, Path)):
         weights, model = model, load_model(model)
     model = model.eval()
     device = next(model.parameters()).device
-    if val_split is not None and not 0 <= val_split < 1:
+    if val_split is not None and (isinstance(val_split, bool) or not isinstance(val_split, (int, float))
+                                  or not 0 <= val_split < 1):
         raise DataError(f"--val-split {val_split}: must be in [0, 1) (0: evaluate everything)")
     split = recorded_split(weights and str(weights), data)
     val_split = val_split if val_split is not None else split.get("val_split", 0.0)
@@ -247,6 +261,13 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..cli import UserError, model_from_args
     from .report import plot_confusion, write_confusion
 
+    out = Path(args.out)
+    try:  # before any work: an evaluation whose results cannot be written is lost time
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write confusion.png there ({e.strerror or e})") from None
     model = model_from_args(args)
     try:
         result = evaluate_model(model, args.data, weights=args.weights, val_split=args.val_split,
@@ -255,17 +276,19 @@ def run_eval(args: argparse.Namespace) -> int:
     except ValueError as e:  # DataError included
         raise UserError(str(e)) from None
     names = result.class_names
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     present = sorted({i for i, c in enumerate(result.confusion.sum(1).tolist()) if c} |
                      {i for i, c in enumerate(result.confusion.sum(0).tolist()) if c})
-    png = plot_confusion(result.confusion[present][:, present], [names[i] for i in present], out / "confusion.png",
-                         f"{Path(args.weights).name} on {result.data}: top-1 {result.top1:.2%}")
-    table = write_confusion(result.confusion, list(names), out / "confusion.csv")
+    try:
+        png = plot_confusion(result.confusion[present][:, present], [names[i] for i in present],
+                             out / "confusion.png", f"{Path(args.weights).name} on {result.data}: top-1 {result.top1:.2%}")
+        table = write_confusion(result.confusion, list(names), out / "confusion.csv")
+    except OSError as e:  # the numbers are printed all the same
+        log.warning("--out %s: confusion matrix not written (%s)", out, e.strerror or e)
+        png = table = None
     if args.json:
         print(json.dumps({**result.to_json(), "data": result.data, "split": result.split, "tta": args.tta,
                           "weights": str(args.weights), "confusion_png": str(png) if png else None,
-                          "confusion_csv": str(table)}))
+                          "confusion_csv": str(table) if table else None}))
     else:
         width = max(len(n) for n in result.per_class())
         for name, c in result.per_class().items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import re
 from pathlib import Path
@@ -32,6 +33,8 @@ def _number(lo=None, hi=None, integer=False, optional=False, lo_open=False, hi_o
             return None if optional else "is required"
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
             return f"must be {'an integer' if integer else 'a number'}, not {v!r}"
+        if isinstance(v, float) and not math.isfinite(v):  # nan passes every comparison below
+            return f"must be a finite number, not {v}"
         if lo is not None and (v < lo or (lo_open and v == lo)):
             return f"must be {'>' if lo_open else '>='} {lo}, not {v}"
         if hi is not None and (v > hi or (hi_open and v == hi)):
@@ -80,6 +83,7 @@ def _size(v):
 
 
 _opt_int = _number(lo=1, integer=True, optional=True)
+_seed = _number(0, 2**63 - 1, integer=True)  # torch's generators take 64-bit seeds (and a rank is added)
 _rate = _number(0, 1, optional=True, hi_open=True)
 
 # section -> key -> (default, check). Sources of the values are cited in recipes/*.yaml.
@@ -108,7 +112,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Callable]]] = {
         "path": (None, _text(optional=False)),  # folder, .tar(.gz), digits, cifar10, cifar100, shards-{..}.tar
         "val": (None, _text()),  # a separate validation DATA (else val/ of the folder, or val_split)
         "val_split": (0.0, _number(0, 1, hi_open=True)),  # held-out fraction of train (stratified)
-        "split_seed": (0, _number(0, integer=True)),
+        "split_seed": (0, _seed),
         "batch_size": (64, _number(1, integer=True)),  # global: all processes and accumulation steps
         "eval_batch_size": (256, _number(1, integer=True)),
         "num_workers": (0, _number(0, integer=True)),
@@ -149,7 +153,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Callable]]] = {
         "epochs": (10, _number(1, integer=True)),  # with a time budget: the most epochs to run
         "max_steps": (None, _opt_int),
         "time_budget": (None, _number(0, lo_open=True, optional=True)),  # minutes, the whole run
-        "seed": (0, _number(0, integer=True)),
+        "seed": (0, _seed),
         "device": ("auto", _text(optional=False)),
         "threads": (None, _opt_int),  # CPU threads for the math (default: torch's, one per core)
         "amp": ("auto", _choice("auto", "bf16", "fp16", "none")),  # auto: bf16 where native (GPU, AVX-512 bf16, AMX)
@@ -169,7 +173,10 @@ VIT_FIELDS = {f.name for f in dataclasses.fields(ViTConfig)}
 # the other ViTConfig fields, checked by type like the rest (building the config does not check types: a string
 # norm_eps or in_chans 0 would only fail with a traceback at the first step, after the run directory is made)
 _OTHER_FIELDS = {"conv_stem": _numbers(lo=1, integer=True), "conv_stem_pool": _flag(True), "distilled": _flag(True),
-                 "dynamic_img_size": _flag(True), "hybrid_width": _opt_int, "in_chans": _opt_int,
+                 "dynamic_img_size": _flag(True), "hybrid_width": _opt_int,
+                 # every image is decoded as RGB: another channel count fails at the first step
+                 "in_chans": lambda v: None if v is None or (type(v) is int and v == 3) else
+                 f"must be 3 (images are read as RGB), not {v!r}",
                  "norm_eps": _number(0, optional=True, lo_open=True)}
 SCHEMA["model"].update({f: (None, _OTHER_FIELDS.get(f, lambda v: None))
                         for f in sorted(VIT_FIELDS - set(SCHEMA["model"])) if f != "num_classes"})
@@ -180,7 +187,8 @@ def defaults() -> dict:
     return {s: {k: copy.deepcopy(d) for k, (d, _) in keys.items()} for s, keys in SCHEMA.items()}
 
 
-def _unknown(section: str, key: str | None = None) -> str:
+def _unknown(section, key=None) -> str:
+    section, key = str(section), None if key is None else str(key)  # YAML keys may be numbers
     if key is None:
         near = difflib.get_close_matches(section, SCHEMA, n=1)
         return f"unknown section {section!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
@@ -241,7 +249,11 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None, base:
         if not path.is_file():
             raise RecipeError(f"--recipe {path}: no such file")
         # a checkpoint `vitkit train` wrote holds the recipe it was made with
-        merge(recipe, checkpoint_recipe(path) if path.suffix == ".safetensors" else yaml_recipe(path), str(path))
+        try:
+            merge(recipe, checkpoint_recipe(path) if path.suffix == ".safetensors" else yaml_recipe(path), str(path))
+        except UnicodeDecodeError:
+            raise RecipeError(f"--recipe {path}: not a text file (a recipe is YAML, or a .safetensors checkpoint "
+                              "`vitkit train` wrote)") from None
     nested: dict = {}
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")

@@ -305,6 +305,8 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
             lock = lock_run_dir(run_dir)
         except RecipeError as e:
             problem = str(e)
+        except OSError as e:  # read-only, no permission, a file in the way
+            problem = f"cannot write the run directory {run_dir} ({e.strerror or e})"
     if d.world > 1:
         box = [problem]
         torch.distributed.broadcast_object_list(box, 0)

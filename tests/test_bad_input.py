@@ -1,0 +1,123 @@
+"""Bad input to `vitkit train` / `vitkit eval` (and their Python forms): one line naming the flag or file and the
+reason, exit code 2, before any work, no run directory made and no result lost."""
+from __future__ import annotations
+
+import pathlib
+from pathlib import Path
+
+import pytest
+
+import vitkit
+from vitkit.cli import main
+from vitkit.data.datasets import DataError
+from vitkit.models.vit import ViT, ViTConfig
+from vitkit.train.recipe import RecipeError
+
+from train_utils import write_recipe
+
+
+def one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"vitkit {command}: error:") and "\n" not in err, err
+    return err
+
+
+@pytest.fixture()
+def checkpoint(tmp_path) -> Path:
+    """A 1-block ViT for 8x8 digits, untrained: enough to evaluate."""
+    model = ViT(ViTConfig(img_size=8, patch_size=2, width=16, depth=1, num_heads=2, mlp_dim=32, num_classes=10))
+    model.class_names = [str(i) for i in range(10)]
+    model.preprocess.update(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0)
+    return vitkit.save_model(model, tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("args, expected", [
+    # nan passes every range check; inf breaks the clock: both failed with a traceback after the run dir was made
+    (["--time-budget", "nan"], "train.time_budget must be a finite number, not nan"),
+    (["--time-budget", "inf"], "train.time_budget must be a finite number, not inf"),
+    (["--lr", "nan"], "optim.lr must be a finite number"),
+    (["--val-split", "nan"], "data.val_split must be a finite number"),  # was: trained with no validation at all
+    (["--set", "model.dropout=.nan"], "model.dropout must be a finite number"),
+    (["--set", "augment.hflip=.nan"], "augment.hflip must be a finite number"),
+    (["--seed", str(10**20)], "train.seed must be <= 9223372036854775807"),  # was: torch's overflow traceback
+    (["--set", f"data.split_seed={10**20}"], "data.split_seed must be <= 9223372036854775807"),
+    (["--set", "model.in_chans=1"], "model.in_chans must be 3"),  # was: a traceback at the first step
+    (["--recipe", "BINARY"], "not a text file"),  # was: UnicodeDecodeError traceback
+    (["--recipe", "INTKEY"], "unknown section '1'"),  # was: TypeError traceback in difflib
+    (["--data", ""], "DATA is empty"),  # was: the current directory taken as an ImageFolder
+])
+def test_bad_train_input_one_line_before_any_work(tmp_path, capsys, args, expected):
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(128, 256)) * 3)
+    (tmp_path / "int.yaml").write_text("1: 2\n")
+    args = [{"BINARY": str(tmp_path / "bin.yaml"), "INTKEY": str(tmp_path / "int.yaml")}.get(a, a) for a in args]
+    recipe = [] if "--recipe" in args else ["--recipe", str(write_recipe(tmp_path / "r.yaml"))]
+    capsys.readouterr()
+    assert main(["train", *recipe, *args, "--out", str(tmp_path / "run")]) == 2
+    assert expected in one_line_error(capsys, "train")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_run_dir_is_one_line(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    mkdir = pathlib.Path.mkdir
+
+    def read_only(self, *a, **k):
+        if self == run:
+            raise OSError(30, "Read-only file system", str(self))
+        return mkdir(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+    capsys.readouterr()
+    assert main(["train", "--recipe", str(write_recipe(tmp_path / "r.yaml")), "--out", str(run)]) == 2
+    assert f"cannot write the run directory {run} (Read-only file system)" in one_line_error(capsys, "train")
+
+
+def test_python_api_takes_paths(tmp_path, checkpoint):
+    with pytest.raises(DataError, match="no such file or directory"):  # was: "data.path must be a string"
+        vitkit.train_model(write_recipe(tmp_path / "r.yaml"), data=tmp_path / "nothing", out=tmp_path / "run")
+    with pytest.raises(DataError, match="no such file or directory"):  # was: TypeError in is_shards
+        vitkit.evaluate_model(checkpoint, tmp_path / "nothing")
+    with pytest.raises(DataError, match="--amp fp61"):  # was: taken as fp16
+        vitkit.evaluate_model(checkpoint, "digits", amp="fp61")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--out", "FILE"], "--out FILE: cannot write confusion.png there"),  # was: FileExistsError after evaluating
+    (["--batch-size", "0"], "--batch-size 0: must be an integer >= 1"),  # was: torch's message, after loading
+    (["--workers", "-1"], "--workers -1: must be an integer >= 0"),
+    (["--split-seed", str(10**20)], f"--split-seed {10**20}: must be an integer in [0, 2**63)"),
+])
+def test_bad_eval_input_one_line_before_any_work(tmp_path, capsys, monkeypatch, checkpoint, args, expected):
+    import vitkit.data.datasets as datasets
+
+    def no_work(*a, **k):
+        raise AssertionError("the data was opened: the error came after work started")
+
+    monkeypatch.setattr(datasets, "open_data", no_work)
+    (tmp_path / "file").write_text("x")
+    args = [str(tmp_path / "file") if a == "FILE" else a for a in args]
+    expected = expected.replace("FILE", str(tmp_path / "file"))
+    out = [] if "--out" in args else ["--out", str(tmp_path)]
+    capsys.readouterr()
+    assert main(["eval", "--data", "digits", "--weights", str(checkpoint), *args, *out]) == 2
+    assert expected in one_line_error(capsys, "eval")
+
+
+def test_eval_results_survive_an_unwritable_picture(tmp_path, capsys, monkeypatch, checkpoint):
+    import vitkit.train.report as report
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "plot_confusion", full_disk)
+    capsys.readouterr()
+    assert main(["eval", "--data", "digits", "--weights", str(checkpoint), "--json", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert '"top1"' in out and '"confusion_png": null' in out
+
+
+def test_recipe_errors_are_recipe_errors():
+    from vitkit.train import recipe as R
+
+    with pytest.raises(RecipeError, match="unknown key optim.1"):
+        R.merge(R.defaults(), {"optim": {1: 2}}, "x.yaml")
