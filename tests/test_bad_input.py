@@ -33,23 +33,30 @@ def checkpoint(tmp_path) -> Path:
 
 @pytest.mark.parametrize("args, expected", [
     # nan passes every range check; inf breaks the clock: both failed with a traceback after the run dir was made
-    (["--time-budget", "nan"], "train.time_budget must be a finite number, not nan"),
-    (["--time-budget", "inf"], "train.time_budget must be a finite number, not inf"),
-    (["--lr", "nan"], "optim.lr must be a finite number"),
-    (["--val-split", "nan"], "data.val_split must be a finite number"),  # was: trained with no validation at all
+    (["--time-budget", "nan"], "train.time_budget (--time-budget) must be a finite number, not nan"),
+    (["--time-budget", "inf"], "train.time_budget (--time-budget) must be a finite number, not inf"),
+    (["--lr", "nan"], "optim.lr (--lr) must be a finite number"),
+    (["--val-split", "nan"], "data.val_split (--val-split) must be a finite number"),  # was: trained with no validation at all
     (["--set", "model.dropout=.nan"], "model.dropout must be a finite number"),
     (["--set", "augment.hflip=.nan"], "augment.hflip must be a finite number"),
-    (["--seed", str(10**20)], "train.seed must be <= 9223372036854775807"),  # was: torch's overflow traceback
+    (["--seed", str(10**20)], "train.seed (--seed) must be <= 9223372036854775807"),  # was: torch's overflow traceback
     (["--set", f"data.split_seed={10**20}"], "data.split_seed must be <= 9223372036854775807"),
     (["--set", "model.in_chans=1"], "model.in_chans must be 3"),  # was: a traceback at the first step
     (["--recipe", "BINARY"], "not a text file"),  # was: UnicodeDecodeError traceback
     (["--recipe", "INTKEY"], "unknown section '1'"),  # was: TypeError traceback in difflib
     (["--data", ""], "DATA is empty"),  # was: the current directory taken as an ImageFolder
+    (["--img-size", "0"], "model.img_size (--img-size) must be a positive integer or [height, width], not 0"),
+    (["--set", "train.threads=100000000000000000000"], "train.threads must be <= 4096"),  # was: an overflow
+    (["--recipe", "BADYAML"], "not valid YAML at line 3, column 1"),  # where in the file
+    (["--recipe", "DIR"], "a directory, not a file"),
+    (["--set", "foo.bar=1"], "--set: unknown section 'foo'"),
 ])
 def test_bad_train_input_one_line_before_any_work(tmp_path, capsys, args, expected):
     (tmp_path / "bin.yaml").write_bytes(bytes(range(128, 256)) * 3)
     (tmp_path / "int.yaml").write_text("1: 2\n")
-    args = [{"BINARY": str(tmp_path / "bin.yaml"), "INTKEY": str(tmp_path / "int.yaml")}.get(a, a) for a in args]
+    (tmp_path / "bad.yaml").write_text("optim:\n  - [lr: 1\n")
+    args = [{"BINARY": str(tmp_path / "bin.yaml"), "INTKEY": str(tmp_path / "int.yaml"),
+             "BADYAML": str(tmp_path / "bad.yaml"), "DIR": str(tmp_path)}.get(a, a) for a in args]
     recipe = [] if "--recipe" in args else ["--recipe", str(write_recipe(tmp_path / "r.yaml"))]
     capsys.readouterr()
     assert main(["train", *recipe, *args, "--out", str(tmp_path / "run")]) == 2
@@ -121,3 +128,62 @@ def test_recipe_errors_are_recipe_errors():
 
     with pytest.raises(RecipeError, match="unknown key optim.1"):
         R.merge(R.defaults(), {"optim": {1: 2}}, "x.yaml")
+
+
+def test_run_directories_that_would_damage_something_are_refused(tmp_path, capsys):
+    """--out inside the data folder wrote the run's files into the dataset (the next run found a class
+    "tensorboard"); a folder holding other files is not a run directory to write into."""
+    from train_utils import digit_images
+
+    digit_images(tmp_path / "ds", ["1", "2"], per_class=4)
+    recipe = str(write_recipe(tmp_path / "r.yaml", data={"path": str(tmp_path / "ds")}))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    for out, expected in [(tmp_path / "ds", "is inside the data folder"), (tmp_path / "ds" / "run", "inside the data"),
+                          (tmp_path / "notes", "a folder with other files in it, not a run directory")]:
+        capsys.readouterr()
+        assert main(["train", "--recipe", recipe, "--out", str(out)]) == 2
+        assert expected in one_line_error(capsys, "train")
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["1", "2"]
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["todo.txt"]
+
+
+def test_resume_refuses_what_it_would_ignore_or_misread(tmp_path, capsys):
+    """--weights on --resume was ignored without a word; a run stopped before its first checkpoint was "not a
+    run directory"; data that changed under a run (same classes, fewer images) moved every step's place in the
+    epoch without a word."""
+    from train_utils import digit_images
+
+    files = digit_images(tmp_path / "ds", ["1", "2"], per_class=10)
+    recipe = str(write_recipe(tmp_path / "r.yaml", data={"path": str(tmp_path / "ds"), "batch_size": 4},
+                              train={"epochs": 1}))
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", recipe, "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--weights", str(run / "best.safetensors")]) == 2
+    assert "continues from the run's own weights, not --weights" in one_line_error(capsys, "train")
+    for f in files["1"][:3]:
+        f.unlink()
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 2
+    assert "the data changed since the run started (16 training and 4 validation images then, 14 and 3 now)" in \
+        one_line_error(capsys, "train")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "recipe.yaml").write_text("{}")
+    assert main(["train", "--resume", str(tmp_path / "half")]) == 2
+    assert f"start it again with --out {tmp_path / 'half'}" in one_line_error(capsys, "train")
+
+
+def test_python_values_are_dotted_keys(tmp_path):
+    with pytest.raises(RecipeError, match=r"values: keys are 'section.key' strings.*not 'optim'"):
+        vitkit.train_model(write_recipe(tmp_path / "r.yaml"), out=tmp_path / "run", values={"optim": {"lr": 1}})
+    with pytest.raises(RecipeError, match="not 1"):
+        vitkit.train_model(write_recipe(tmp_path / "r.yaml"), out=tmp_path / "run", values={1: 2})
+    assert not (tmp_path / "run").exists()
+
+
+def test_numbers_in_strings_keep_their_kind():
+    from vitkit.train import recipe as R
+
+    epochs = R.merge(R.defaults(), {"train": {"epochs": "1e2"}}, "x.yaml")["train"]["epochs"]  # YAML 1.1: a string
+    assert epochs == 100 and R.SCHEMA["train"]["epochs"][1](epochs) is None  # was: "must be an integer, not 100.0"
+    assert R._numeric("5") == 5 and R._numeric("5.0") == 5.0 and R._numeric("1e-3") == 0.001

@@ -99,7 +99,7 @@ def test_train_and_evaluate_from_python(tmp_path):
     assert torch.load(run / "state.pt", weights_only=True)["step"] == 2 * 22
     with pytest.raises(TypeError, match="unknown options"):
         vitkit.train_model(write_recipe(tmp_path / "r.yaml"), learning_rate=0.1)
-    with pytest.raises(R.RecipeError, match="optim.lr must be > 0"):
+    with pytest.raises(R.RecipeError, match=r"optim.lr \(--lr\) must be > 0"):
         vitkit.train_model(write_recipe(tmp_path / "r.yaml"), out=tmp_path / "bad", lr=-1.0)
     with pytest.raises(ValueError, match="no such file"):
         vitkit.evaluate_model(model, str(tmp_path / "nothing"))
@@ -297,9 +297,9 @@ def test_resume_keeps_the_runs_model_and_split(tiny_run, tmp_path, capsys, caplo
     resumes without the checkpoint it started from."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    for args, said in ((["--batch-size", "32"], "data.batch_size cannot change in a run (64 -> 32)"),
-                       (["--val-split", "0.5"], "data.val_split cannot change in a run (0.2 -> 0.5)"),
-                       (["--img-size", "16"], "model.img_size cannot change in a run (8 -> 16)")):
+    for args, said in ((["--batch-size", "32"], "data.batch_size (--batch-size) cannot change in a run (64 -> 32)"),
+                       (["--val-split", "0.5"], "data.val_split (--val-split) cannot change in a run (0.2 -> 0.5)"),
+                       (["--img-size", "16"], "model.img_size (--img-size) cannot change in a run (8 -> 16)")):
         capsys.readouterr()
         assert main(["train", "--resume", str(run), *args]) == 2
         err = capsys.readouterr().err.strip()
@@ -751,7 +751,7 @@ def test_distributed_errors_said_once_before_starting(tmp_path, monkeypatch, cap
         monkeypatch.setenv("RANK", rank)
         capsys.readouterr()
         assert main(["train", "--recipe", str(tmp_path / "r.yaml"), "--lr", "-1"]) == 2
-        assert ("optim.lr must be > 0" in capsys.readouterr().err) == said
+        assert ("optim.lr (--lr) must be > 0" in capsys.readouterr().err) == said
 
 
 @pytest.mark.skipif(not (SHARED / "imagenet-samples").is_dir(), reason="../shared/data/imagenet-samples not present")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 from pathlib import Path
 
@@ -44,21 +45,45 @@ def resolve_recipe(args: argparse.Namespace, values: dict | None = None) -> tupl
     """(validated recipe, run dir, the run's training state when resuming) from the flags (and `values`,
     {"section.key": value}, last); every problem raised as one RecipeError."""
     from . import recipe as R
-    from .trainer import read_state
 
-    overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
+    flagged = {key: flag for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
+    overrides = {key: getattr(args, flag) for key, flag in flagged.items()}
     for text in args.set:
         section, key, value = R.parse_override(text)
         overrides[f"{section}.{key}"] = value
+        flagged.pop(f"{section}.{key}", None)
+    if bad := [k for k in values or {} if not isinstance(k, str) or "." not in k]:
+        raise R.RecipeError(f"values: keys are 'section.key' strings, e.g. {{'optim.lr': 0.01}}, not {bad[0]!r}")
     overrides.update(values or {})
+    for key in values or {}:
+        flagged.pop(key, None)
+    try:
+        return _resolve(args, overrides)
+    except R.RecipeError as e:  # name the flag a value came from beside its recipe key
+        text = str(e)
+        for key, flag in flagged.items():
+            text = re.sub(rf"(?<![\w.]){re.escape(key)}(?![\w.]| \(--)", f"{key} (--{flag.replace('_', '-')})", text)
+        raise R.RecipeError(text) from None
+
+
+def _resolve(args: argparse.Namespace, overrides: dict) -> tuple[dict, Path, dict | None]:
+    from . import recipe as R
+    from .trainer import read_state
+
     if args.resume:
         run = Path(args.resume)
         if args.recipe or args.out:
             raise R.RecipeError("--resume RUN_DIR takes its recipe and directory from the run; drop --recipe/--out")
-        if not (run / "state.pt").is_file() or not (run / "recipe.yaml").is_file():
-            raise R.RecipeError(f"--resume {run}: not a run directory (no state.pt and recipe.yaml in it)")
+        if not (run / "state.pt").is_file():
+            if (run / "recipe.yaml").is_file():
+                raise R.RecipeError(f"--resume {run}: the run stopped before its first checkpoint (no state.pt); "
+                                    f"start it again with --out {run} (its files are replaced)")
+            raise R.RecipeError(f"--resume {run}: not a run directory (no state.pt in it)")
         state = read_state(run)  # read once: the trainer continues from it
         saved = R.load(None, base=_run_recipe(run, state), resuming=True)
+        if "model.weights" in overrides and overrides["model.weights"] != saved["model"]["weights"]:
+            raise R.RecipeError(f"--resume {run} continues from the run's own weights, not --weights "
+                                f"{overrides['model.weights']}; drop it, or start a new run from those weights")
         recipe = R.load(None, overrides, base=saved, resuming=True)
         fixed = [f"model.{k}" for k in saved["model"] if k != "weights"] + \
             [f"data.{k}" for k in ("path", "val", "val_split", "split_seed", "batch_size")]
@@ -75,6 +100,13 @@ def resolve_recipe(args: argparse.Namespace, values: dict | None = None) -> tupl
         raise R.RecipeError(f"--out {run}: {file} is a file, not a directory")
     if (run / "state.pt").exists():
         raise R.RecipeError(f"--out {run} already holds a run; continue it with --resume {run} or pick another --out")
+    for data in (recipe["data"]["path"], recipe["data"]["val"]):
+        if data and Path(data).is_dir() and run.resolve().is_relative_to(Path(data).resolve()):
+            raise R.RecipeError(f"--out {run} is inside the data folder {data}: the run's files would become "
+                                "part of the data; pick another --out")
+    if run.is_dir() and any(run.iterdir()) and not ((run / "recipe.yaml").is_file() or (run / ".lock").is_file()):
+        raise R.RecipeError(f"--out {run}: a folder with other files in it, not a run directory; pick a new or "
+                            "empty one")
     return recipe, run, None
 
 
@@ -85,6 +117,8 @@ def _run_recipe(run: Path, state: dict) -> dict:
 
     if isinstance(state.get("recipe"), dict):
         return R.merge(R.defaults(), state["recipe"], f"{run / 'state.pt'}")
+    if not (run / "recipe.yaml").is_file():
+        raise R.RecipeError(f"--resume {run}: no recipe.yaml beside its state.pt (a run of an older version)")
     try:
         return R.merge(R.defaults(), R.yaml_recipe(run / "recipe.yaml"), str(run / "recipe.yaml"))
     except UnicodeDecodeError:

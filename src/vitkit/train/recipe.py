@@ -79,6 +79,8 @@ def _size(v):
     """An image size: one integer or [height, width]."""
     if v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
         return None
+    if not isinstance(v, (list, tuple)):
+        return f"must be a positive integer or [height, width], not {v!r}"
     return _numbers(2, lo=1, optional=False, integer=True)(v)
 
 
@@ -115,7 +117,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Callable]]] = {
         "split_seed": (0, _seed),
         "batch_size": (64, _number(1, integer=True)),  # global: all processes and accumulation steps
         "eval_batch_size": (256, _number(1, integer=True)),
-        "num_workers": (0, _number(0, integer=True)),
+        "num_workers": (0, _number(0, 256, integer=True)),
         "preload": ("auto", _choice("auto", True, False)),  # decode small images once into a tensor cache
         "cache_dir": (None, _text()),  # default $VITKIT_CACHE or ~/.cache/vitkit
         "root": (None, _text()),  # torchvision CIFAR root (downloaded there when online)
@@ -155,7 +157,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Callable]]] = {
         "time_budget": (None, _number(0, lo_open=True, optional=True)),  # minutes, the whole run
         "seed": (0, _seed),
         "device": ("auto", _text(optional=False)),
-        "threads": (None, _opt_int),  # CPU threads for the math (default: torch's, one per core)
+        # CPU threads for the math (default: torch's, one per core)
+        "threads": (None, _number(1, 4096, integer=True, optional=True)),
         "amp": ("auto", _choice("auto", "bf16", "fp16", "none")),  # auto: bf16 where native (GPU, AVX-512 bf16, AMX)
         "channels_last": (False, _flag()), "compile": (False, _flag()),
         # attention kernel; auto: "math" on a CPU under bf16/fp16 autocast, else torch's choice ("default")
@@ -200,10 +203,13 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _numeric(v):
-    """YAML 1.1 reads 1e-3 as a string; a number is meant."""
+    """YAML 1.1 reads 1e-3 as a string; a number is meant (an integer where it is one, "1e2" and "5" too)."""
     if isinstance(v, list):
         return [_numeric(x) for x in v]
-    return float(v) if isinstance(v, str) and _NUMBER.fullmatch(v.strip()) else v
+    if not (isinstance(v, str) and _NUMBER.fullmatch(v.strip())):
+        return v
+    f = float(v)
+    return int(f) if f.is_integer() and "." not in v and abs(f) < 2**63 else f
 
 
 def merge(recipe: dict, update: dict, source: str) -> dict:
@@ -247,7 +253,7 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None, base:
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise RecipeError(f"--recipe {path}: no such file")
+            raise RecipeError(f"--recipe {path}: {'a directory, not a file' if path.is_dir() else 'no such file'}")
         # a checkpoint `vitkit train` wrote holds the recipe it was made with
         try:
             merge(recipe, checkpoint_recipe(path) if path.suffix == ".safetensors" else yaml_recipe(path), str(path))
@@ -258,7 +264,7 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None, base:
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         nested.setdefault(section, {})[key] = value
-    merge(recipe, nested, "override")
+    merge(recipe, nested, "--set")
     validate(recipe, resuming)
     return recipe
 
@@ -267,7 +273,10 @@ def yaml_recipe(path: Path):
     try:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{path}: not valid YAML{where} ({why})") from None
 
 
 def checkpoint_recipe(path: Path) -> dict:

@@ -271,9 +271,14 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
                      preload=D["preload"], cache_dir=D["cache_dir"],
                      shards={"epoch_size": D["epoch_size"], "shuffle_buffer": D["shuffle_buffer"]})
     names = data.class_names
+    sizes = [len(ds) if ds is not None else 0 for ds in (data.train, data.val)]
     if state is not None and state["class_names"] != names:
         raise RecipeError(f"--resume: the data's classes {names[:5]}... differ from the run's "
                           f"{state['class_names'][:5]}...")
+    if state is not None and state.get("data_sizes", sizes) != sizes:  # steps would land elsewhere in an epoch
+        raise RecipeError(f"--resume: the data changed since the run started ({state['data_sizes'][0]} training and "
+                          f"{state['data_sizes'][1]} validation images then, {sizes[0]} and {sizes[1]} now); start a "
+                          f"new run from it with --weights {run_dir / LAST}")
     accum = O["accum_steps"]
     micro, rest = divmod(D["batch_size"], d.world * accum)
     if rest or not micro:
@@ -289,7 +294,13 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
     torch.manual_seed(T["seed"])  # the same initial weights on every rank
     if resume and _readable(run_dir / LAST):  # the run's own model (the state's weights go in below): the
         M = {**M, "weights": str(run_dir / LAST), "name": None, "zero_head": None}  # start file is not needed
-    model = build_model(M, names).to(d.device)
+    try:
+        model = build_model(M, names).to(d.device)
+    except (MemoryError, RuntimeError) as e:  # img_size 100000: position embeddings beyond any memory
+        if not isinstance(e, MemoryError) and "alloc" not in str(e):
+            raise
+        raise RecipeError(f"model: too large to build here ({str(e).splitlines()[0][:200]}); check model.img_size "
+                          "(--img-size) and the model's size") from None
     img_size = model.cfg.img_size
     amp = training_precision(d.device, T["amp"])
     tokens = model.num_prefix_tokens + math.prod(model.cfg.grid)
@@ -347,10 +358,10 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
             log.warning("--resume: the run is at step %d of %d already (train.epochs %d, train.max_steps %s): "
                         "raise --epochs or --set train.max_steps to train on", step, total, T["epochs"], T["max_steps"])
         elif total != state["total_steps"] and d.main:  # a longer (or shorter) run: the schedule stretches
-            log.warning("--resume: the schedule now ends at step %d instead of %d, so the learning rate at step %d "
-                        "is %.3g instead of %.3g", total, state["total_steps"], step,
-                        lr_at(step, total, r["schedule"], O["lr"]),
-                        lr_at(step, state["total_steps"], r["schedule"], O["lr"]))
+            now, then = (lr_at(step, n, r["schedule"], O["lr"]) for n in (total, state["total_steps"]))
+            log.warning("--resume: the schedule now ends at step %d instead of %d%s", total, state["total_steps"],
+                        f", so the learning rate at step {step} is {now:.3g} instead of {then:.3g}" if
+                        f"{now:.3g}" != f"{then:.3g}" else "")
         if state["world"] == d.world:
             set_rng_state(state["rng"][d.rank], d.device)
         elif d.main:
@@ -435,7 +446,8 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
         atomic_save({"step": step, "total_steps": total, "model": model_sd, "optimizer": optim_sd,
                      "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
                      "rng": rngs, "best_top1": best, "elapsed": clock(), "epoch_stats": stats,
-                     "skipped": sorted(everywhere), "class_names": names, "world": d.world, "recipe": r},
+                     "skipped": sorted(everywhere), "class_names": names, "data_sizes": sizes, "world": d.world,
+                     "recipe": r},
                     run_dir / STATE)
         if resume and (run_dir / RECIPE).read_text(errors="replace") != to_yaml(r):  # changed on resuming
             tmp = run_dir / f".{RECIPE}.tmp"
