@@ -16,7 +16,9 @@ class Metrics:
     """One CSV row per evaluation (appended, so a resumed run continues the file) + TensorBoard scalars."""
 
     def __init__(self, run_dir: Path, enabled: bool, upto_step: int | None = None):
-        """upto_step: resuming from the state of that step; rows a stopped run wrote after it are dropped."""
+        """upto_step: the step the run starts from (0: a fresh run); rows and TensorBoard events an earlier,
+        stopped or killed process wrote after it are dropped (its CSV rows) or purged (its events), so that a
+        resumed or restarted run has each step once."""
         self.csv_path, self.enabled, self.tb = run_dir / "metrics.csv", enabled, None
         if not enabled:
             return
@@ -32,7 +34,10 @@ class Metrics:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            # purge_step: TensorBoard hides the events of earlier files at steps >= it (a killed run logged
+            # steps past its last checkpoint; the resumed run logs them again)
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"),
+                                    purge_step=None if upto_step is None else upto_step + 1)
         except ImportError:
             log.warning("tensorboard is not installed: metrics go to metrics.csv only")
 

@@ -255,7 +255,26 @@ def attention_kernel(kernel: str | None):
 
 # --- the run --------------------------------------------------------------------------------------------
 def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
-    """Train as the recipe says into run_dir; `state`: the run's training state (read_state), to resume it."""
+    """Train as the recipe says into run_dir; `state`: the run's training state (read_state), to resume it.
+
+    The run directory's lock and the TensorBoard writer are released however the run ends: a TrainingError kept
+    by the caller (an interactive session keeps the last traceback, and with it the frame's locals) must not
+    keep the directory locked against `train_model(resume=...)` in the same process."""
+    held: dict = {}
+    try:
+        return _train(r, run_dir, state, held)
+    except TrainingError:  # the curves up to the last epoch, as a run that ends otherwise leaves them
+        if held.get("metrics") is not None and held["metrics"].enabled:
+            plot_curves(held["metrics"].csv_path, run_dir / "curves.png")
+        raise
+    finally:
+        if held.get("metrics") is not None:
+            held["metrics"].close()
+        if held.get("lock") is not None:
+            held["lock"].close()
+
+
+def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
     resume = state is not None
     t0 = time.time()
     M, D, A, O, T = r["model"], r["data"], r["augment"], r["optim"], r["train"]
@@ -313,7 +332,7 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
     if d.main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            lock = lock_run_dir(run_dir)
+            lock = held["lock"] = lock_run_dir(run_dir)
         except RecipeError as e:
             problem = str(e)
         except OSError as e:  # read-only, no permission, a file in the way
@@ -368,7 +387,8 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
             log.warning("resuming with %d processes instead of %d: random draws will differ", d.world, state["world"])
     elif d.main:
         (run_dir / RECIPE).write_text(to_yaml(r))
-    metrics = Metrics(run_dir, d.main, upto_step=step if state is not None else None)
+    # a fresh run in a directory where an earlier attempt died before its first checkpoint drops that attempt's rows
+    metrics = held["metrics"] = Metrics(run_dir, d.main, upto_step=step)
     if d.main:
         log.info("%s | %s | %s params | %s | %d steps of %d images (%d per process x %d accumulation) | %s",
                  describe(data), f"ViT {model.cfg.width}w x {model.cfg.depth} @ {img_size[0]}px",
@@ -403,8 +423,9 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
                                   persistent_workers=D["num_workers"] > 0, pin_memory=d.device.type == "cuda",
                                   generator=torch.Generator().manual_seed(T["seed"]))  # keeps global RNG untouched
 
-    def save(weights: bool, val=None) -> None:
-        """The training state; with `weights` also last.safetensors (and best.safetensors when val is the best)."""
+    def save(weights: bool, val=None, improved: bool = False) -> None:
+        """The training state; with `weights` also last.safetensors (and best.safetensors when val `improved` on
+        every earlier evaluation: the epoch the log marks with *, the first of equal ones)."""
         model_sd, optim_sd = full_state(wrapped if sharded else model, optimizer, sharded)
         rngs = [rng_state(d.device)]
         if d.world > 1:
@@ -414,7 +435,7 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
         stats = d.sum(epoch_stats.clone()).cpu()
         if d.main:
             try:
-                _write(weights, val, model_sd, optim_sd, rngs, everywhere, stats)
+                _write(weights, val, improved, model_sd, optim_sd, rngs, everywhere, stats)
             except (OSError, SafetensorError) as e:  # a full disk, say: what was written before stays whole
                 raise TrainingError(f"cannot write the checkpoint in {run_dir} ({getattr(e, 'strerror', '') or e}); "
                                     f"{_last_good(run_dir)}") from None
@@ -428,7 +449,7 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
         torch.distributed.all_gather_object(found, sorted(skipped))
         return set().union(*found)
 
-    def _write(weights: bool, val, model_sd: dict, optim_sd: dict, rngs: list, everywhere: set,
+    def _write(weights: bool, val, improved: bool, model_sd: dict, optim_sd: dict, rngs: list, everywhere: set,
                stats: torch.Tensor) -> None:
         """The exported weights first, the training state last: state.pt is the commit point a resume starts
         from, and re-exports anything after it."""
@@ -441,7 +462,7 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
             from .. import save_model
 
             save_model(export, run_dir / LAST, **extra)
-            if val is not None and val.top1 >= best or data.val is None:
+            if improved or data.val is None:
                 save_model(export, run_dir / BEST, **extra)
         atomic_save({"step": step, "total_steps": total, "model": model_sd, "optimizer": optim_sd,
                      "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
@@ -597,7 +618,7 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
                 print(f"epoch {step / steps_per_epoch:5.1f}/{planned}  loss {loss_avg:.4f}  "
                       f"acc {acc:6.2%}{shown}  lr {lr:.2e}  {rate:,.0f} img/s  {_hms(clock())}", flush=True)
             t_save = time.time()
-            save(weights=True, val=val)  # after the row: a resume drops rows beyond the state it finds
+            save(weights=True, val=val, improved=improved)  # after the row: a resume drops rows past its state
             last_ckpt, last_save_s = time.time(), time.time() - t_save
             if d.main and (finished or time.time() - last_plot > 60):
                 plot_curves(metrics.csv_path, run_dir / "curves.png")
@@ -606,6 +627,9 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
                 if d.main:
                     log.info("time budget of %g min reached at step %d", T["time_budget"], step)
                 break
+            # a signal that came while this epoch was evaluated or saved: all of it is on disk now, so stop here
+            # rather than after one more step and a second save (every rank takes this decision together)
+            stop_after_epoch = d.any(stop_after_epoch or bool(caught))[0]
             if stop_after_epoch and not finished:
                 exit_code = stopped(caught, step)
                 break

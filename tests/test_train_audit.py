@@ -1,0 +1,113 @@
+"""Run-directory artifacts after interruptions: TensorBoard has each step once after a resume or a restart,
+a failed run releases its directory, a stop requested during an epoch's evaluation stops at that epoch's end,
+and best.safetensors is the epoch the log marks as best."""
+from __future__ import annotations
+
+import collections
+import os
+import signal
+
+import pytest
+import torch
+
+import vitkit
+from train_utils import write_recipe
+from vitkit.train import trainer
+from vitkit.train.trainer import TrainingError
+
+STEPS_PER_EPOCH = 1438 // 64  # TINY: digits, 20% held out, batch 64
+
+
+def scalars(run, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={SCALARS: 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def stale_events(run, steps) -> None:
+    """What a process killed after its last checkpoint leaves: events at steps the next process logs again."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(run / "tensorboard"))
+    for s in steps:
+        w.add_scalar("train/loss_step", 1e6, s)
+    w.close()
+
+
+def test_tensorboard_has_each_step_once_after_a_kill_and_resume(tmp_path):
+    run = vitkit.train_model(write_recipe(tmp_path / "r.yaml"), out=tmp_path / "run", epochs=1,
+                             values={"train.log_every": 5})
+    stale_events(run, range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1))  # logged in epoch 2, then killed
+    vitkit.train_model(resume=run, epochs=2)
+    loss = scalars(run, "train/loss_step")
+    steps = [s for s, _ in loss]
+    assert not [s for s, n in collections.Counter(steps).items() if n > 1], "steps logged twice"
+    assert steps == sorted(steps) and steps[-1] > STEPS_PER_EPOCH
+    assert max(v for _, v in loss) < 1e6  # the resumed run's values, not the killed process's
+
+
+def test_a_restarted_run_drops_what_a_first_attempt_left(tmp_path):
+    """A first attempt killed before its first checkpoint leaves no state.pt, so `--out` the same directory is
+    allowed: its TensorBoard events and metrics rows must not stay mixed into the new run's."""
+    recipe, run = write_recipe(tmp_path / "r.yaml"), tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(recipe.read_text())  # what the first attempt wrote before its first step
+    stale_events(run, [10, 20])
+    (run / "metrics.csv").write_text("epoch,step,lr,train_loss,train_acc,val_loss,val_top1,val_top5,images_per_s,"
+                                     "elapsed_s\n1,22,0.001,9,0.1,9,0.1,0.5,100,1\n")
+    vitkit.train_model(recipe, out=run, epochs=1)  # "start it again with --out RUN (its files are replaced)"
+    assert [s for s, _ in scalars(run, "train/loss_step")] == [10, 20]
+    assert max(v for _, v in scalars(run, "train/loss_step")) < 1e6
+    assert (run / "metrics.csv").read_text().count("\n") == 2  # header + this run's one epoch
+
+
+def test_a_failed_run_releases_its_directory(tmp_path):
+    """A TrainingError the caller keeps (an interactive session keeps the last traceback) holds the frame of the
+    failed run; its lock must be released anyway, and its curves drawn."""
+    run = vitkit.train_model(write_recipe(tmp_path / "r.yaml"), out=tmp_path / "run", epochs=1)
+    (run / "curves.png").unlink()
+    with pytest.raises(TrainingError) as failed:
+        vitkit.train_model(resume=run, epochs=2, values={"optim.lr": 1e6, "schedule.name": "constant"})
+    curves_drawn = (run / "curves.png").is_file()
+    kept = failed  # noqa: F841 (the traceback stays alive)
+    assert vitkit.train_model(resume=run, epochs=2, values={"optim.lr": 0.003}) == run  # not "in use"
+    assert curves_drawn
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == 2 * STEPS_PER_EPOCH
+
+
+def test_a_stop_during_evaluation_stops_at_that_epochs_end(tmp_path, monkeypatch):
+    evaluate, calls = trainer.evaluate, []
+
+    def terminated_while_evaluating(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", terminated_while_evaluating)
+    with pytest.raises(KeyboardInterrupt):
+        vitkit.train_model(write_recipe(tmp_path / "r.yaml"), out=tmp_path / "run", epochs=2)
+    # everything was saved at the epoch's end: no further step, no second save
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == STEPS_PER_EPOCH
+
+
+def test_best_checkpoint_is_the_epoch_marked_best(tmp_path, monkeypatch, capsys):
+    """Equal validation accuracy in a later epoch: the log marks the first as the best (*); best.safetensors must
+    hold that epoch, not the later one."""
+    evaluate = trainer.evaluate
+
+    def always_the_same(*args, **kwargs):
+        result = evaluate(*args, **kwargs)
+        k = result.confusion.shape[0]
+        result.confusion = torch.eye(k, dtype=torch.long) * 30  # the same accuracy every epoch
+        return result
+
+    monkeypatch.setattr(trainer, "evaluate", always_the_same)
+    run = vitkit.train_model(write_recipe(tmp_path / "r.yaml"), out=tmp_path / "run", epochs=2)
+    marked = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch") and " *" in line]
+    assert len(marked) == 1 and marked[0].split()[1].startswith("1.0")
+    from vitkit.weights.vitkit_format import read_metadata
+
+    assert read_metadata(run / "best.safetensors")["train"]["step"] == STEPS_PER_EPOCH
