@@ -243,9 +243,10 @@ def test_budget_fit_adds_no_step_when_no_time_is_left():
     from vitkit.train.distributed import Dist
     from vitkit.train.trainer import _fit
 
-    assert _fit(100, 1000, 0.0, 0.1, 0.0, Dist()) == 100  # the run ends here, its schedule not lengthened
-    assert _fit(100, 1000, 10.0, 0.1, 0.0, Dist()) == 100 + 95  # 95% of the time left, in steps
-    assert _fit(100, 150, 10.0, 0.1, 0.0, Dist()) == 150  # never beyond the recipe's epochs
+    assert _fit(100, 1000, 0.0, 0.1, Dist()) == 100  # the run ends here, its schedule not lengthened
+    assert _fit(100, 1000, -5.0, 0.1, Dist()) == 100  # past the budget (the final evaluation's time taken off)
+    assert _fit(100, 1000, 10.0, 0.1, Dist()) == 100 + 98  # 98% of the time left, in steps
+    assert _fit(100, 150, 10.0, 0.1, Dist()) == 150  # never beyond the recipe's epochs
 
 
 def test_time_budget_stops_gracefully(tmp_path):

@@ -111,3 +111,65 @@ def test_best_checkpoint_is_the_epoch_marked_best(tmp_path, monkeypatch, capsys)
     from vitkit.weights.vitkit_format import read_metadata
 
     assert read_metadata(run / "best.safetensors")["train"]["step"] == STEPS_PER_EPOCH
+
+
+def test_one_slow_save_does_not_cut_a_budget_run_short(tmp_path, monkeypatch):
+    """A save that stalled (a busy disk, a paused process) was counted as the time every later save would take,
+    and twice; the schedule is fitted to typical (median) times and refitted as the run goes."""
+    import time
+
+    from vitkit.train.report import read_metrics
+
+    save, calls = trainer.atomic_save, []
+
+    def one_stall(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 15:  # late in the run: the decay is under way
+            time.sleep(4)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "atomic_save", one_stall)
+    budget_s = 15
+    run = vitkit.train_model(write_recipe(tmp_path / "r.yaml"), out=tmp_path / "run", epochs=1000,
+                             time_budget=budget_s / 60)
+    rows = read_metrics(run / "metrics.csv")
+    lrs = [r["lr"] for r in rows]
+    # was: the stall's time taken for every later save's, so the schedule's end was pulled in to the next
+    # epoch (lr 2.5e-5) and pushed out again after it (lr 2.8e-3)
+    assert all(b <= 1.1 * a + 3e-5 for a, b in zip(lrs, lrs[1:])), [(i, a, b) for i, (a, b) in enumerate(zip(lrs, lrs[1:])) if b > 1.1 * a + 3e-5]
+    assert lrs[-1] < 0.05 * 0.003  # the decay ran to its end (TINY's peak lr: 0.003)
+    assert rows[-1]["elapsed_s"] > 0.8 * budget_s  # and the budget was used
+
+
+def test_a_finished_budget_run_resumed_with_more_time_trains_on(tmp_path):
+    """The fitted step count was kept from the state whatever the new --time-budget or --epochs said."""
+    run = vitkit.train_model(write_recipe(tmp_path / "r.yaml"), out=tmp_path / "run", epochs=1000,
+                             time_budget=0.05)
+    first = torch.load(run / "state.pt", weights_only=True)
+    vitkit.train_model(resume=run, time_budget=0.15)
+    second = torch.load(run / "state.pt", weights_only=True)
+    assert second["step"] > first["step"] + 2 * STEPS_PER_EPOCH and second["elapsed"] > 6
+
+
+def test_a_diverged_validation_loss_stops_without_saving(tmp_path, monkeypatch):
+    """Weights that give a non-finite validation loss were saved as the last (and the best) checkpoint."""
+    evaluate, calls = trainer.evaluate, []
+
+    def diverged_in_epoch_2(*args, **kwargs):
+        result = evaluate(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            result.loss_sum = float("nan")
+        return result
+
+    monkeypatch.setattr(trainer, "evaluate", diverged_in_epoch_2)
+    with pytest.raises(TrainingError, match=r"validation loss became non-finite.*\(step 22\)"):
+        vitkit.train_model(write_recipe(tmp_path / "r.yaml"), out=tmp_path / "run", epochs=3)
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == STEPS_PER_EPOCH
+
+
+def test_half_written_files_of_a_killed_process_are_removed(tmp_path):
+    run = vitkit.train_model(write_recipe(tmp_path / "r.yaml"), out=tmp_path / "run", epochs=1)
+    (run / ".last.safetensors.12345.tmp").write_bytes(b"\0" * 1000)  # killed mid-export
+    vitkit.train_model(resume=run, epochs=2)
+    assert not list(run.glob(".*.tmp"))

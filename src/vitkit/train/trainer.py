@@ -13,6 +13,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data.augment import BatchShiftFlip, batch_mixer, train_transform
 from ..data.datasets import ShardStream, Transformed, collate, describe, open_data
@@ -193,6 +195,8 @@ def lock_run_dir(run_dir: Path):
         raise RecipeError(f"{run_dir} is in use by another `vitkit train` (pid {f.read().strip() or '?'}); "
                           "wait for it or pick another --out") from None
     f.seek(0), f.truncate(), f.write(str(os.getpid())), f.flush()
+    for tmp in run_dir.glob(".*.tmp"):  # half-written files of a process killed while saving (checkpoint-sized)
+        tmp.unlink(missing_ok=True)
     return f
 
 
@@ -360,6 +364,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
     # where we are: fresh, or exactly where the saved state left off
     step, best, elapsed_before, skipped = 0, -1.0, 0.0, set(data.skipped)
     total = limit = min(T["epochs"] * steps_per_epoch, T["max_steps"] or sys.maxsize)  # a budget fits total <= limit
+    budget = T["time_budget"] * 60 if T["time_budget"] else None  # seconds for the whole run, resumed parts too
     epoch_stats = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss sum, correct, images (this epoch)
     torch.manual_seed(T["seed"] + d.rank)  # per-rank randomness (dropout, mixup) from here on
     if state is not None:
@@ -369,13 +374,20 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         if state["scaler"]:  # empty: saved by a disabled scaler (a bf16/fp32 run now resumed under fp16)
             scaler.load_state_dict(state["scaler"])
         step, best, elapsed_before = state["step"], state["best_top1"], state["elapsed"]
-        total = state["total_steps"] if T["time_budget"] else total
+        if budget is not None:  # the fitted schedule goes on, unless the budget or the step limit changed
+            before = (state.get("recipe") or {}).get("train", T)
+            changed = any(before.get(k) != T[k] for k in ("time_budget", "epochs", "max_steps"))
+            # until the first probe refits it: the mean time per step so far, evaluations and saves included
+            total = _fit(step, limit, budget - elapsed_before, elapsed_before / max(step, 1), d) if changed \
+                else state["total_steps"]
         skipped |= set(state["skipped"])
         # the saved statistics are every rank's together: counted once, by rank 0
         epoch_stats = (state["epoch_stats"] if d.main else torch.zeros_like(state["epoch_stats"])).to(d.device)
         if step >= total and d.main:
-            log.warning("--resume: the run is at step %d of %d already (train.epochs %d, train.max_steps %s): "
-                        "raise --epochs or --set train.max_steps to train on", step, total, T["epochs"], T["max_steps"])
+            log.warning("--resume: the run is at step %d of %d already (train.epochs %d, train.max_steps %s%s): "
+                        "raise %s to train on", step, total, T["epochs"], T["max_steps"],
+                        f", train.time_budget {T['time_budget']:g} min" if budget else "",
+                        "--time-budget or --epochs" if budget else "--epochs or --set train.max_steps")
         elif total != state["total_steps"] and d.main:  # a longer (or shorter) run: the schedule stretches
             now, then = (lr_at(step, n, r["schedule"], O["lr"]) for n in (total, state["total_steps"]))
             log.warning("--resume: the schedule now ends at step %d instead of %d%s", total, state["total_steps"],
@@ -514,12 +526,22 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         return step_loss, not (torch.isfinite(step_loss) and (torch.isfinite(gnorm) or amp == "fp16"))
 
     # --- the loop -------------------------------------------------------------------------------------------
-    budget = T["time_budget"] * 60 if T["time_budget"] else None
-    last_eval_s, last_save_s, last_ckpt, last_plot, steps_here = 0.0, 0.0, time.time(), time.time(), 0
+    last_ckpt, last_plot, steps_here = time.time(), time.time(), 0
     train_s_here = 0.0  # seconds of training steps (no evaluation, no saving) in this process
-    probe_t = None
+    eval_times, save_times = [], []  # seconds of each evaluation and each epoch's save in this process
+    eval_guess, probe_t = 0.0, None
     exit_code = 0
-    with stop_signals() as caught, attention_kernel(kernel):
+
+    def typical(times: list, guess: float = 0.0) -> float:  # one stall (a busy disk, a paused process) must
+        return statistics.median(times) if times else guess  # not shorten the whole rest of the run
+
+    def refit(per_step: float) -> int:
+        """The schedule's end fitted to the time budget: steps of `per_step` seconds, each epoch's evaluation and
+        save, and the final ones."""
+        eval_s, save_s = typical(eval_times, eval_guess), typical(save_times)
+        per_epoch = eval_s / T["eval_every"] + save_s
+        return _fit(step, limit, budget - clock() - eval_s - save_s, per_step + per_epoch / steps_per_epoch, d)
+    with stop_signals() as caught, attention_kernel(kernel), logging_redirect_tqdm():  # log lines above the bar
         while step < total:
             epoch, position = divmod(step, steps_per_epoch)
             if position == 0:
@@ -533,7 +555,8 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 step_loss, bad_step = gradients(group)
-                time_up = budget is not None and clock() + last_eval_s + last_save_s + 0.01 * budget >= budget
+                time_up = budget is not None and \
+                    clock() + typical(eval_times, eval_guess) + typical(save_times) + 0.01 * budget >= budget
                 # every decision that leads to a collective (saving gathers the RNG states) is taken together
                 late = time.time() - last_ckpt > 60 * T["checkpoint_minutes"]  # each rank's own clock
                 nonfinite, stop_now, time_up, late = d.any(bad_step, bool(caught), time_up, late)
@@ -553,17 +576,19 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                     bar.update()
                     if step % T["log_every"] == 0:
                         metrics.scalars(step, **{"train/loss_step": step_loss.item(), "train/lr": lr})
-                # fit the schedule to a time budget: time PROBE_STEPS steps, then how many fit
+                # fit the schedule to a time budget: time PROBE_STEPS steps, then how many fit; fitted again
+                # every PROBE_STEPS steps with the mean step time so far, so that the decay ends with the budget
                 if budget is not None and steps_here == 3:
                     probe_t = time.time()
-                if budget is not None and steps_here == 3 + PROBE_STEPS:
-                    per_step = (time.time() - probe_t) / PROBE_STEPS
-                    n_val = len(data.val) if data.val is not None else 0
-                    views = 2 if T["eval_tta"] == "flip" else 1  # eval ~3x train speed per view
-                    last_eval_s = last_eval_s or n_val * views / (3 * D["batch_size"] / per_step)
-                    total = _fit(step, limit, budget - clock(), per_step, last_eval_s / T["eval_every"] /
-                                 steps_per_epoch, d)
-                    if d.main:
+                if budget is not None and steps_here >= 3 + PROBE_STEPS and (steps_here - 3) % PROBE_STEPS == 0:
+                    probed = steps_here == 3 + PROBE_STEPS
+                    per_step = (time.time() - probe_t) / PROBE_STEPS if probed else \
+                        (train_s_here + time.time() - epoch_t) / steps_here
+                    if probed and data.val is not None:  # until one is timed: eval ~3x train speed per view
+                        eval_guess = len(data.val) * (2 if T["eval_tta"] == "flip" else 1) / (3 * D["batch_size"]
+                                                                                              / per_step)
+                    total = refit(per_step)
+                    if probed and d.main:
                         log.info("time budget: %.2f s/step -> %d steps (%.1f epochs)", per_step, total,
                                  total / steps_per_epoch)
                 mid_save = T["checkpoint_every_steps"] and step % T["checkpoint_every_steps"] == 0 or late
@@ -590,17 +615,20 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             train_s_here += train_s
             finished = step >= total or time_up
             if budget is not None and not finished:  # re-fit the budget with the real times so far
-                overhead = (last_eval_s / T["eval_every"] + last_save_s) / steps_per_epoch
                 # the mean step time so far, not the last epoch's: one slow epoch on a shared machine should
                 # not shorten the run for good (the count may grow back, up to the recipe's limit)
-                total = _fit(step, limit, budget - clock(), train_s_here / max(steps_here, 1), overhead, d)
+                total = refit(train_s_here / max(steps_here, 1))
                 finished = step >= total  # no time left for another step: this is the last evaluation
             val = None
             if val_loader is not None and ((epoch + 1) % T["eval_every"] == 0 or finished):
                 t_eval = time.time()
                 val = evaluate(eval_model, val_loader, names, d.device, amp, T["channels_last"], d, tta=T["eval_tta"])
-                last_eval_s = time.time() - t_eval
+                eval_times.append(time.time() - t_eval)
                 skipped.update(val.skipped)
+                if not math.isfinite(val.loss):  # the weights diverged: keep the last good checkpoint
+                    raise TrainingError(f"validation loss became non-finite after step {step} (epoch {epoch + 1}, "
+                                        f"lr {lr:.3g}); stopped without saving: {_last_good(run_dir)}. Try a lower "
+                                        "optim.lr or optim.clip_grad_norm")
             epoch_stats_all = d.sum(epoch_stats.clone()).cpu()
             improved = val is not None and val.top1 > best
             if val is not None:
@@ -615,11 +643,14 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                 shown = (f"  val {val.top1:6.2%} (top-5 {val.top5:.2%}, loss {val.loss:.3f}){' *' if improved else ''}"
                          if val else "")
                 planned = f"{total / steps_per_epoch:.{0 if total % steps_per_epoch == 0 else 1}f}"
+                left = budget - clock() if budget else (total - step) * (time.time() - t0) / max(steps_here, 1)
                 print(f"epoch {step / steps_per_epoch:5.1f}/{planned}  loss {loss_avg:.4f}  "
-                      f"acc {acc:6.2%}{shown}  lr {lr:.2e}  {rate:,.0f} img/s  {_hms(clock())}", flush=True)
+                      f"acc {acc:6.2%}{shown}  lr {lr:.2e}  {rate:,.0f} img/s  {_hms(clock())}"
+                      + (f" ({_hms(left)} left)" if step < total and not time_up else ""), flush=True)
             t_save = time.time()
             save(weights=True, val=val, improved=improved)  # after the row: a resume drops rows past its state
-            last_ckpt, last_save_s = time.time(), time.time() - t_save
+            last_ckpt = time.time()
+            save_times.append(last_ckpt - t_save)
             if d.main and (finished or time.time() - last_plot > 60):
                 plot_curves(metrics.csv_path, run_dir / "curves.png")
                 last_plot = time.time()
@@ -652,9 +683,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
     return exit_code
 
 
-def _fit(step: int, cap: int, seconds_left: float, per_step: float, overhead_per_step: float, d: Dist) -> int:
-    """Steps that fit in the time left (5% kept for the last evaluation and saving), at most `cap`."""
-    fit = step + int(0.95 * seconds_left / (per_step + overhead_per_step))
+def _fit(step: int, cap: int, seconds_left: float, per_step: float, d: Dist) -> int:
+    """Steps of `per_step` seconds that fit in the time left (2% kept in hand), at most `cap`; rank 0's count."""
+    fit = step + int(0.98 * max(seconds_left, 0) / per_step)
     return int(d.broadcast(max(step, min(cap, fit))))
 
 
