@@ -173,3 +173,17 @@ def test_half_written_files_of_a_killed_process_are_removed(tmp_path):
     (run / ".last.safetensors.12345.tmp").write_bytes(b"\0" * 1000)  # killed mid-export
     vitkit.train_model(resume=run, epochs=2)
     assert not list(run.glob(".*.tmp"))
+
+
+def test_a_checkpoint_says_when_its_recipe_alone_does_not_retrain_it(tmp_path, caplog):
+    """A run resumed with other values is not what its final recipe trains from scratch (8 epochs stretched to
+    12 is not a 12-epoch run): the checkpoint records the change and `--recipe CHECKPOINT` says so."""
+    from vitkit.train import recipe as R
+    from vitkit.weights.vitkit_format import read_metadata
+
+    run = vitkit.train_model(write_recipe(tmp_path / "r.yaml"), out=tmp_path / "run", epochs=1)
+    vitkit.train_model(resume=run, epochs=2)
+    resumed = read_metadata(run / "last.safetensors")["train"]["resumed"]
+    assert resumed == [{"step": STEPS_PER_EPOCH, "changed": {"train.epochs": [1, 2]}}]
+    assert R.load(run / "last.safetensors")["train"]["epochs"] == 2
+    assert f"resumed at step {STEPS_PER_EPOCH} with train.epochs 1 -> 2" in caplog.text

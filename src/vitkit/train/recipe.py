@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import re
@@ -291,6 +292,11 @@ def checkpoint_recipe(path: Path) -> dict:
     if not meta or not isinstance(meta.get("recipe"), dict):
         raise RecipeError(f"--recipe {path}: this checkpoint holds no recipe (only checkpoints written by "
                           "`vitkit train` do); give a recipe YAML")
+    for resume in (meta.get("train") or {}).get("resumed") or []:
+        logging.getLogger("vitkit").warning(
+            "--recipe %s: its run was resumed at step %d with %s; the recipe holds the values in force at the end, "
+            "so training with it gives other weights", path, resume["step"],
+            ", ".join(f"{k} {old} -> {new}" for k, (old, new) in resume["changed"].items()))
     return meta["recipe"]
 
 

@@ -362,7 +362,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         data.val, eval_transform(model.preprocess, img_size), D["eval_batch_size"], D["num_workers"], d.rank, d.world)
 
     # where we are: fresh, or exactly where the saved state left off
-    step, best, elapsed_before, skipped = 0, -1.0, 0.0, set(data.skipped)
+    step, best, elapsed_before, skipped, history = 0, -1.0, 0.0, set(data.skipped), []
     total = limit = min(T["epochs"] * steps_per_epoch, T["max_steps"] or sys.maxsize)  # a budget fits total <= limit
     budget = T["time_budget"] * 60 if T["time_budget"] else None  # seconds for the whole run, resumed parts too
     epoch_stats = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss sum, correct, images (this epoch)
@@ -374,9 +374,13 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         if state["scaler"]:  # empty: saved by a disabled scaler (a bf16/fp32 run now resumed under fp16)
             scaler.load_state_dict(state["scaler"])
         step, best, elapsed_before = state["step"], state["best_top1"], state["elapsed"]
+        history = list(state.get("resumed", []))  # resumes that changed recipe values: the recipe alone no
+        before = state.get("recipe") or {}  # longer retrains these weights
+        if changes := {f"{sec}.{k}": [before[sec].get(k), v] for sec, keys in r.items() for k, v in keys.items()
+                       if sec in before and before[sec].get(k) != v}:
+            history.append({"step": step, "changed": changes})
         if budget is not None:  # the fitted schedule goes on, unless the budget or the step limit changed
-            before = (state.get("recipe") or {}).get("train", T)
-            changed = any(before.get(k) != T[k] for k in ("time_budget", "epochs", "max_steps"))
+            changed = any(f"train.{k}" in changes for k in ("time_budget", "epochs", "max_steps"))
             # until the first probe refits it: the mean time per step so far, evaluations and saves included
             total = _fit(step, limit, budget - elapsed_before, elapsed_before / max(step, 1), d) if changed \
                 else state["total_steps"]
@@ -469,7 +473,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             export = ema.module if ema is not None else _plain(model, model_sd, sharded)
             extra = {"data": data.split, "train": {"step": step, "epoch": step / steps_per_epoch,
                                                    "val_top1": val.top1 if val else None, "val_tta": T["eval_tta"],
-                                                   "ema": ema is not None},
+                                                   "ema": ema is not None, "resumed": history},
                      "recipe": r}  # the resolved recipe in force: how this checkpoint was made
             from .. import save_model
 
@@ -480,7 +484,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                      "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
                      "rng": rngs, "best_top1": best, "elapsed": clock(), "epoch_stats": stats,
                      "skipped": sorted(everywhere), "class_names": names, "data_sizes": sizes, "world": d.world,
-                     "recipe": r},
+                     "recipe": r, "resumed": history},
                     run_dir / STATE)
         if resume and (run_dir / RECIPE).read_text(errors="replace") != to_yaml(r):  # changed on resuming
             tmp = run_dir / f".{RECIPE}.tmp"
