@@ -533,11 +533,16 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
     last_ckpt, last_plot, steps_here = time.time(), time.time(), 0
     train_s_here = 0.0  # seconds of training steps (no evaluation, no saving) in this process
     eval_times, save_times = [], []  # seconds of each evaluation and each epoch's save in this process
-    eval_guess, probe_t = 0.0, None
+    eval_guess, probe_t, warm_s = 0.0, None, 0.0  # warm_s: training seconds before the probe (compiling, ...)
     exit_code = 0
 
     def typical(times: list, guess: float = 0.0) -> float:  # one stall (a busy disk, a paused process) must
         return statistics.median(times) if times else guess  # not shorten the whole rest of the run
+
+    def mean_step(train_s: float) -> float:
+        """Seconds per step so far, the first (warm-up, compiling) steps left out when there are later ones."""
+        timed = steps_here - 3 if probe_t is not None and steps_here > 3 else 0
+        return (train_s - warm_s) / timed if timed else train_s / max(steps_here, 1)
 
     def refit(per_step: float) -> int:
         """The schedule's end fitted to the time budget: steps of `per_step` seconds, each epoch's evaluation and
@@ -545,6 +550,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         eval_s, save_s = typical(eval_times, eval_guess), typical(save_times)
         per_epoch = eval_s / T["eval_every"] + save_s
         return _fit(step, limit, budget - clock() - eval_s - save_s, per_step + per_epoch / steps_per_epoch, d)
+
     with stop_signals() as caught, attention_kernel(kernel), logging_redirect_tqdm():  # log lines above the bar
         while step < total:
             epoch, position = divmod(step, steps_per_epoch)
@@ -584,10 +590,11 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                 # every PROBE_STEPS steps with the mean step time so far, so that the decay ends with the budget
                 if budget is not None and steps_here == 3:
                     probe_t = time.time()
+                    warm_s = train_s_here + probe_t - epoch_t
                 if budget is not None and steps_here >= 3 + PROBE_STEPS and (steps_here - 3) % PROBE_STEPS == 0:
                     probed = steps_here == 3 + PROBE_STEPS
                     per_step = (time.time() - probe_t) / PROBE_STEPS if probed else \
-                        (train_s_here + time.time() - epoch_t) / steps_here
+                        mean_step(train_s_here + time.time() - epoch_t)
                     if probed and data.val is not None:  # until one is timed: eval ~3x train speed per view
                         eval_guess = len(data.val) * (2 if T["eval_tta"] == "flip" else 1) / (3 * D["batch_size"]
                                                                                               / per_step)
@@ -621,7 +628,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             if budget is not None and not finished:  # re-fit the budget with the real times so far
                 # the mean step time so far, not the last epoch's: one slow epoch on a shared machine should
                 # not shorten the run for good (the count may grow back, up to the recipe's limit)
-                total = refit(train_s_here / max(steps_here, 1))
+                total = refit(mean_step(train_s_here))
                 finished = step >= total  # no time left for another step: this is the last evaluation
             val = None
             if val_loader is not None and ((epoch + 1) % T["eval_every"] == 0 or finished):
