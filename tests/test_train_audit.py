@@ -164,8 +164,9 @@ def test_a_diverged_validation_loss_stops_without_saving(tmp_path, monkeypatch):
         return result
 
     monkeypatch.setattr(trainer, "evaluate", diverged_in_epoch_2)
-    with pytest.raises(TrainingError, match=r"validation loss became non-finite.*\(step 22\)"):
+    with pytest.raises(TrainingError, match=r"validation loss became non-finite.*\(step 22\)") as stopped:
         vitkit.train_model(write_recipe(tmp_path / "r.yaml"), out=tmp_path / "run", epochs=3)
+    assert f"--weights {tmp_path / 'run' / 'best.safetensors'}" in str(stopped.value)  # an earlier epoch's
     assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == STEPS_PER_EPOCH
 
 

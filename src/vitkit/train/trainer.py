@@ -614,8 +614,8 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             if nonfinite:
                 raise TrainingError(
                     f"loss or gradient became non-finite at step {step + 1} (epoch {epoch + 1}, lr {lr:.3g}); "
-                    f"stopped without saving: {_last_good(run_dir)}. Try a lower optim.lr, optim.clip_grad_norm or "
-                    "train.amp=none")
+                    f"stopped without saving: {_last_good(run_dir, diverged=True)}. Try a lower optim.lr, "
+                    "optim.clip_grad_norm or train.amp=none")
             if stop:
                 save(weights=True)
                 exit_code = stopped(caught, step)
@@ -638,8 +638,8 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                 skipped.update(val.skipped)
                 if not math.isfinite(val.loss):  # the weights diverged: keep the last good checkpoint
                     raise TrainingError(f"validation loss became non-finite after step {step} (epoch {epoch + 1}, "
-                                        f"lr {lr:.3g}); stopped without saving: {_last_good(run_dir)}. Try a lower "
-                                        "optim.lr or optim.clip_grad_norm")
+                                        f"lr {lr:.3g}); stopped without saving: {_last_good(run_dir, diverged=True)}. "
+                                        "Try a lower optim.lr or optim.clip_grad_norm")
             epoch_stats_all = d.sum(epoch_stats.clone()).cpu()
             improved = val is not None and val.top1 > best
             if val is not None:
@@ -710,12 +710,15 @@ def _plain(model: ViT, sd: dict, sharded: bool) -> ViT:
     return plain
 
 
-def _last_good(run_dir: Path) -> str:
+def _last_good(run_dir: Path, diverged: bool = False) -> str:
     try:
         step = torch.load(run_dir / STATE, map_location="cpu", weights_only=True)["step"]
     except (OSError, RuntimeError, KeyError):
         return "no checkpoint was written yet"
-    return f"the last good checkpoint is {run_dir / STATE} (step {step})"
+    # a divergence shows one step after the update that caused it: a save in between already holds its weights
+    hint = (f" (if resuming from it diverges at once, its weights were already off: start a new run from an "
+            f"earlier epoch's with --weights {run_dir / BEST})") if diverged and (run_dir / BEST).is_file() else ""
+    return f"the last good checkpoint is {run_dir / STATE} (step {step}){hint}"
 
 
 def _hms(seconds: float) -> str:
