@@ -276,9 +276,9 @@ def test_conv_stem_shows_first_conv(tmp_path):
 
 def test_default_images(monkeypatch):
     paths, source = figure7.default_images()
-    if figure7.SAMPLES.is_dir():
-        assert len(paths) >= 40 and source == str(figure7.SAMPLES)
-    monkeypatch.setattr(figure7, "SAMPLES", figure7.SAMPLES / "nowhere")
+    if figure7.SAMPLES[-1].is_dir():
+        assert len(paths) >= 40 and source in map(str, figure7.SAMPLES)
+    monkeypatch.setattr(figure7, "SAMPLES", [figure7.SAMPLES[-1] / "nowhere"])
     images, source = figure7.default_images()
     assert "generated" in source and len(images) == 16
     arrays = [np.asarray(im) for im in images[:3]]
@@ -575,7 +575,22 @@ def test_default_samples_folder_is_the_checkouts_shared_folder():
     if root is None:
         pytest.skip("vitkit is installed, not run from a source checkout")
     shared = root.parent / "shared" / "data" / "imagenet-samples"
-    assert figure7.SAMPLES == shared
+    assert figure7.SAMPLES[-1] == shared
+
+
+def test_default_samples_folder_is_found_from_where_vitkit_runs(tmp_path, monkeypatch):
+    """../shared/data/imagenet-samples as the README says: from the current folder (an installed vitkit has no
+    checkout beside it)."""
+    from vitkit.inspect import figure7
+
+    samples = tmp_path / "shared" / "data" / "imagenet-samples"
+    samples.mkdir(parents=True)
+    Image.new("RGB", (40, 30), "red").save(samples / "n0_x.JPEG")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setattr(figure7, "SAMPLES", [figure7.SAMPLES[0], tmp_path / "nowhere"])
+    paths, source = figure7.default_images()
+    assert [p.name for p in paths] == ["n0_x.JPEG"] and Path(source).resolve() == samples
 
 
 def _captured_figures(monkeypatch):

@@ -21,7 +21,9 @@ from ..data.images import ImageError, iter_image_paths
 from ..models.resnetv2 import StdConv2d
 from .attention import forward_with_attention, prepare
 
-SAMPLES = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "imagenet-samples"
+# ../shared/data/imagenet-samples from where vitkit runs, else beside the vitkit checkout
+SAMPLES = [Path("..", "shared", "data", "imagenet-samples"),
+           Path(__file__).resolve().parents[3].parent / "shared" / "data" / "imagenet-samples"]
 MAX_MATRIX = 1024  # positions up to which summary.json keeps the full similarity matrix
 
 
@@ -156,8 +158,9 @@ def synthetic_images(n: int = 16, size: int = 224, seed: int = 0) -> list[Image.
 def default_images() -> tuple[list, str]:
     """The bundled ImageNet samples when present (../shared/data), else generated pictures."""
     # an empty samples folder is no error: generated pictures stand in
-    if SAMPLES.is_dir() and (paths := list(iter_image_paths([SAMPLES], on_error=lambda e: None))):
-        return paths, str(SAMPLES)
+    for folder in SAMPLES:
+        if folder.is_dir() and (paths := list(iter_image_paths([folder], on_error=lambda e: None))):
+            return paths, str(folder)
     return synthetic_images(), "16 generated images (blurred colour noise with shapes; no sample photos found)"
 
 
