@@ -174,6 +174,7 @@ def _fsdp_eval(rank: int, port: int, out):
     data = [(torch.zeros(3, 8, 8), 0)] * 3  # rank 0 gets two images, rank 1 one: two batches against one
     r = evaluate(D.wrap(model, d, "fsdp"), eval_loader(data, lambda x: x, 1, 0, rank, 2), ["a", "b"], d.device, dist=d)
     out.put((rank, r.n))
+    dist.barrier()  # leave together: a rank tearing down while the other still works aborted it (as in the trainer)
     dist.destroy_process_group()
 
 

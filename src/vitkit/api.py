@@ -34,12 +34,53 @@ def create_model(name: str, *, weights: str | Path | None = None, num_classes: i
     cfg, preprocess = build_config(name, **{**facts, **overrides}, num_classes=num_classes, img_size=img_size)
     if ckpt is not None and img_size is None and (native := _native_size(ckpt, cfg)) != cfg.img_size:
         cfg, preprocess = build_config(name, **{**facts, **overrides}, num_classes=num_classes, img_size=native)
+    check_memory(cfg)
     with torch.device("meta" if ckpt is not None else "cpu"):  # no random init for weights about to be loaded
         model = ViT(cfg)
     model.preprocess.update(preprocess)
     if ckpt is not None:
         _load(model, ckpt, weights, pos_resample)
     return model.eval()
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process could still get (Linux: MemAvailable, within a cgroup limit); None if unknown."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            found.append(int(limit))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def check_memory(cfg: ViTConfig) -> None:
+    """ValueError, before anything is allocated, for a model whose weights alone cannot fit in this machine's
+    memory (e.g. img_size=100000: position embeddings of 39 million tokens; num_classes=10**11). Linux hands out
+    memory it does not have, and the process is then killed without a word, so this is checked up front."""
+    available = available_memory()
+    if available is None:
+        return
+    tokens = cfg.grid[0] * cfg.grid[1] + 2
+    head = cfg.num_classes * (cfg.representation_size or cfg.width) * (2 if cfg.distilled else 1)
+    blocks = cfg.depth * (4 * cfg.width ** 2 + 2 * cfg.width * cfg.mlp_dim)
+    parts = {"img_size": 2 * tokens * cfg.width, "num_classes": head, "blocks": blocks}  # 2: a resampled copy
+    need = 4 * sum(parts.values())
+    if need <= available:
+        return
+    gib = (f"the model's weights alone would take about {need / 2**30:,.1f} GiB, more than the "
+           f"{available / 2**30:,.1f} GiB available")
+    biggest = max(parts, key=parts.get)
+    if biggest == "img_size":
+        raise ValueError(f"img_size {cfg.img_size[0]}x{cfg.img_size[1]} is too large here: "
+                         f"{cfg.grid[0]}x{cfg.grid[1]} patches; {gib}")
+    if biggest == "num_classes":
+        raise ValueError(f"num_classes {cfg.num_classes:,} is too large here: {gib}")
+    raise ValueError(f"the model ({cfg.depth} blocks of width {cfg.width}) is too large here: {gib}")
 
 
 def _native_size(ckpt, cfg: ViTConfig) -> tuple[int, int]:
@@ -68,8 +109,10 @@ def load_model(path: str | Path, *, pos_resample: str | None = None, **overrides
     if ckpt.format != "vitkit":
         raise CheckpointError(f"{path}: a {ckpt.format} checkpoint, which does not say its architecture; "
                               f"use create_model(NAME, weights=...) or `vitkit convert` it first")
+    cfg = ViTConfig.from_dict({**ckpt.config, **overrides})
+    check_memory(cfg)
     with torch.device("meta"):
-        model = ViT(ViTConfig.from_dict({**ckpt.config, **overrides}))
+        model = ViT(cfg)
     _load(model, ckpt, path, pos_resample)
     return model.eval()
 

@@ -52,9 +52,13 @@ def image_size(text: str) -> int | tuple[int, int]:
     return sides[0] if len(sides) == 1 else tuple(sides)
 
 
-def model_from_args(args: argparse.Namespace, **overrides):
+# a ValueError about one of these config fields is about the flag that set it
+_FIELD_FLAGS = {"img_size": ("--img-size", "img_size"), "num_classes": ("--num-classes", "num_classes")}
+
+
+def model_from_args(args: argparse.Namespace, weights_flag: str = "--weights", **overrides):
     """--model/--weights (and --device, where the command has it) -> an eval-mode model. A vitkit checkpoint
-    needs no --model."""
+    needs no --model. weights_flag: how the command names the checkpoint in messages (convert: SRC)."""
     import torch
 
     from . import create_model, load_model
@@ -65,7 +69,7 @@ def model_from_args(args: argparse.Namespace, **overrides):
         raise UserError("give --weights (a vitkit checkpoint) or --model NAME")
     if not args.model and (str(args.weights).startswith(("hf-hub:", "http://", "https://"))
                            or not is_vitkit_checkpoint(args.weights)):
-        raise UserError(f"--weights {args.weights}: not a vitkit checkpoint, so its architecture is unknown; "
+        raise UserError(f"{weights_flag} {args.weights}: not a vitkit checkpoint, so its architecture is unknown; "
                         f"add --model NAME (see `vitkit models`)")
     if getattr(args, "img_size", None) is not None:
         overrides.setdefault("img_size", args.img_size)
@@ -83,7 +87,17 @@ def model_from_args(args: argparse.Namespace, **overrides):
     except CheckpointError:
         raise
     except ValueError as e:  # a model name or size that cannot be built
-        raise UserError(f"--model {args.model}: {e}" if args.model else f"--weights {args.weights}: {e}") from None
+        for field, (flag, key) in _FIELD_FLAGS.items():
+            if str(e).startswith(field) and overrides.get(key) is not None:
+                value = overrides[key]
+                shown = "x".join(map(str, value)) if isinstance(value, tuple) else value
+                raise UserError(f"{flag} {shown}: {e}") from None
+        raise UserError(f"--model {args.model}: {e}" if args.model else f"{weights_flag} {args.weights}: {e}") from None
+    except (MemoryError, RuntimeError) as e:  # what check_memory could not foresee
+        if not isinstance(e, MemoryError) and "alloc" not in str(e):
+            raise
+        raise UserError(f"the model is too large to build here ({str(e).splitlines()[0][:200]}); check "
+                        f"--img-size and the model's size") from None
     return model.to(device)
 
 
@@ -109,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # a path the system refuses (name too long, no permission, read-only): still one line
+        if e.filename is None and e.errno is not None:
+            raise
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"vitkit {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"vitkit {args.command}: interrupted", file=sys.stderr)
         return 130

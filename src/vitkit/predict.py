@@ -4,15 +4,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import numbers
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
-from .data.images import ImageError, _to_rgb, eval_transform, iter_image_paths, load_image
+from .data.images import ImageError, _to_rgb, check_resized_size, eval_transform, iter_image_paths, load_image
 
 log = logging.getLogger("vitkit")
 
@@ -33,6 +36,7 @@ def imagenet_wnids() -> list[str]:
 
 
 TTA = ("none", "flip")
+MAX_THREADS = 4096  # as the recipe's train.threads
 
 
 def tta_logits(model, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
@@ -61,8 +65,13 @@ def classify(model, images: Iterable[str | Path | Image.Image], top_k: int = 5, 
     pattern matching nothing is passed to on_error(ImageError) and skipped; without on_error it raises.
     tta: see `tta_logits`.
     """
+    if not hasattr(model, "cfg") or not hasattr(model, "preprocess"):
+        raise TypeError(f"{type(model).__name__} is not a vitkit ViT; load it with vitkit.create_model/load_model")
     if not model.cfg.num_classes:
         raise ValueError("the model has no classifier head (num_classes=0): nothing to classify")
+    for arg, value in (("top_k", top_k), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{arg} must be a positive integer, not {value!r}")
     transform = eval_transform(model.preprocess, model.cfg.img_size)
     labels = class_names(model)
     k = min(top_k, len(labels))
@@ -78,17 +87,17 @@ def classify(model, images: Iterable[str | Path | Image.Image], top_k: int = 5, 
 
     batch = []
     for item in _expand(images, on_error):
-        if isinstance(item, Image.Image):
-            (img, note), name = _to_rgb(item), None
-        else:
-            try:
-                img, note = load_image(item)
-            except ImageError as e:
-                if on_error is None:
-                    raise
-                on_error(e)
-                continue
-            name = str(item)
+        try:
+            if isinstance(item, Image.Image):
+                (img, note), name = _pil_to_rgb(item), None
+            else:
+                (img, note), name = load_image(item), str(item)
+            check_resized_size(img, model.preprocess, model.cfg.img_size, name or "PIL image")
+        except ImageError as e:
+            if on_error is None:
+                raise
+            on_error(e)
+            continue
         if note:
             log.info("%s: %s", name or "PIL image", note)
         batch.append((name, transform(img)))
@@ -99,11 +108,37 @@ def classify(model, images: Iterable[str | Path | Image.Image], top_k: int = 5, 
         yield from flush(batch)
 
 
+def _pil_to_rgb(img: Image.Image):
+    """A PIL image given from Python, as `_to_rgb`, its failures as ImageErrors."""
+    if img.width == 0 or img.height == 0:
+        raise ImageError(f"PIL image: empty ({img.width}x{img.height} pixels)")
+    try:
+        return _to_rgb(img)
+    except (OSError, ValueError) as e:  # a mode PIL cannot convert, e.g. "La"
+        raise ImageError(f"PIL image: cannot convert mode {img.mode!r} to RGB ({e})") from None
+
+
 def _expand(images, on_error):
-    if isinstance(images, (str, Path, Image.Image)):
+    if isinstance(images, (str, Path, Image.Image, np.ndarray)):
         images = [images]
+    elif not isinstance(images, Iterable) or isinstance(images, (bytes, bytearray)):
+        raise TypeError(f"images: expected a path, PIL image, HxWx3 uint8 array or a list of them, "
+                        f"not {type(images).__name__}")
     for item in images:
-        yield from ([item] if isinstance(item, Image.Image) else iter_image_paths([item], on_error))
+        if isinstance(item, np.ndarray):  # an HxW / HxWx3 uint8 array, as attention_map takes
+            try:
+                item = Image.fromarray(item)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"images: a {item.shape} {item.dtype} array is not an image (expected HxW or "
+                                f"HxWx3 uint8): {e}") from None
+        if isinstance(item, Image.Image):
+            yield item
+        elif isinstance(item, (str, os.PathLike)):
+            yield from iter_image_paths([item], on_error)
+        else:
+            raise TypeError(f"images: expected paths, PIL images or HxWx3 uint8 arrays, not {type(item).__name__}"
+                            + (" (vitkit.classify prepares images itself; call the model on tensors directly)"
+                               if isinstance(item, torch.Tensor) else ""))
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
@@ -131,6 +166,8 @@ def run_predict(args: argparse.Namespace) -> int:
     for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size), ("--threads", args.threads)):
         if value is not None and value < 1:
             raise UserError(f"{flag} {value}: must be at least 1")
+    if args.threads is not None and args.threads > MAX_THREADS:  # as train.threads: each thread maps its stack
+        raise UserError(f"--threads {args.threads}: must be at most {MAX_THREADS}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = model_from_args(args)

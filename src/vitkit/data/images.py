@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import math
+import os
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -34,12 +35,15 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> tuple[Image.I
     """
     path = Path(path)
     limit = max_pixels or MAX_PIXELS
-    if not path.exists():
-        raise ImageError(f"{path}: no such file")
-    if path.is_dir():
-        raise ImageError(f"{path}: is a directory")
-    if path.stat().st_size == 0:
-        raise ImageError(f"{path}: empty file")
+    try:
+        if not path.exists():
+            raise ImageError(f"{path}: no such file")
+        if path.is_dir():
+            raise ImageError(f"{path}: is a directory")
+        if path.stat().st_size == 0:
+            raise ImageError(f"{path}: empty file")
+    except OSError as e:  # a name too long, a permission denied: the file cannot even be looked at
+        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
     old_limit = Image.MAX_IMAGE_PIXELS
     try:
         Image.MAX_IMAGE_PIXELS = limit
@@ -104,18 +108,54 @@ def iter_image_paths(paths: Iterable[str | Path], on_error=None) -> Iterator[Pat
         on_error(ImageError(message))
 
     for p in map(Path, paths):
-        if p.is_dir():
+        try:
+            is_dir, exists = p.is_dir(), p.exists()
+        except OSError as e:  # a name too long for the file system, a folder without permission
+            fail(f"{p}: cannot read ({e.strerror or e})")
+            continue
+        if is_dir:
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 fail(f"{p}: no images found in this folder")
             yield from found
-        elif not p.exists() and any(c in str(p) for c in "*?["):
-            found = sorted(glob.glob(str(p), recursive=True))
+        elif not exists and any(c in str(p) for c in "*?["):
+            found = _unique_files(glob.glob(str(p), recursive=True))
             if not found:
                 fail(f"{p}: no files match this pattern")
             yield from iter_image_paths(found, on_error)
         else:
             yield p
+
+
+def _unique_files(matches: list[str]) -> list[str]:
+    """Glob matches, sorted, each file once: '**' follows symlinked folders, so a link back to a parent folder
+    would otherwise repeat every image below it once per level (up to the OS's symlink limit)."""
+    seen, out = set(), []
+    for m in sorted(matches):
+        try:
+            key = os.path.realpath(m)
+        except (OSError, ValueError):
+            key = m
+        if key not in seen:
+            seen.add(key)
+            out.append(m)
+    return out
+
+
+def check_resized_size(img: Image.Image, preprocess: dict, img_size: tuple[int, int], name: str) -> None:
+    """Raise ImageError if resizing the short side to the model's input (`eval_transform`) would make an image
+    larger than the decompression-bomb limit: a 400000x1 PNG is a few hundred bytes and under the limit, but
+    resized for a 224 px model it would be 89,600,000x224 pixels (60 GB)."""
+    h, w = img_size
+    crop_pct = preprocess.get("crop_pct", 1.0)
+    if h != w or preprocess.get("crop_mode", "center") == "squash" or min(img.size) == 0:
+        return  # resized straight to a fixed size
+    short = math.floor(h / crop_pct)
+    long = max(img.size) * short / min(img.size)
+    if long * short > MAX_PIXELS:
+        raise ImageError(f"{name}: {img.width}x{img.height} is too elongated: resized for the model (short side "
+                         f"{short} px) it would have {long * short:,.0f} pixels, over the {MAX_PIXELS:,}-pixel "
+                         f"decompression-bomb limit")
 
 
 _INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,

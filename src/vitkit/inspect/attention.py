@@ -32,17 +32,31 @@ def prepare(model, image) -> tuple[torch.Tensor, tuple[int, int]]:
     if isinstance(image, (str, Path)):
         image, _ = load_image(image)
     if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
+            raise ValueError(f"a {image.dtype} array of shape {image.shape} is not an image: give an HxW or "
+                             f"HxWx3 uint8 array (or a PIL image)")
         image = Image.fromarray(image)
     if isinstance(image, Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"the image is empty ({image.width}x{image.height} pixels)")
         size = (image.height, image.width)
         interp = InterpolationMode[model.preprocess.get("interpolation", "bicubic").upper()]
         whole = TF.resize(_to_rgb(image)[0], list(model.cfg.img_size), interpolation=interp, antialias=True)
         x = eval_transform({**model.preprocess, "crop_pct": 1.0}, model.cfg.img_size)(whole)[None]
-    else:
+    elif isinstance(image, torch.Tensor):
         x = image if image.ndim == 4 else image[None]
+        if x.ndim != 4:
+            raise ValueError(f"a tensor of shape {tuple(image.shape)} is not an image: give a preprocessed "
+                             f"(3, H, W) or (1, 3, H, W) tensor")
         if x.shape[0] != 1:
             raise ValueError(f"one image at a time, got a batch of {x.shape[0]}")
+        if x.shape[1] != model.cfg.in_chans:
+            raise ValueError(f"a tensor of shape {tuple(image.shape)} has {x.shape[1]} channels, the model takes "
+                             f"{model.cfg.in_chans}: give a preprocessed (3, H, W) or (1, 3, H, W) tensor")
         size = tuple(x.shape[-2:])
+    else:
+        raise TypeError(f"image: expected a path, PIL image, HxWx3 uint8 array or preprocessed tensor, not "
+                        f"{type(image).__name__}")
     return x.to(model.pos_embed.device, model.pos_embed.dtype), size
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -113,10 +114,11 @@ def _method_label(args, model) -> tuple[str, str]:
 def run_attention(args: argparse.Namespace) -> int:
     if args.method != "head" and (args.layer is not None or args.head is not None):
         raise UserError(f"--layer/--head pick one layer and head: use them with --method head, not {args.method}")
-    out = Path(args.output)
+    out = _output_path(args.output)
     single_file = out.suffix.lower() == ".png"
     if not single_file and out.suffix.lower() in IMAGE_SUFFIXES:  # surely meant as a file, not a folder
         raise UserError(f"-o {out}: maps are written as PNG: give a .png file (one image) or a folder")
+    _check_writable(out, folder=not single_file)
     failed: list = []
     on_error = _report("attention", failed)
     paths = list(iter_image_paths(args.images, on_error))
@@ -135,7 +137,14 @@ def run_attention(args: argparse.Namespace) -> int:
         raise UserError(f"--{e}") from None
     tag, description = _method_label(args, model)
     targets = [out] if single_file else _output_names(paths, out, tag)
+    inputs = {_real(p) for p in paths}
     for path, target in zip(paths, targets):
+        if _real(target) in inputs:  # --force means replacing earlier maps, never an image being read
+            on_error(FileExistsError(f"{target}: is one of the input images; not overwritten (choose another -o)"))
+            continue
+        if target.is_dir():
+            on_error(IsADirectoryError(f"{target}: is a folder, not a .png file"))
+            continue
         if target.exists() and not args.force:
             on_error(FileExistsError(f"{target}: exists (use --force to overwrite)"))
             continue
@@ -158,6 +167,35 @@ def run_attention(args: argparse.Namespace) -> int:
             continue
         print(f"{path} -> {target} ({prediction})", flush=True)
     return _summary("attention", failed, total)
+
+
+def _real(path: Path) -> str:
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        return str(path.absolute())
+
+
+def _output_path(text: str) -> Path:
+    if not text.strip():
+        raise UserError("-o '': give a file or folder name (an empty one would write into the current folder)")
+    return Path(text)
+
+
+def _check_writable(out: Path, folder: bool) -> None:
+    """One line, before the model is loaded, for an -o that cannot be written: a file where a folder is needed
+    (the folder itself or one above it), a read-only place, a name too long."""
+    try:
+        if folder and out.exists() and not out.is_dir():
+            raise UserError(f"-o {out}: exists and is not a folder")
+        above = next((a for a in out.parents if a.exists()), None)
+        if above is not None and not above.is_dir():
+            raise UserError(f"-o {out}: cannot write there: {above} is a file, not a folder")
+        writable_at = out if folder and out.is_dir() else above
+        if writable_at is not None and not os.access(writable_at, os.W_OK):
+            raise UserError(f"-o {out}: cannot write there: {writable_at} is not writable")
+    except OSError as e:
+        raise UserError(f"-o {out}: cannot write ({e.strerror or e})") from None
 
 
 def _output_names(paths: list[Path], folder: Path, tag: str) -> list[Path]:
@@ -184,9 +222,8 @@ def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """Every input is checked, and the images read, before anything is written (the -o folder included)."""
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"-o {out}: exists and is not a folder")
+    out = _output_path(args.output)
+    _check_writable(out, folder=True)
     existing = [out / f for f in FIGURES if (out / f).exists()]
     if existing and not args.force:
         raise UserError(f"-o {out}: {', '.join(p.name for p in existing)} already there (use --force to overwrite)")

@@ -2,6 +2,8 @@
 torchvision's ("vit_b_16") all decode to one ViTConfig plus the preprocessing its weights expect."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
 
 from .vit import WIDTHS, ViTConfig
@@ -63,6 +65,8 @@ def list_models() -> list[str]:
 
 def resolve(name: str) -> tuple[dict, dict]:
     """A model name (any of the spellings, case-insensitive; paper names take '@384') -> (config, preprocess)."""
+    if not isinstance(name, str):
+        raise TypeError(f"a model name is a str such as 'ViT-B/16', not {type(name).__name__} {name!r}")
     key = {k.lower(): k for k in MODELS}.get(name.lower().replace(" ", ""))
     if key:
         cfg, pre = MODELS[key]
@@ -72,11 +76,20 @@ def resolve(name: str) -> tuple[dict, dict]:
         v = {"ti": "Ti"}.get(m[1], m[1].upper())
         size = int(m[3] or 224)
         return dict(decode_variant(v, int(m[2])), img_size=size), {**GOOGLE, "crop_pct": 0.9 if size == 224 else 1.0}
-    raise ValueError(f"unknown model {name!r}; `vitkit models` lists the names (e.g. ViT-B/16, "
+    close = difflib.get_close_matches(name.lower(), {k.lower(): k for k in MODELS}, n=3, cutoff=0.75)
+    lower = {k.lower(): k for k in MODELS}
+    hint = f"did you mean {' or '.join(lower[c] for c in close)}? " if close else ""
+    raise ValueError(f"unknown model {name!r}; {hint}`vitkit models` lists the names (e.g. ViT-B/16, "
                      f"vit_base_patch16_224, vit_b_16)")
 
 
 def build_config(name: str, **overrides) -> tuple[ViTConfig, dict]:
     cfg, pre = resolve(name)
+    known = {f.name for f in dataclasses.fields(ViTConfig)}
+    if unknown := sorted(set(overrides) - known):
+        hints = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
+        said = ", ".join(f"{u!r}" + (f" (did you mean {hints[u][0]!r}?)" if hints[u] else "") for u in unknown)
+        raise TypeError(f"unknown model option {said}; the options are the fields of vitkit.ViTConfig: "
+                        f"{', '.join(sorted(known))}")
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return ViTConfig(**cfg), pre

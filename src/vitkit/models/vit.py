@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -53,9 +55,21 @@ class ViTConfig:
     zero_head: bool = False  # zero-initialise the classifier (fine-tuning, paper Appendix B.1.1)
 
     def __post_init__(self):
-        if isinstance(self.img_size, int):
+        def whole(v) -> bool:
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        if whole(self.img_size):
             self.img_size = (self.img_size, self.img_size)
-        self.img_size = tuple(int(s) for s in self.img_size)
+        if isinstance(self.img_size, (str, bytes)) or not isinstance(self.img_size, Iterable) \
+                or len(sizes := tuple(self.img_size)) != 2 or not all(whole(v) for v in sizes):
+            raise ValueError(f"img_size must be an int or a (height, width) pair of ints, not {self.img_size!r}")
+        self.img_size = tuple(int(v) for v in sizes)
+        ints = ("patch_size", "width", "depth", "num_heads", "mlp_dim", "num_classes", "in_chans", "hybrid_width")
+        if bad := [k for k in ints if not whole(getattr(self, k))] + \
+                  (["representation_size"] if self.representation_size is not None
+                   and not whole(self.representation_size) else []):
+            raise ValueError(f"{bad[0]} must be an int, not {type(getattr(self, bad[0])).__name__} "
+                             f"{getattr(self, bad[0])!r}")
         if self.hybrid_layers is not None:
             self.hybrid_layers = tuple(self.hybrid_layers)
         if self.conv_stem is not None:

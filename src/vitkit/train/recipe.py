@@ -319,15 +319,18 @@ def validate(r: dict, resuming: bool = False) -> None:
             from ..models.registry import build_config
             from ..weights import CheckpointError
             from ..weights.vitkit_format import is_vitkit_checkpoint, read_metadata
+            fields = model_fields(m)
+            if fields.get("representation_size") == "width":  # as wide as the model: known once it is built
+                fields["representation_size"] = 1
             try:
                 own = m["weights"] and is_vitkit_checkpoint(m["weights"])  # brings its architecture
                 if m["name"] and not own:
-                    build_config(m["name"], **model_fields(m), num_classes=2)
+                    build_config(m["name"], **fields, num_classes=2)
                 elif m["weights"] and not own:
                     problems.append(f"model.weights {m['weights']}: not a vitkit checkpoint, so set model.name too")
                 else:
                     base = read_metadata(Path(m["weights"]))["config"] if own else {}
-                    ViTConfig.from_dict({**base, **model_fields(m), "num_classes": 2})
+                    ViTConfig.from_dict({**base, **fields, "num_classes": 2})
             except CheckpointError as e:
                 problems.append(f"model.weights {e}")
             except (ValueError, TypeError) as e:

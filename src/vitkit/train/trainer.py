@@ -319,6 +319,10 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         M = {**M, "weights": str(run_dir / LAST), "name": None, "zero_head": None}  # start file is not needed
     try:
         model = build_model(M, names).to(d.device)
+    except ValueError as e:  # vitkit.api.check_memory: refused before allocating (Linux would kill the process)
+        if "too large here" not in str(e):
+            raise
+        raise RecipeError(f"model: {e}; check model.img_size (--img-size) and the model's size") from None
     except (MemoryError, RuntimeError) as e:  # img_size 100000: position embeddings beyond any memory
         if not isinstance(e, MemoryError) and "alloc" not in str(e):
             raise

@@ -82,11 +82,16 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if isinstance(path, str) and hub.is_remote(path):
         path = hub.fetch(path)
     path = Path(path)
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+        empty = exists and not is_dir and path.stat().st_size == 0
+    except OSError as e:  # a name too long, a permission denied
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not exists:
         raise CheckpointError(f"{path}: no such file or directory")
-    if path.is_dir():
+    if is_dir:
         return transformers.read_dir(path)
-    if path.stat().st_size == 0:
+    if empty:
         raise CheckpointError(f"{path}: empty file")
     if npz.is_npz(path):
         return npz.read(path)
@@ -219,6 +224,11 @@ def load_into(model, ckpt: Checkpoint, source: str = "checkpoint", pos_resample:
                 parts.append(f"{label}: {'; '.join(items[:6])}{more}")
         raise CheckpointError(f"{source} does not fit {model.cfg.width}-wide, {len(model.blocks)}-block model: "
                               + " | ".join(parts))
+    nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if nonfinite:  # a damaged or diverged checkpoint: every prediction would be NaN, printed as if it were one
+        more = f" (+{len(nonfinite) - 6} more)" if len(nonfinite) > 6 else ""
+        raise CheckpointError(f"{source}: holds NaN or infinite values in {', '.join(nonfinite[:6])}{more}; the "
+                              f"file is damaged or its training diverged")
     heads = ckpt.config.get("num_heads")  # invisible in the shapes: a mismatch would silently mis-split q/k/v
     if heads and heads != model.cfg.num_heads:
         raise CheckpointError(f"{source} has {heads} attention heads, the model {model.cfg.num_heads}: choose a "

@@ -19,7 +19,10 @@ def save(model, path: str | Path, extra: dict | None = None) -> Path:
     if path.suffix != ".safetensors" or path.is_dir():
         raise ValueError(f"{path}: a vitkit checkpoint is a .safetensors file" +
                          (", and this is a directory" if path.is_dir() else ""))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, a read-only file system, a name too long
+        raise OSError(f"{path}: cannot write ({_reason(e)})") from None
     meta = {"arch": "vit", "config": model.cfg.to_dict(), "preprocess": dict(model.preprocess),
             "class_names": model.class_names, **(extra or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -32,10 +35,24 @@ def save(model, path: str | Path, extra: dict | None = None) -> Path:
         with open(tmp, "rb+") as f:  # on disk before it replaces the previous file
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:  # safetensors' own error type for I/O too: one OSError naming the file, whatever wrote it
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+            raise OSError(f"{path}: cannot write ({_reason(e)})") from None
+        raise
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        try:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        except OSError:
+            pass
     return path
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e)
+    return text.split("I/O error: ", 1)[-1].split(" at path ")[0] if "I/O error: " in text else text
 
 
 def read_metadata(path: Path) -> dict | None:
@@ -57,11 +74,15 @@ def read_metadata(path: Path) -> dict | None:
 
 def is_vitkit_checkpoint(path: str | Path) -> bool:
     path = Path(path)
-    if (path / "best.safetensors").is_file():  # a `vitkit train` run directory
+    try:
+        run_dir, exists, is_file = (path / "best.safetensors").is_file(), path.exists(), path.is_file()
+    except OSError as e:  # a name too long, a permission denied
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if run_dir:  # a `vitkit train` run directory
         raise CheckpointError(f"{path}: a run directory; give its {path / 'best.safetensors'} (or last.safetensors)")
-    if not path.exists():
+    if not exists:
         raise CheckpointError(f"{path}: no such file")
-    return path.suffix == ".safetensors" and path.is_file() and read_metadata(path) is not None
+    return path.suffix == ".safetensors" and is_file and read_metadata(path) is not None
 
 
 def read(path: Path) -> Checkpoint | None:
