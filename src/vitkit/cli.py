@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -22,6 +23,23 @@ COMMANDS = {
 
 class UserError(Exception):
     """Bad input from the user: reported as one line, exit code 2."""
+
+
+def check_writable(path: Path, label: str, folder: bool = False) -> None:
+    """UserError, before any work, for an output `path` (a folder if `folder`) that cannot be written: a file
+    in the way (the path itself or a folder above it), a read-only place, a name too long. `label`: how
+    messages name it ("-o out/", "DST.safetensors")."""
+    try:
+        if folder and path.exists() and not path.is_dir():
+            raise UserError(f"{label}: exists and is not a folder")
+        above = next((a for a in path.parents if a.exists()), None)
+        if above is not None and not above.is_dir():
+            raise UserError(f"{label}: cannot write there: {above} is a file, not a folder")
+        writable_at = path if folder and path.is_dir() else above
+        if writable_at is not None and not os.access(writable_at, os.W_OK):
+            raise UserError(f"{label}: cannot write there: {writable_at} is not writable")
+    except OSError as e:
+        raise UserError(f"{label}: cannot write ({e.strerror or e})") from None
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -4,14 +4,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..cli import UserError, add_model_arguments, model_from_args, user_errors
+from ..cli import UserError, add_model_arguments, check_writable, model_from_args, user_errors
 from ..data.images import IMAGE_SUFFIXES, ImageError, iter_image_paths, load_image
 from ..predict import class_names
 from .attention import METHODS, check_index, prepare, row_description, to_image_size, token_map
@@ -118,7 +117,7 @@ def run_attention(args: argparse.Namespace) -> int:
     single_file = out.suffix.lower() == ".png"
     if not single_file and out.suffix.lower() in IMAGE_SUFFIXES:  # surely meant as a file, not a folder
         raise UserError(f"-o {out}: maps are written as PNG: give a .png file (one image) or a folder")
-    _check_writable(out, folder=not single_file)
+    check_writable(out, f"-o {out}", folder=not single_file)
     failed: list = []
     on_error = _report("attention", failed)
     paths = list(iter_image_paths(args.images, on_error))
@@ -182,22 +181,6 @@ def _output_path(text: str) -> Path:
     return Path(text)
 
 
-def _check_writable(out: Path, folder: bool) -> None:
-    """One line, before the model is loaded, for an -o that cannot be written: a file where a folder is needed
-    (the folder itself or one above it), a read-only place, a name too long."""
-    try:
-        if folder and out.exists() and not out.is_dir():
-            raise UserError(f"-o {out}: exists and is not a folder")
-        above = next((a for a in out.parents if a.exists()), None)
-        if above is not None and not above.is_dir():
-            raise UserError(f"-o {out}: cannot write there: {above} is a file, not a folder")
-        writable_at = out if folder and out.is_dir() else above
-        if writable_at is not None and not os.access(writable_at, os.W_OK):
-            raise UserError(f"-o {out}: cannot write there: {writable_at} is not writable")
-    except OSError as e:
-        raise UserError(f"-o {out}: cannot write ({e.strerror or e})") from None
-
-
 def _output_names(paths: list[Path], folder: Path, tag: str) -> list[Path]:
     """folder/NAME_TAG.png per image; a repeated name gets -2, -3, ..."""
     seen: dict[str, int] = {}
@@ -223,7 +206,7 @@ def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     """Every input is checked, and the images read, before anything is written (the -o folder included)."""
     out = _output_path(args.output)
-    _check_writable(out, folder=True)
+    check_writable(out, f"-o {out}", folder=True)
     existing = [out / f for f in FIGURES if (out / f).exists()]
     if existing and not args.force:
         raise UserError(f"-o {out}: {', '.join(p.name for p in existing)} already there (use --force to overwrite)")

@@ -18,11 +18,10 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
     from ..api import save_model
-    from ..cli import UserError, model_from_args
+    from ..cli import UserError, check_writable, model_from_args
 
     dst = Path(args.dst)
     try:  # every check on DST and --class-names before the checkpoint is read (large ones take a while)
@@ -31,13 +30,9 @@ def run_convert(args: argparse.Namespace) -> int:
                             + (", not a directory" if dst.is_dir() else ""))
         if dst.exists() and not args.force and dst.resolve() != Path(args.src).resolve():
             raise UserError(f"{dst} already exists (use --force to overwrite)")
-        blocking = next((a for a in dst.parents if a.exists()), None)
-        if blocking is not None and not blocking.is_dir():
-            raise UserError(f"{dst}: cannot write there: {blocking} is a file, not a folder")
-        if blocking is not None and not os.access(blocking, os.W_OK):
-            raise UserError(f"{dst}: cannot write there: {blocking} is not writable")
     except OSError as e:  # a name too long
         raise UserError(f"{dst}: cannot write ({e.strerror or e})") from None
+    check_writable(dst, str(dst))
     names = None
     if args.class_names:
         try:
