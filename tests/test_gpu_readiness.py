@@ -174,8 +174,11 @@ def _fsdp_eval(rank: int, port: int, out):
     data = [(torch.zeros(3, 8, 8), 0)] * 3  # rank 0 gets two images, rank 1 one: two batches against one
     r = evaluate(D.wrap(model, d, "fsdp"), eval_loader(data, lambda x: x, 1, 0, rank, 2), ["a", "b"], d.device, dist=d)
     out.put((rank, r.n))
-    dist.barrier()  # leave together: a rank tearing down while the other still works aborted it (as in the trainer)
+    out.close()
+    out.join_thread()
+    dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)  # as `vitkit train` under torchrun: gloo's threads can abort the interpreter's teardown
 
 
 def test_fsdp_validation_with_uneven_shares_of_the_data():

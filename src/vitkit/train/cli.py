@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -143,7 +144,7 @@ def run_train(args: argparse.Namespace) -> int:
         if args.print_recipe:
             print(R.to_yaml(recipe), end="")
             return 0
-        return _train(recipe, run, state)
+        code = _train(recipe, run, state)
     except (R.RecipeError, DataError) as e:
         if int(os.environ.get("RANK", 0)):  # under torchrun every rank finds it: rank 0 says it
             return 2
@@ -152,6 +153,13 @@ def run_train(args: argparse.Namespace) -> int:
         if not int(os.environ.get("RANK", 0)):  # every rank stops on it (they agree on it): rank 0 says it
             logging.getLogger("vitkit").error("vitkit train: %s", e)
         return 1
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: the run is over, written and closed. Leave now:
+        # gloo's threads can abort the interpreter's own teardown (SIGABRT after both ranks had destroyed their
+        # process group: 1 in 35 two-process FSDP runs), and torchrun would report the finished run as failed
+        logging.shutdown()
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def train_model(recipe: str | Path | None = None, *, out: str | Path | None = None,
