@@ -265,3 +265,10 @@ def test_create_model_option_errors_say_what_is_wrong():
 def test_attention_map_says_what_input_it_takes(ckpt, image, expected):
     with pytest.raises((TypeError, ValueError), match=expected):
         attention_map(vitkit.load_model(ckpt), image)
+
+
+def test_classify_takes_an_array_of_paths_as_a_list(ckpt, photo):
+    """A column of file names (pandas' .values) is many paths, not one image."""
+    model = vitkit.load_model(ckpt)
+    results = list(vitkit.classify(model, np.array([str(photo), str(photo)])))
+    assert [r["path"] for r in results] == [str(photo)] * 2

@@ -193,3 +193,47 @@ def test_fsdp_validation_with_uneven_shares_of_the_data():
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0]
     assert sorted(out.get(timeout=5) for _ in procs) == [(0, 3), (1, 3)]
+
+
+def _build_fails_on_rank_1(rank: int, port: int, folder: str, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from pathlib import Path
+
+    from vitkit.train import recipe as R
+
+    build = TR.build_model
+
+    def short_of_memory(*args, **kwargs):
+        if rank == 1:  # this rank's machine (or GPU) has less memory
+            raise ValueError("img_size 8x8 is too large here: about 9 GiB, more than the 1 GiB available")
+        return build(*args, **kwargs)
+
+    TR.build_model = short_of_memory
+    from train_utils import write_recipe
+
+    recipe = R.load(write_recipe(Path(folder) / "r.yaml"), {"train.device": "cpu"})
+    try:
+        TR.train(recipe, Path(folder) / "run")
+        out.put((rank, "trained"))
+    except RecipeError as e:
+        out.put((rank, str(e)))
+    out.close()
+    out.join_thread()
+    os._exit(0)
+
+
+def test_a_problem_of_one_rank_is_said_by_every_rank(tmp_path):
+    """A model too large for one rank's memory: that rank used to return quietly (only rank 0 speaks) while rank
+    0 waited in a collective; every rank now stops with the same line, naming the rank."""
+    ctx, port = mp.get_context("spawn"), _free_port()
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_build_fails_on_rank_1, args=(r, port, str(tmp_path), out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    said = dict(out.get(timeout=5) for _ in procs)
+    assert said[0] == said[1] and said[0].startswith("model: img_size 8x8 is too large here") and "(rank 1)" in said[0]
+    assert not (tmp_path / "run").exists()  # no run directory made

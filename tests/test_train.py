@@ -245,7 +245,7 @@ def test_budget_fit_adds_no_step_when_no_time_is_left():
 
     assert _fit(100, 1000, 0.0, 0.1, Dist()) == 100  # the run ends here, its schedule not lengthened
     assert _fit(100, 1000, -5.0, 0.1, Dist()) == 100  # past the budget (the final evaluation's time taken off)
-    assert _fit(100, 1000, 10.0, 0.1, Dist()) == 100 + 98  # 98% of the time left, in steps
+    assert _fit(100, 1000, 10.0, 0.1, Dist()) == 100 + 100  # the time left, in steps (the caller keeps a reserve)
     assert _fit(100, 150, 10.0, 0.1, Dist()) == 150  # never beyond the recipe's epochs
 
 

@@ -189,3 +189,13 @@ def test_a_checkpoint_says_when_its_recipe_alone_does_not_retrain_it(tmp_path, c
     assert resumed == [{"step": STEPS_PER_EPOCH, "changed": {"train.epochs": [1, 2]}}]
     assert R.load(run / "last.safetensors")["train"]["epochs"] == 2
     assert f"resumed at step {STEPS_PER_EPOCH} with train.epochs 1 -> 2" in caplog.text
+
+
+def test_a_failed_run_still_says_why_when_its_curves_cannot_be_drawn(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer, "plot_curves", full_disk)
+    with pytest.raises(TrainingError, match="non-finite"):  # was: the OSError of the plot, a traceback
+        vitkit.train_model(write_recipe(tmp_path / "r.yaml"), out=tmp_path / "run", epochs=1,
+                           values={"optim.lr": 1e6, "schedule.name": "constant"})

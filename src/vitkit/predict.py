@@ -118,14 +118,19 @@ def _pil_to_rgb(img: Image.Image):
         raise ImageError(f"PIL image: cannot convert mode {img.mode!r} to RGB ({e})") from None
 
 
+def _pixels(a) -> bool:
+    """An array that is one image (HxW or HxWxC numbers), not an array of paths."""
+    return isinstance(a, np.ndarray) and a.dtype.kind in "uifb" and a.ndim in (2, 3)
+
+
 def _expand(images, on_error):
-    if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+    if isinstance(images, (str, Path, Image.Image)) or _pixels(images):
         images = [images]
     elif not isinstance(images, Iterable) or isinstance(images, (bytes, bytearray)):
         raise TypeError(f"images: expected a path, PIL image, HxWx3 uint8 array or a list of them, "
                         f"not {type(images).__name__}")
     for item in images:
-        if isinstance(item, np.ndarray):  # an HxW / HxWx3 uint8 array, as attention_map takes
+        if _pixels(item):  # an HxW / HxWx3 uint8 array, as attention_map takes
             try:
                 item = Image.fromarray(item)
             except (TypeError, ValueError) as e:

@@ -429,6 +429,7 @@ def _preload(files: FileImages, root: Path, where: str, cache_dir: str | None) -
     """Decode every image once into a uint8 tensor (cached on disk, keyed by the folder and the files' names,
     sizes and times). None when the images are not all of one size: one tensor would squash them."""
     h = hashlib.blake2b(digest_size=12)
+    h.update(b"preload 2: one size only\n")  # caches of version 1 squashed images of several sizes into one
     h.update(f"{root.resolve()}\n".encode())
     for p, label in zip(files.paths, files.labels.tolist()):
         st = p.stat()

@@ -78,7 +78,8 @@ def _resolve(args: argparse.Namespace, overrides: dict) -> tuple[dict, Path, dic
         if not (run / "state.pt").is_file():
             if (run / "recipe.yaml").is_file():
                 raise R.RecipeError(f"--resume {run}: the run stopped before its first checkpoint (no state.pt); "
-                                    f"start it again with --out {run} (its files are replaced)")
+                                    f"start it again with --recipe {run / 'recipe.yaml'} --out {run} (its files are "
+                                    "replaced)")
             raise R.RecipeError(f"--resume {run}: not a run directory (no state.pt in it)")
         state = read_state(run)  # read once: the trainer continues from it
         saved = R.load(None, base=_run_recipe(run, state), resuming=True)

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import statistics
 import sys
@@ -269,7 +270,10 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
         return _train(r, run_dir, state, held)
     except TrainingError:  # the curves up to the last epoch, as a run that ends otherwise leaves them
         if held.get("metrics") is not None and held["metrics"].enabled:
-            plot_curves(held["metrics"].csv_path, run_dir / "curves.png")
+            try:
+                plot_curves(held["metrics"].csv_path, run_dir / "curves.png")
+            except Exception as e:  # a full disk, say: the TrainingError is the message that matters
+                log.warning("curves.png not drawn (%s)", e)
         raise
     finally:
         if held.get("metrics") is not None:
@@ -317,27 +321,29 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
     torch.manual_seed(T["seed"])  # the same initial weights on every rank
     if resume and _readable(run_dir / LAST):  # the run's own model (the state's weights go in below): the
         M = {**M, "weights": str(run_dir / LAST), "name": None, "zero_head": None}  # start file is not needed
+    model, problem = None, None  # a problem of one rank (its memory, its GPU) is said by all, below
     try:
         model = build_model(M, names).to(d.device)
     except ValueError as e:  # vitkit.api.check_memory: refused before allocating (Linux would kill the process)
         if "too large here" not in str(e):
             raise
-        raise RecipeError(f"model: {e}; check model.img_size (--img-size) and the model's size") from None
+        problem = f"model: {e}; check model.img_size (--img-size) and the model's size"
     except (MemoryError, RuntimeError) as e:  # img_size 100000: position embeddings beyond any memory
         if not isinstance(e, MemoryError) and "alloc" not in str(e):
             raise
-        raise RecipeError(f"model: too large to build here ({str(e).splitlines()[0][:200]}); check model.img_size "
-                          "(--img-size) and the model's size") from None
-    img_size = model.cfg.img_size
-    amp = training_precision(d.device, T["amp"])
-    tokens = model.num_prefix_tokens + math.prod(model.cfg.grid)
-    kernel = pick_attention(T["attention"], d.device, amp, tokens)  # a RecipeError before any work
-    if T["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    # the run directory, locked by rank 0 once everything else checked out; every rank learns whether it could
-    # be before the first collective (wrapping the model)
-    lock, problem = None, None
-    if d.main:
+        problem = (f"model: too large to build here ({str(e).splitlines()[0][:200]}); check model.img_size "
+                   "(--img-size) and the model's size")
+    if model is not None:
+        img_size = model.cfg.img_size
+        amp = training_precision(d.device, T["amp"])
+        tokens = model.num_prefix_tokens + math.prod(model.cfg.grid)
+        kernel = pick_attention(T["attention"], d.device, amp, tokens)  # a RecipeError before any work
+        if T["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
+    # the run directory, locked by rank 0 once everything else checked out; every rank learns whether any rank
+    # has a problem before the first collective (wrapping the model)
+    lock, made = None, not run_dir.exists()
+    if d.main and problem is None:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             lock = held["lock"] = lock_run_dir(run_dir)
@@ -346,10 +352,14 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         except OSError as e:  # read-only, no permission, a file in the way
             problem = f"cannot write the run directory {run_dir} ({e.strerror or e})"
     if d.world > 1:
-        box = [problem]
-        torch.distributed.broadcast_object_list(box, 0)
-        problem = box[0]
+        problems = [None] * d.world
+        torch.distributed.all_gather_object(problems, problem)
+        problem = next((f"{p} (rank {r})" if r else p for r, p in enumerate(problems) if p), None)
     if problem:
+        if lock is not None:  # another rank's problem: nothing of this run is left behind
+            held.pop("lock").close()
+            if made:
+                shutil.rmtree(run_dir, ignore_errors=True)
         d.close()
         raise RecipeError(problem)
     ema = ema_model(model, T["ema_decay"]) if T["ema_decay"] else None
@@ -553,7 +563,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         save, and the final ones."""
         eval_s, save_s = typical(eval_times, eval_guess), typical(save_times)
         per_epoch = eval_s / T["eval_every"] + save_s
-        return _fit(step, limit, budget - clock() - eval_s - save_s, per_step + per_epoch / steps_per_epoch, d)
+        # the time kept for the end as `time_up` keeps it: the final evaluation and save, and 1% of the budget
+        left = budget - clock() - eval_s - save_s - 0.01 * budget
+        return _fit(step, limit, left, per_step + per_epoch / steps_per_epoch, d)
 
     with stop_signals() as caught, attention_kernel(kernel), logging_redirect_tqdm():  # log lines above the bar
         while step < total:
@@ -699,8 +711,8 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
 
 
 def _fit(step: int, cap: int, seconds_left: float, per_step: float, d: Dist) -> int:
-    """Steps of `per_step` seconds that fit in the time left (2% kept in hand), at most `cap`; rank 0's count."""
-    fit = step + int(0.98 * max(seconds_left, 0) / per_step)
+    """Steps of `per_step` seconds that fit in the time left, at most `cap`; rank 0's count."""
+    fit = step + int(max(seconds_left, 0) / per_step)
     return int(d.broadcast(max(step, min(cap, fit))))
 
 
