@@ -170,7 +170,8 @@ def test_resume_refuses_what_it_would_ignore_or_misread(tmp_path, capsys):
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "recipe.yaml").write_text("{}")
     assert main(["train", "--resume", str(tmp_path / "half")]) == 2
-    assert f"start it again with --out {tmp_path / 'half'}" in one_line_error(capsys, "train")
+    hint = f"start it again with --recipe {tmp_path / 'half' / 'recipe.yaml'} --out {tmp_path / 'half'}"
+    assert hint in one_line_error(capsys, "train")
 
 
 def test_python_values_are_dotted_keys(tmp_path):

@@ -303,7 +303,8 @@ def _layout(folder: Path, shown_as=None) -> tuple[Path, Path | None, Path | None
             val = next((dirs[n] for n in ("val", "validation", "valid") if n in dirs), None)
             test = dirs.get("test")
             if other := sorted(e.name for n, e in dirs.items() if e not in (dirs["train"], val, test)):
-                log.warning("%s: beside train/, %s ignored", _shown(folder, shown_as), ", ".join(f"{o}/" for o in other))
+                log.warning("%s: beside train/, %s ignored", _shown(folder, shown_as),
+                            ", ".join(f"{o}/" for o in other))
             return dirs["train"], val, test
         if len(dirs) == 1 and _subdirs(only := next(iter(dirs.values()))):
             folder = only

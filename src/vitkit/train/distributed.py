@@ -120,8 +120,8 @@ def _refuse_shared_gpu(rank: int, world: int, gpu: str) -> dist.Store:
     store.set(key + str(rank), gpu)
     sharing = [r for r in range(world) if store.get(key + str(r)).decode() == gpu]
     if len(sharing) > 1:
-        raise RecipeError(f"torchrun: ranks {', '.join(map(str, sharing))} would share GPU {gpu}: start at most as many "
-                         "processes per machine as it has GPUs (torchrun --nproc_per_node)")
+        raise RecipeError(f"torchrun: ranks {', '.join(map(str, sharing))} would share GPU {gpu}: start at most as "
+                          "many processes per machine as it has GPUs (torchrun --nproc_per_node)")
     return dist.PrefixStore("default_pg", store)
 
 

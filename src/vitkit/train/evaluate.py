@@ -279,8 +279,8 @@ def run_eval(args: argparse.Namespace) -> int:
     present = sorted({i for i, c in enumerate(result.confusion.sum(1).tolist()) if c} |
                      {i for i, c in enumerate(result.confusion.sum(0).tolist()) if c})
     try:
-        png = plot_confusion(result.confusion[present][:, present], [names[i] for i in present],
-                             out / "confusion.png", f"{Path(args.weights).name} on {result.data}: top-1 {result.top1:.2%}")
+        png = plot_confusion(result.confusion[present][:, present], [names[i] for i in present], out / "confusion.png",
+                             f"{Path(args.weights).name} on {result.data}: top-1 {result.top1:.2%}")
         table = write_confusion(result.confusion, list(names), out / "confusion.csv")
     except OSError as e:  # the numbers are printed all the same
         log.warning("--out %s: confusion matrix not written (%s)", out, e.strerror or e)

@@ -38,7 +38,8 @@ def run_convert(args: argparse.Namespace) -> int:
         try:
             names = [n.strip() for n in Path(args.class_names).read_text(encoding="utf-8").splitlines() if n.strip()]
         except UnicodeDecodeError as e:
-            raise UserError(f"--class-names {args.class_names}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise UserError(f"--class-names {args.class_names}: not UTF-8 text ({e.reason} at byte {e.start})") \
+                from None
         except OSError as e:  # missing, a directory, a name too long
             raise UserError(f"--class-names {args.class_names}: cannot read ({e.strerror or e})") from None
     if args.num_classes is not None and args.num_classes < 0:
