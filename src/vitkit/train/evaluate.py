@@ -258,16 +258,11 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..cli import UserError, model_from_args
+    from ..cli import UserError, check_writable, model_from_args
     from .report import plot_confusion, write_confusion
 
-    out = Path(args.out)
-    try:  # before any work: an evaluation whose results cannot be written is lost time
-        out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK):
-            raise PermissionError(13, "not writable")
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write confusion.png there ({e.strerror or e})") from None
+    out = Path(args.out)  # checked before any work: an evaluation whose results cannot be written is lost time
+    check_writable(out, f"--out {out}: cannot write confusion.png there", folder=True)
     model = model_from_args(args)
     try:
         result = evaluate_model(model, args.data, weights=args.weights, val_split=args.val_split,
@@ -279,6 +274,7 @@ def run_eval(args: argparse.Namespace) -> int:
     present = sorted({i for i, c in enumerate(result.confusion.sum(1).tolist()) if c} |
                      {i for i, c in enumerate(result.confusion.sum(0).tolist()) if c})
     try:
+        out.mkdir(parents=True, exist_ok=True)
         png = plot_confusion(result.confusion[present][:, present], [names[i] for i in present], out / "confusion.png",
                              f"{Path(args.weights).name} on {result.data}: top-1 {result.top1:.2%}")
         table = write_confusion(result.confusion, list(names), out / "confusion.csv")

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -466,7 +465,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         if d.main:
             try:
                 _write(weights, val, improved, model_sd, optim_sd, rngs, everywhere, stats)
-            except (OSError, SafetensorError) as e:  # a full disk, say: what was written before stays whole
+            except OSError as e:  # a full disk, say (save_model says safetensors' errors as OSError too)
                 raise TrainingError(f"cannot write the checkpoint in {run_dir} ({getattr(e, 'strerror', '') or e}); "
                                     f"{_last_good(run_dir)}") from None
         d.barrier()
