@@ -4,7 +4,10 @@ that should not be."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -272,3 +275,74 @@ def test_classify_takes_an_array_of_paths_as_a_list(ckpt, photo):
     model = vitkit.load_model(ckpt)
     results = list(vitkit.classify(model, np.array([str(photo), str(photo)])))
     assert [r["path"] for r in results] == [str(photo)] * 2
+
+
+def test_the_failure_count_tells_empty_inputs_from_failed_images(ckpt, photo, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    args = ["--weights", str(ckpt), "--top-k", "1"]
+    assert main(["predict", str(photo), str(tmp_path / "empty"), *args]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "vitkit predict: 1 input named no images"
+    assert main(["predict", str(photo), str(bad), str(tmp_path / "empty"), str(tmp_path / "*.gif"), *args]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "vitkit predict: 1 of 2 images failed; 2 inputs named no images"
+
+
+def test_predict_reads_an_image_piped_to_standard_input(ckpt, photo):
+    from train_utils import ROOT, env
+
+    def predict(*paths, **stdin):
+        done = subprocess.run([sys.executable, "-m", "vitkit", "predict", "--weights", str(ckpt), "--json", *paths],
+                              capture_output=True, cwd=ROOT, env=env(), timeout=120, **stdin)
+        return done.returncode, [json.loads(line) for line in done.stdout.splitlines()], done.stderr.decode()
+
+    code, [expected], _ = predict(str(photo))
+    code_piped, [got], err = predict("-", input=photo.read_bytes())
+    assert code == code_piped == 0, err
+    assert got["path"] == "-" and got["top_k"] == expected["top_k"]
+    # nothing piped, or "-" twice (the first one read it): one line, the other inputs classified
+    code, results, err = predict("-", str(photo), stdin=subprocess.DEVNULL)
+    assert code == 1 and [r["top_k"] for r in results] == [expected["top_k"]]
+    assert "vitkit predict: error: -: no image on standard input" in err.splitlines(), err
+    code, results, err = predict("-", "-", input=photo.read_bytes())
+    assert code == 1 and len(results) == 1 and "-: no image on standard input" in err, err
+
+
+def test_capture_attention_takes_one_index_or_a_list(ckpt):
+    model = vitkit.load_model(ckpt)
+    x = torch.randn(1, 3, 32, 32)
+    with vitkit.capture_attention(model, -1) as one, torch.no_grad():
+        model(x)
+    with vitkit.capture_attention(model, [1]) as listed, torch.no_grad():
+        model(x)
+    assert list(one) == list(listed) == [1] and torch.equal(one[1], listed[1])
+    for bad in ("1", 1.0, [0, "1"], True):
+        with pytest.raises(TypeError, match="layers: a block index or a list of them"):
+            with vitkit.capture_attention(model, bad):
+                pass
+    with pytest.raises(IndexError, match="layer index 2 out of range: the model has 2 blocks"):
+        with vitkit.capture_attention(model, 2):
+            pass
+
+
+def test_figures_replace_earlier_files_only_once_complete(tmp_path, monkeypatch):
+    """A failure while drawing (a full disk, say) keeps the earlier picture whole and leaves no temporary file."""
+    from matplotlib.figure import Figure
+
+    from vitkit.inspect.figure7 import save_figure
+
+    target = tmp_path / "filters.png"
+    fig = Figure()
+    fig.subplots().plot([0, 1])
+    save_figure(fig, target)
+    first = target.read_bytes()
+    assert first.startswith(b"\x89PNG")
+
+    def full_disk(path, **kwargs):
+        Path(path).write_bytes(b"half a picture")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fig, "savefig", full_disk)
+    with pytest.raises(OSError):
+        save_figure(fig, target)
+    assert target.read_bytes() == first and os.listdir(tmp_path) == ["filters.png"]

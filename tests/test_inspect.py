@@ -656,4 +656,10 @@ def test_attention_failure_count_counts_empty_folders(ckpt, tmp_path, monkeypatc
     _captured_figures(monkeypatch)
     args = ["attention", str(img), str(tmp_path / "empty"), "--weights", str(path), "-o", str(tmp_path / "maps")]
     assert vitkit_main(args) == 1
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "vitkit attention: 1 of 2 images failed"
+    # an empty folder is not an image that failed: it is counted on its own
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "vitkit attention: 1 input named no images"
+    (tmp_path / "bad.jpg").write_text("not an image")
+    args[2:2] = [str(tmp_path / "bad.jpg")]
+    assert vitkit_main(args + ["--force"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "vitkit attention: 1 of 2 images failed; 1 input named no images"

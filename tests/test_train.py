@@ -262,15 +262,75 @@ def test_time_budget_stops_gracefully(tmp_path):
     assert vitkit.load_model(run / "best.safetensors").class_names is not None
 
 
-def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tiny_run, tmp_path, capsys):
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tiny_run, tmp_path, capsys, caplog):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    before = {f: hashlib.sha1((run / f).read_bytes()).hexdigest() for f in ("state.pt", "last.safetensors",
-                                                                            "recipe.yaml")}
+    before = {f: hashlib.sha1((run / f).read_bytes()).hexdigest() for f in ("state.pt", "state.prev.pt",
+                                                                            "last.safetensors", "recipe.yaml")}
     capsys.readouterr()
     code = main(["train", "--resume", str(run), "--epochs", "3", "--set", "optim.lr=1e30"])
     assert code == 1
     assert before == {f: hashlib.sha1((run / f).read_bytes()).hexdigest() for f in before}
+    # the way back past a save that may already hold diverged weights: the save before it
+    assert f"the last good checkpoint is {run / 'state.pt'} (step 44)" in caplog.text
+    assert f"--resume {run / 'state.prev.pt'}, step 22" in caplog.text
+
+
+def test_resume_from_the_previous_state_goes_back_one_save(tiny_run, tmp_path, caplog, capsys):
+    """state.prev.pt holds the save before the last; --resume RUN/state.prev.pt trains the last epoch again from
+    it and ends with the uninterrupted run's weights, bit for bit. Until its first save both states stay."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    prev, last = (torch.load(run / f, weights_only=True) for f in ("state.prev.pt", "state.pt"))
+    assert (prev["step"], last["step"]) == (22, 44)  # epochs 1 and 2 of 22 steps
+    files = {f: hashlib.sha1((run / f).read_bytes()).hexdigest() for f in ("state.pt", "state.prev.pt")}
+
+    # going back, then stopping before any save (nothing to train, a divergence): both states as they were
+    assert main(["train", "--resume", str(run / "state.prev.pt"), "--epochs", "1"]) == 0
+    assert main(["train", "--resume", str(run / "state.prev.pt"), "--set", "optim.lr=1e30"]) == 1
+    assert f"the last good checkpoint is {run / 'state.prev.pt'} (step 22)" in caplog.text
+    assert files == {f: hashlib.sha1((run / f).read_bytes()).hexdigest() for f in files}
+
+    caplog.clear()
+    assert main(["train", "--resume", str(run / "state.prev.pt")]) == 0
+    assert "going back to state.prev.pt (step 22); state.pt is replaced by this run's first save" in caplog.text
+    again = torch.load(run / "state.pt", weights_only=True)
+    assert again["step"] == 44 and again["model"].keys() == last["model"].keys()
+    assert all(torch.equal(again["model"][k], last["model"][k]) for k in last["model"])
+    assert torch.load(run / "state.prev.pt", weights_only=True)["step"] == 22  # where this run started
+    assert [r["step"] for r in read_metrics(run / "metrics.csv")] == [22, 44]  # epoch 2's row once
+
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run / "recipe.yaml")]) == 2  # another file of the run
+    assert "a file; --resume takes a run directory (or its state.prev.pt" in capsys.readouterr().err
+    os.rename(run / "state.pt", run / "moved.pt")
+    assert main(["train", "--resume", str(run)]) == 2
+    assert f"no state.pt (removed?); --resume {run / 'state.prev.pt'} continues from the save before it" in \
+        capsys.readouterr().err
+    os.unlink(run / "state.prev.pt")
+    assert main(["train", "--resume", str(run / "state.prev.pt")]) == 2
+    assert "state.prev.pt: no such file (a run keeps the state before the last from its second save on)" in \
+        capsys.readouterr().err
+
+
+def test_previous_state_without_hard_links(tmp_path, monkeypatch):
+    """On a file system without hard links the previous state is a copy."""
+    from vitkit.train import trainer
+
+    (tmp_path / "state.pt").write_bytes(b"step 1")
+    trainer.keep_previous(tmp_path)  # a hard link
+    assert (tmp_path / "state.prev.pt").read_bytes() == b"step 1"
+    assert os.stat(tmp_path / "state.prev.pt").st_ino == os.stat(tmp_path / "state.pt").st_ino
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(trainer.os, "link", no_links)
+    os.unlink(tmp_path / "state.pt")
+    (tmp_path / "state.pt").write_bytes(b"step 2")
+    trainer.keep_previous(tmp_path)
+    assert (tmp_path / "state.prev.pt").read_bytes() == b"step 2" and sorted(os.listdir(tmp_path)) == \
+        ["state.prev.pt", "state.pt"]  # no temporary file left
 
 
 def test_nonfinite_loss_before_any_checkpoint(tmp_path, caplog):
@@ -1062,9 +1122,9 @@ def test_checkpoint_minutes_saves_mid_epoch(tmp_path, monkeypatch):
 
     real, steps = trainer.atomic_save, []
 
-    def recording(obj, path):
+    def recording(obj, path, **kwargs):
         steps.append(obj["step"])
-        return real(obj, path)
+        return real(obj, path, **kwargs)
 
     monkeypatch.setattr(trainer, "atomic_save", recording)
     train_ok("--recipe", str(write_recipe(tmp_path / "r.yaml", train={"epochs": 1, "checkpoint_minutes": 1e-9})),

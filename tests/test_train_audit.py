@@ -199,3 +199,27 @@ def test_a_failed_run_still_says_why_when_its_curves_cannot_be_drawn(tmp_path, m
     with pytest.raises(TrainingError, match="non-finite"):  # was: the OSError of the plot, a traceback
         vitkit.train_model(write_recipe(tmp_path / "r.yaml"), out=tmp_path / "run", epochs=1,
                            values={"optim.lr": 1e6, "schedule.name": "constant"})
+
+
+def test_going_back_a_save_keeps_a_better_best_of_the_later_evaluations(tmp_path, monkeypatch):
+    """best.safetensors is the best evaluation of the run directory: going back to state.prev.pt, whose best score
+    is lower than that of the state it goes back from, a new evaluation between the two does not replace it."""
+    evaluate, scores = trainer.evaluate, []
+
+    def scored(*args, **kwargs):  # the real evaluation, with the top-1 of the test's script
+        result = evaluate(*args, **kwargs)
+        n = result.n
+        hits = round(scores.pop(0) * n)
+        result.confusion = torch.zeros_like(result.confusion)
+        result.confusion[0, 0], result.confusion[0, 1] = hits, n - hits
+        return result
+
+    monkeypatch.setattr(trainer, "evaluate", scored)
+    scores[:] = [0.5, 0.6, 0.9]
+    run = vitkit.train_model(write_recipe(tmp_path / "r.yaml"), out=tmp_path / "run", epochs=3)
+    best = (run / "best.safetensors").read_bytes()
+    assert torch.load(run / "state.prev.pt", weights_only=True)["best_top1"] == pytest.approx(0.6, abs=0.01)
+    scores[:] = [0.7]  # better than the state gone back to, worse than the epoch it drops
+    vitkit.train_model(resume=run / "state.prev.pt")
+    assert (run / "best.safetensors").read_bytes() == best
+    assert torch.load(run / "state.pt", weights_only=True)["best_top1"] == pytest.approx(0.9, abs=0.01)

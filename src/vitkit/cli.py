@@ -42,6 +42,20 @@ def check_writable(path: Path, label: str, folder: bool = False) -> None:
         raise UserError(f"{label}: cannot write ({e.strerror or e})") from None
 
 
+def failure_summary(command: str, failed: list, done: int | None = None) -> int:
+    """The exit code, after one line counting what failed: images that could not be used (of those tried, when
+    `done`, the images that worked, is known) and inputs (folders, patterns) that named no image."""
+    from .data.images import NoImagesError
+
+    if failed:
+        empty = sum(isinstance(e, NoImagesError) for e in failed)
+        bad = len(failed) - empty
+        said = [f"{bad}{'' if done is None else f' of {bad + done}'} image{'s' * (bad + (done or 0) > 1)} failed"]
+        said = (said if bad else []) + ([f"{empty} input{'s' * (empty > 1)} named no images"] if empty else [])
+        print(f"vitkit {command}: {'; '.join(said)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     from .data.images import ImageError
     from .weights import CheckpointError

@@ -150,7 +150,8 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     from .cli import add_model_arguments
 
     p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="image files, folders (walked recursively) or quoted glob patterns ('photos/*.jpg')")
+                   help="image files, folders (walked recursively), quoted glob patterns ('photos/*.jpg'), or - "
+                        "for an image piped to standard input")
     add_model_arguments(p)
     p.add_argument("--top-k", type=int, default=5, help="labels per image (default 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -166,7 +167,7 @@ def add_tta_argument(p: argparse.ArgumentParser) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from .cli import UserError, model_from_args
+    from .cli import UserError, failure_summary, model_from_args
 
     for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size), ("--threads", args.threads)):
         if value is not None and value < 1:
@@ -192,6 +193,4 @@ def run_predict(args: argparse.Namespace) -> int:
         else:
             tops = ", ".join(f"{t['label']} ({t['prob']:.1%})" for t in result["top_k"])
             print(f"{result['path']}: {tops}", flush=True)
-    if failed:
-        print(f"vitkit predict: {len(failed)} of {len(failed) + done} images failed", file=sys.stderr)
-    return 1 if failed else 0
+    return failure_summary("predict", failed, done)

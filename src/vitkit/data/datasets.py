@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, IterableDataset, Subset, get_worker_info
 from torchvision import tv_tensors
 
+from ..files import replacing
 from .images import IMAGE_SUFFIXES, ImageError, _to_rgb, load_image
 
 log = logging.getLogger("vitkit")
@@ -453,9 +454,8 @@ def _preload(files: FileImages, root: Path, where: str, cache_dir: str | None) -
                 one_size &= bool(index[:, 1].all())
         d = {"images": torch.cat(images), "labels": files.labels[torch.cat(keep)], "skipped": skipped} if one_size \
             else {"several_sizes": True}
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(d, tmp)
-        os.replace(tmp, cache)
+        with replacing(cache) as tmp:
+            torch.save(d, tmp)
     if "several_sizes" in d:
         return None
     unreadable = sorted(set(files.labels.tolist()) - set(d["labels"].tolist()))

@@ -6,8 +6,10 @@ it on one line and go on with the other inputs.
 from __future__ import annotations
 
 import glob
+import io
 import math
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -27,21 +29,30 @@ class ImageError(ValueError):
     """An input image that cannot be used; str() is the one-line report."""
 
 
+class NoImagesError(ImageError):
+    """A folder or glob pattern given as input that holds no image files."""
+
+
 def load_image(path: str | Path, max_pixels: int | None = None) -> tuple[Image.Image, str | None]:
     """Open an image as 8-bit RGB. Returns (image, note); the note tells what was converted, if worth saying.
 
     Grayscale, CMYK, palette, alpha (composited on white), 16-bit and float images are converted; an animated
     image gives its first frame. Missing, empty, truncated, corrupt, non-image and oversized files raise.
+    "-" (where no file has that name) is the image piped to standard input, read once.
     """
     path = Path(path)
     limit = max_pixels or MAX_PIXELS
     try:
-        if not path.exists():
+        if str(path) == "-" and not path.exists():  # `curl -s URL | vitkit predict -`
+            source = _standard_input()
+        elif not path.exists():
             raise ImageError(f"{path}: no such file")
-        if path.is_dir():
+        elif path.is_dir():
             raise ImageError(f"{path}: is a directory")
-        if path.stat().st_size == 0:
+        elif path.stat().st_size == 0:
             raise ImageError(f"{path}: empty file")
+        else:
+            source = path
     except OSError as e:  # a name too long, a permission denied: the file cannot even be looked at
         raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
     old_limit = Image.MAX_IMAGE_PIXELS
@@ -49,7 +60,7 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> tuple[Image.I
         Image.MAX_IMAGE_PIXELS = limit
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 img.load()
                 rgb, note = _to_rgb(img)
     except UnidentifiedImageError:
@@ -61,6 +72,18 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> tuple[Image.I
     finally:
         Image.MAX_IMAGE_PIXELS = old_limit
     return rgb, note
+
+
+def _standard_input() -> io.BytesIO:
+    if sys.stdin is None or sys.stdin.isatty():
+        raise ImageError("-: standard input is not a pipe (pipe an image in: cat photo.jpg | vitkit predict -)")
+    cap = 4 * MAX_PIXELS  # bytes: more than any image file under the pixel limit, even uncompressed
+    data = sys.stdin.buffer.read(cap + 1)
+    if not data:  # nothing piped, or a second "-": the first one read it
+        raise ImageError("-: no image on standard input")
+    if len(data) > cap:
+        raise ImageError(f"-: more than {cap // 2**20} MiB on standard input: not one image")
+    return io.BytesIO(data)
 
 
 def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
@@ -102,16 +125,16 @@ def iter_image_paths(paths: Iterable[str | Path], on_error=None) -> Iterator[Pat
     folders walked recursively in sorted order for image files; a glob pattern that is not a file name (a
     quoted 'photos/*.jpg', or one from Python) expanded, sorted. A folder without images or a pattern
     matching nothing is passed to on_error(ImageError) and skipped; without on_error it raises."""
-    def fail(message):
+    def fail(message, error=NoImagesError):
         if on_error is None:
-            raise ImageError(message)
-        on_error(ImageError(message))
+            raise error(message)
+        on_error(error(message))
 
     for p in map(Path, paths):
         try:
             is_dir, exists = p.is_dir(), p.exists()
         except OSError as e:  # a name too long for the file system, a folder without permission
-            fail(f"{p}: cannot read ({e.strerror or e})")
+            fail(f"{p}: cannot read ({e.strerror or e})", ImageError)
             continue
         if is_dir:
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..cli import UserError, add_model_arguments, check_writable, model_from_args, user_errors
+from ..cli import UserError, add_model_arguments, check_writable, failure_summary, model_from_args, user_errors
 from ..data.images import IMAGE_SUFFIXES, ImageError, iter_image_paths, load_image
 from ..predict import class_names
 from .attention import METHODS, check_index, prepare, row_description, to_image_size, token_map
@@ -38,13 +38,6 @@ def _report(command: str, failed: list):
         failed.append(err)
         print(f"vitkit {command}: error: {err}", file=sys.stderr, flush=True)
     return on_error
-
-
-def _summary(command: str, failed: list, total: int | None = None) -> int:
-    """The exit code, after a count of the failed inputs if there are any."""
-    if failed:
-        print(f"vitkit {command}: {len(failed)}{f' of {total}' if total else ''} images failed", file=sys.stderr)
-    return 1 if failed else 0
 
 
 # --- vitkit attention ------------------------------------------------------------------------------
@@ -123,9 +116,9 @@ def run_attention(args: argparse.Namespace) -> int:
     paths = list(iter_image_paths(args.images, on_error))
     if single_file and len(paths) > 1:
         raise UserError(f"-o {out}: {len(paths)} images need an output folder, not one .png file")
-    total = len(paths) + len(failed)  # failed so far: folders without images, patterns matching nothing
+    done = 0
     if not paths:
-        return _summary("attention", failed, total)
+        return failure_summary("attention", failed, done)
     model = _load_model(args)
     try:
         if args.layer is not None:
@@ -165,7 +158,8 @@ def run_attention(args: argparse.Namespace) -> int:
             on_error(OSError(f"{target}: cannot write ({e.strerror or e})"))
             continue
         print(f"{path} -> {target} ({prediction})", flush=True)
-    return _summary("attention", failed, total)
+        done += 1
+    return failure_summary("attention", failed, done)
 
 
 def _real(path: Path) -> str:
@@ -223,4 +217,4 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise UserError(f"-o {out}: cannot write ({e.strerror or e})") from None
     dist = summary["attention_distance"]
     print(f"wrote {', '.join(str(out / f) for f in FIGURES)} (attention distance over {dist['images']} images)")
-    return _summary("inspect", failed)
+    return failure_summary("inspect", failed)

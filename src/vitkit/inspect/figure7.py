@@ -18,6 +18,7 @@ from matplotlib.figure import Figure  # drawn on matplotlib's Agg canvas; pyplot
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..data.images import ImageError, iter_image_paths
+from ..files import replacing
 from ..models.resnetv2 import StdConv2d
 from .attention import forward_with_attention, prepare
 
@@ -216,9 +217,11 @@ def distance_figure(model, path: Path, dist: np.ndarray, count: int, source: str
 
 
 # --- common --------------------------------------------------------------------------------------------
-def save_figure(fig: Figure, path: Path) -> None:
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """The figure as a picture in the format of path's suffix, replacing an earlier file only once complete."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=Path(path).suffix.lstrip(".").lower() or "png")
 
 
 def _round(a: np.ndarray, digits: int = 4) -> list:
@@ -249,5 +252,6 @@ def write_figure7(model, out_dir: Path, images: Iterable | None = None, source: 
     }
     # one line per section: readable keys, without a line per number of the matrices
     lines = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in summary.items()]
-    (out_dir / FIGURES[3]).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+    with replacing(out_dir / FIGURES[3]) as tmp:
+        tmp.write_text("{\n" + ",\n".join(lines) + "\n}\n")
     return summary

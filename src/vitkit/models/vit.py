@@ -351,12 +351,15 @@ def _init_weights(m: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def capture_attention(model: nn.Module, layers: list[int] | None = None):
+def capture_attention(model: nn.Module, layers: int | list[int] | None = None):
     """Collect attention probabilities during the calls made inside the block.
 
         with capture_attention(model) as attn:
             model(x)
         attn[i]  # (B, heads, N, N) of block i, from the last call
+
+    layers: the blocks to capture (an index or a list of them, negative from the end); None: all. attn is keyed
+    by block number from 0 (layers=-1 of 12 blocks: attn[11]).
 
     The chosen blocks switch to the unfused softmax path only inside the block; afterwards the model is
     exactly as before (fused attention, nothing kept).
@@ -364,6 +367,17 @@ def capture_attention(model: nn.Module, layers: list[int] | None = None):
     modules = [m for m in model.modules() if isinstance(m, Attention)]
     if not modules:
         raise ValueError(f"{type(model).__name__} has no ViT attention layers")
+
+    def index(i) -> bool:
+        return isinstance(i, numbers.Integral) and not isinstance(i, bool)
+
+    if index(layers):
+        layers = [int(layers)]
+    elif layers is not None:
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable) or \
+                not all(map(index, layers := list(layers))):
+            raise TypeError(f"layers: a block index or a list of them, not {layers!r}")
+        layers = [int(i) for i in layers]
     chosen = range(len(modules)) if layers is None else [i % len(modules) for i in layers]
     bad = [i for i in (layers or []) if not -len(modules) <= i < len(modules)]
     if bad:

@@ -24,7 +24,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model name (`vitkit models`), e.g. ViT-B/16")
     p.add_argument("--weights", help="start from this checkpoint (fine-tuning)")
     p.add_argument("--out", help="run directory (default runs/<data>-<time>)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly where its last checkpoint left off")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly where its last checkpoint left off "
+                   "(RUN_DIR/state.prev.pt: where the save before it left off)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--time-budget", type=float, metavar="MINUTES",
                    help="stop gracefully after this long (the schedule is fitted to it), then evaluate and save")
@@ -69,19 +70,30 @@ def resolve_recipe(args: argparse.Namespace, values: dict | None = None) -> tupl
 
 def _resolve(args: argparse.Namespace, overrides: dict) -> tuple[dict, Path, dict | None]:
     from . import recipe as R
-    from .trainer import read_state
+    from .trainer import PREV, STATE, read_state
 
     if args.resume:
-        run = Path(args.resume)
+        run, name = Path(args.resume), STATE
         if args.recipe or args.out:
             raise R.RecipeError("--resume RUN_DIR takes its recipe and directory from the run; drop --recipe/--out")
-        if not (run / "state.pt").is_file():
+        if run.name in (STATE, PREV) and not run.is_dir():  # a state file of a run: state.prev.pt goes back a save
+            if not run.is_file():
+                raise R.RecipeError(f"--resume {run}: no such file" + (" (a run keeps the state before the last "
+                                    "from its second save on)" if run.name == PREV else ""))
+            run, name = run.parent, run.name
+        elif run.is_file():
+            raise R.RecipeError(f"--resume {run}: a file; --resume takes a run directory (or its {PREV}, to go "
+                                "back one save)")
+        if name == STATE and not (run / STATE).is_file():
+            if (run / PREV).is_file():
+                raise R.RecipeError(f"--resume {run}: no {STATE} (removed?); --resume {run / PREV} continues from "
+                                    "the save before it")
             if (run / "recipe.yaml").is_file():
                 raise R.RecipeError(f"--resume {run}: the run stopped before its first checkpoint (no state.pt); "
                                     f"start it again with --recipe {run / 'recipe.yaml'} --out {run} (its files are "
                                     "replaced)")
             raise R.RecipeError(f"--resume {run}: not a run directory (no state.pt in it)")
-        state = read_state(run)  # read once: the trainer continues from it
+        state = read_state(run, name)  # read once: the trainer continues from it
         saved = R.load(None, base=_run_recipe(run, state), resuming=True)
         if "model.weights" in overrides and overrides["model.weights"] != saved["model"]["weights"]:
             raise R.RecipeError(f"--resume {run} continues from the run's own weights, not --weights "

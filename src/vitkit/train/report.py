@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ..files import replacing
+
 log = logging.getLogger("vitkit")
 COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5",
            "images_per_s", "elapsed_s"]
@@ -17,16 +19,19 @@ class Metrics:
 
     def __init__(self, run_dir: Path, enabled: bool, upto_step: int | None = None):
         """upto_step: the step the run starts from (0: a fresh run); rows and TensorBoard events an earlier,
-        stopped or killed process wrote after it are dropped (its CSV rows) or purged (its events), so that a
-        resumed or restarted run has each step once."""
-        self.csv_path, self.enabled, self.tb = run_dir / "metrics.csv", enabled, None
-        if not enabled:
-            return
-        if upto_step is not None and self.csv_path.exists():
+        stopped or killed process wrote after it are dropped (its CSV rows) or purged (its events) when this run
+        writes its first, so that a resumed or restarted run has each step once (and a run that writes nothing,
+        one gone back to state.prev.pt and stopped at once, say, leaves the files as they were)."""
+        self.run_dir, self.csv_path, self.enabled, self.upto_step = run_dir, run_dir / "metrics.csv", enabled, upto_step
+        self.tb, self.started = None, False
+
+    def _start(self) -> None:
+        self.started = True
+        if self.upto_step is not None and self.csv_path.exists():
             rows = read_metrics(self.csv_path)
-            kept = [r for r in rows if r["step"] is not None and r["step"] <= upto_step]
+            kept = [r for r in rows if r["step"] is not None and r["step"] <= self.upto_step]
             if len(kept) < len(rows):
-                with open(self.csv_path, "w", newline="") as f:
+                with replacing(self.csv_path) as tmp, open(tmp, "w", newline="") as f:
                     w = csv.DictWriter(f, COLUMNS)
                     w.writeheader()
                     w.writerows({k: "" if v is None else int(v) if k == "step" else f"{v:.6g}" for k, v in r.items()}
@@ -36,12 +41,16 @@ class Metrics:
 
             # purge_step: TensorBoard hides the events of earlier files at steps >= it (a killed run logged
             # steps past its last checkpoint; the resumed run logs them again)
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"),
-                                    purge_step=None if upto_step is None else upto_step + 1)
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"),
+                                    purge_step=None if self.upto_step is None else self.upto_step + 1)
         except ImportError:
             log.warning("tensorboard is not installed: metrics go to metrics.csv only")
 
     def scalars(self, step: int, **values: float) -> None:
+        if not self.enabled:
+            return
+        if not self.started:
+            self._start()
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
@@ -49,6 +58,8 @@ class Metrics:
     def row(self, **values) -> None:
         if not self.enabled:
             return
+        if not self.started:
+            self._start()
         new = not self.csv_path.exists()
         with open(self.csv_path, "a", newline="") as f:
             w = csv.DictWriter(f, COLUMNS)
@@ -96,15 +107,16 @@ def plot_curves(metrics_csv: Path, out: Path) -> Path | None:
     for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy (%)"), (ax_lr, "learning rate")):
         ax.set_title(title), ax.set_xlabel("epoch"), ax.grid(alpha=0.3)
     ax_loss.legend(), ax_acc.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    from ..inspect.figure7 import save_figure  # matplotlib only when drawing
+
+    save_figure(fig, out, dpi=100)
     plt.close(fig)
     return out
 
 
 def write_confusion(confusion: torch.Tensor, names: list[str], out: Path) -> Path:
     """The confusion matrix as counts: one row per true class, one column per predicted class."""
-    with open(out, "w", newline="") as f:
+    with replacing(out) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["true \\ predicted", *names])
         w.writerows([name, *row] for name, row in zip(names, confusion.tolist()))
@@ -133,7 +145,8 @@ def plot_confusion(confusion: torch.Tensor, names: list[str], out: Path, title: 
                     ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
                             color="white" if rates[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    from ..inspect.figure7 import save_figure  # matplotlib only when drawing
+
+    save_figure(fig, out, dpi=100)
     plt.close(fig)
     return out

@@ -1,9 +1,10 @@
 """The training loop, top to bottom: data -> model -> optimizer -> steps -> evaluate/save each epoch.
 
 Never lose a run: the training state (model, optimizer, EMA, scaler, step, RNG states, data position) is
-written atomically every epoch, every `checkpoint_minutes` and on SIGTERM/SIGINT; `--resume` continues from
-it exactly, mid-epoch included, because the data order and every augmentation draw are functions of
-(seed, epoch, index) and the learning rate is a function of (step, total_steps).
+written atomically every epoch, every `checkpoint_minutes` and on SIGTERM/SIGINT (the one before it kept as
+state.prev.pt, to go back to after a divergence); `--resume` continues from it exactly, mid-epoch included,
+because the data order and every augmentation draw are functions of (seed, epoch, index) and the learning rate
+is a function of (step, total_steps).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..data.augment import BatchShiftFlip, batch_mixer, train_transform
 from ..data.datasets import ShardStream, Transformed, collate, describe, open_data
 from ..data.images import eval_transform
+from ..files import replacing
 from ..models.registry import build_config
 from ..models.vit import ViT, ViTConfig
 from .distributed import Dist, full_state, load_full_state, wrap
@@ -39,6 +41,7 @@ from .report import Metrics, plot_curves
 
 log = logging.getLogger("vitkit")
 STATE, LAST, BEST, RECIPE = "state.pt", "last.safetensors", "best.safetensors", "recipe.yaml"
+PREV = "state.prev.pt"  # the state before the last save: a run that diverged right after a save can go back one
 PROBE_STEPS = 20  # steps timed (after 3 warm-up steps) to fit the schedule into a time budget
 
 
@@ -173,13 +176,36 @@ def _readable(path: Path) -> bool:
         return False
 
 
-def read_state(run_dir: Path) -> dict:
-    """The training state of a run, or a RecipeError saying it cannot be read."""
+def read_state(run_dir: Path, name: str = STATE) -> dict:
+    """The training state of a run (`name`: state.pt, or state.prev.pt to go back one save), or a RecipeError
+    saying it cannot be read."""
     try:
-        return torch.load(run_dir / STATE, map_location="cpu", weights_only=True)
+        state = torch.load(run_dir / name, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, garbage, empty: torch raises a zoo of types
-        raise RecipeError(f"--resume {run_dir}: {STATE} is unreadable ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else 'empty'}); the run cannot continue from it") from None
+        back = f"; --resume {run_dir / PREV} goes back to the save before" if name == STATE and \
+            (run_dir / PREV).is_file() else ""
+        raise RecipeError(f"--resume {run_dir}: {name} is unreadable ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else 'empty'}); the run cannot continue from it{back}") \
+            from None
+    return {**state, "file": name}
+
+
+def keep_previous(run_dir: Path) -> None:
+    """The state about to be replaced becomes state.prev.pt: a hard link (no copy, no time), or a copy on a file
+    system without them. A failure costs the previous state alone, never the save."""
+    try:
+        if not (run_dir / STATE).is_file():  # the run's first save: a state.prev.pt here is another run's
+            (run_dir / PREV).unlink(missing_ok=True)
+            return
+        with replacing(run_dir / PREV, sync=True) as tmp:
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(run_dir / STATE, tmp)
+            except OSError:
+                shutil.copyfile(run_dir / STATE, tmp)
+    except OSError as e:
+        log.warning("%s not kept (%s): only the last state is on disk", run_dir / PREV, e.strerror or e)
+        (run_dir / PREV).unlink(missing_ok=True)  # an older one would be taken for the save before the last
 
 
 def lock_run_dir(run_dir: Path):
@@ -200,17 +226,15 @@ def lock_run_dir(run_dir: Path):
     return f
 
 
-def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+def atomic_save(obj, path: Path, before=None) -> None:
+    """obj written whole to `path` or not at all; `before()` runs once it is on disk, before it replaces path."""
+    with replacing(path) as tmp:  # interrupted or out of space: no half-written file left behind
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:  # interrupted or out of space: no half-written file left behind
-        if tmp.exists():
-            tmp.unlink()
+        if before is not None:
+            before()
 
 
 @contextlib.contextmanager
@@ -361,6 +385,12 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                 shutil.rmtree(run_dir, ignore_errors=True)
         d.close()
         raise RecipeError(problem)
+    # going back one save: state.prev.pt stays what it is until the run's first save replaces the later state.pt
+    # with the new one (stopped before that, nothing of the run is lost)
+    going_back = resume and state["file"] == PREV
+    if going_back and d.main:
+        log.warning("--resume: going back to %s (step %d); %s is replaced by this run's first save", PREV,
+                    state["step"], STATE)
     ema = ema_model(model, T["ema_decay"]) if T["ema_decay"] else None
     wrapped = wrap(model, d, T["distributed"])
     sharded = d.world > 1 and T["distributed"] == "fsdp"
@@ -387,6 +417,8 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         if state["scaler"]:  # empty: saved by a disabled scaler (a bf16/fp32 run now resumed under fp16)
             scaler.load_state_dict(state["scaler"])
         step, best, elapsed_before = state["step"], state["best_top1"], state["elapsed"]
+        if going_back:  # best.safetensors may be from the later evaluations: a new best must beat them too
+            best = max(best, _peek(run_dir / STATE, "best_top1") or best)
         history = list(state.get("resumed", []))  # resumes that changed recipe values: the recipe alone no
         before = state.get("recipe") or {}  # longer retrains these weights
         if changes := {f"{sec}.{k}": [before[sec].get(k), v] for sec, keys in r.items() for k, v in keys.items()
@@ -415,7 +447,8 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         elif d.main:
             log.warning("resuming with %d processes instead of %d: random draws will differ", d.world, state["world"])
     elif d.main:
-        (run_dir / RECIPE).write_text(to_yaml(r))
+        with replacing(run_dir / RECIPE) as tmp:  # a restart with --recipe RUN/recipe.yaml reads the one it replaces
+            tmp.write_text(to_yaml(r))
     # a fresh run in a directory where an earlier attempt died before its first checkpoint drops that attempt's rows
     metrics = held["metrics"] = Metrics(run_dir, d.main, upto_step=step)
     if d.main:
@@ -467,7 +500,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                 _write(weights, val, improved, model_sd, optim_sd, rngs, everywhere, stats)
             except OSError as e:  # a full disk, say (save_model says safetensors' errors as OSError too)
                 raise TrainingError(f"cannot write the checkpoint in {run_dir} ({getattr(e, 'strerror', '') or e}); "
-                                    f"{_last_good(run_dir)}") from None
+                                    f"{_last_good(run_dir, going_back=going_back)}") from None
         d.barrier()
 
     def gather_skipped() -> set:
@@ -482,6 +515,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                stats: torch.Tensor) -> None:
         """The exported weights first, the training state last: state.pt is the commit point a resume starts
         from, and re-exports anything after it."""
+        nonlocal going_back
         if weights:
             export = ema.module if ema is not None else _plain(model, model_sd, sharded)
             extra = {"data": data.split, "train": {"step": step, "epoch": step / steps_per_epoch,
@@ -498,11 +532,11 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                      "rng": rngs, "best_top1": best, "elapsed": clock(), "epoch_stats": stats,
                      "skipped": sorted(everywhere), "class_names": names, "data_sizes": sizes, "world": d.world,
                      "recipe": r, "resumed": history},
-                    run_dir / STATE)
+                    run_dir / STATE, before=None if going_back else lambda: keep_previous(run_dir))
+        going_back = False
         if resume and (run_dir / RECIPE).read_text(errors="replace") != to_yaml(r):  # changed on resuming
-            tmp = run_dir / f".{RECIPE}.tmp"
-            tmp.write_text(to_yaml(r))
-            os.replace(tmp, run_dir / RECIPE)
+            with replacing(run_dir / RECIPE) as tmp:
+                tmp.write_text(to_yaml(r))
 
     def stopped(caught: list, step: int) -> int:
         if d.main:
@@ -629,7 +663,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             if nonfinite:
                 raise TrainingError(
                     f"loss or gradient became non-finite at step {step + 1} (epoch {epoch + 1}, lr {lr:.3g}); "
-                    f"stopped without saving: {_last_good(run_dir, diverged=True)}. Try a lower optim.lr, "
+                    f"stopped without saving: {_last_good(run_dir, diverged=True, going_back=going_back)}. Try a lower optim.lr, "
                     "optim.clip_grad_norm or train.amp=none")
             if stop:
                 save(weights=True)
@@ -653,7 +687,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                 skipped.update(val.skipped)
                 if not math.isfinite(val.loss):  # the weights diverged: keep the last good checkpoint
                     raise TrainingError(f"validation loss became non-finite after step {step} (epoch {epoch + 1}, "
-                                        f"lr {lr:.3g}); stopped without saving: {_last_good(run_dir, diverged=True)}. "
+                                        f"lr {lr:.3g}); stopped without saving: {_last_good(run_dir, diverged=True, going_back=going_back)}. "
                                         "Try a lower optim.lr or optim.clip_grad_norm")
             epoch_stats_all = d.sum(epoch_stats.clone()).cpu()
             improved = val is not None and val.top1 > best
@@ -725,15 +759,29 @@ def _plain(model: ViT, sd: dict, sharded: bool) -> ViT:
     return plain
 
 
-def _last_good(run_dir: Path, diverged: bool = False) -> str:
-    try:
-        step = torch.load(run_dir / STATE, map_location="cpu", weights_only=True)["step"]
-    except (OSError, RuntimeError, KeyError):
+def _last_good(run_dir: Path, diverged: bool = False, going_back: bool = False) -> str:
+    """Where the run can continue from; `going_back`: it started from state.prev.pt and has not saved since."""
+
+    name = PREV if going_back else STATE
+    if (step := _peek(run_dir / name, "step")) is None:
         return "no checkpoint was written yet"
     # a divergence shows one step after the update that caused it: a save in between already holds its weights
-    hint = (f" (if resuming from it diverges at once, its weights were already off: start a new run from an "
-            f"earlier epoch's with --weights {run_dir / BEST})") if diverged and (run_dir / BEST).is_file() else ""
-    return f"the last good checkpoint is {run_dir / STATE} (step {step}){hint}"
+    hint = ""
+    if diverged and not going_back and (before := _peek(run_dir / PREV, "step")) is not None and before < step:
+        hint = (f" (if resuming from it diverges at once, its weights were already off: go back one more save with "
+                f"--resume {run_dir / PREV}, step {before})")
+    elif diverged and (run_dir / BEST).is_file():
+        hint = (f" (if resuming from it diverges at once, its weights were already off: start a new run from an "
+                f"earlier epoch's with --weights {run_dir / BEST})")
+    return f"the last good checkpoint is {run_dir / name} (step {step}){hint}"
+
+
+def _peek(path: Path, key: str):
+    """One value of a saved training state, None if it cannot be read; mmap: not the whole (maybe many-GB) file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)[key]
+    except Exception:  # missing or damaged
+        return None
 
 
 def _hms(seconds: float) -> str:

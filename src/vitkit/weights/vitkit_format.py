@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from ..files import replacing
 from . import Checkpoint, CheckpointError
 
 FORMAT_KEY, FORMAT_VERSION = "vitkit", "1"
@@ -26,25 +27,16 @@ def save(model, path: str | Path, extra: dict | None = None) -> Path:
     meta = {"arch": "vit", "config": model.cfg.to_dict(), "preprocess": dict(model.preprocess),
             "class_names": model.class_names, **(extra or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, tmp, metadata={FORMAT_KEY: FORMAT_VERSION, "config": json.dumps(meta)})
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files readable by their owner alone
-        with open(tmp, "rb+") as f:  # on disk before it replaces the previous file
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with replacing(path, sync=True) as tmp:  # on disk before it replaces the previous file
+            save_file(tensors, tmp, metadata={FORMAT_KEY: FORMAT_VERSION, "config": json.dumps(meta)})
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files readable by their owner alone
     except Exception as e:  # safetensors' own error type for I/O too: one OSError naming the file, whatever wrote it
         if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
             raise OSError(f"{path}: cannot write ({_reason(e)})") from None
         raise
-    finally:
-        try:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        except OSError:
-            pass
     return path
 
 
