@@ -283,13 +283,20 @@ def test_resume_from_the_previous_state_goes_back_one_save(tiny_run, tmp_path, c
     shutil.copytree(tiny_run, run)
     prev, last = (torch.load(run / f, weights_only=True) for f in ("state.prev.pt", "state.pt"))
     assert (prev["step"], last["step"]) == (22, 44)  # epochs 1 and 2 of 22 steps
-    files = {f: hashlib.sha1((run / f).read_bytes()).hexdigest() for f in ("state.pt", "state.prev.pt")}
+    def files():
+        return {f: hashlib.sha1((run / f).read_bytes()).hexdigest() for f in ("state.pt", "state.prev.pt",
+                                                                                "metrics.csv")} | \
+            {"tensorboard": sorted(os.listdir(run / "tensorboard"))}
 
-    # going back, then stopping before any save (nothing to train, a divergence): both states as they were
+    before = files()
+    # going back, then stopping before any save (nothing to train; a divergence after a step it logged): both
+    # states as they were, and the later state's metrics too
     assert main(["train", "--resume", str(run / "state.prev.pt"), "--epochs", "1"]) == 0
-    assert main(["train", "--resume", str(run / "state.prev.pt"), "--set", "optim.lr=1e30"]) == 1
+    assert main(["train", "--resume", str(run / "state.prev.pt"), "--set", "optim.lr=1e30",
+                 "--set", "train.log_every=1"]) == 1
+    assert "non-finite at step 24" in caplog.text  # step 23 was taken, and logged
     assert f"the last good checkpoint is {run / 'state.prev.pt'} (step 22)" in caplog.text
-    assert files == {f: hashlib.sha1((run / f).read_bytes()).hexdigest() for f in files}
+    assert files() == before
 
     caplog.clear()
     assert main(["train", "--resume", str(run / "state.prev.pt")]) == 0
@@ -303,7 +310,11 @@ def test_resume_from_the_previous_state_goes_back_one_save(tiny_run, tmp_path, c
     capsys.readouterr()
     assert main(["train", "--resume", str(run / "recipe.yaml")]) == 2  # another file of the run
     assert "a file; --resume takes a run directory (or its state.prev.pt" in capsys.readouterr().err
+    assert main(["train", "--recipe", str(run / "recipe.yaml"), "--out", str(run)]) == 2  # a fresh run over it
+    assert f"--out {run} already holds a run; continue it with --resume {run} or" in capsys.readouterr().err
     os.rename(run / "state.pt", run / "moved.pt")
+    assert main(["train", "--recipe", str(run / "recipe.yaml"), "--out", str(run)]) == 2
+    assert f"continue it with --resume {run / 'state.prev.pt'} or" in capsys.readouterr().err
     assert main(["train", "--resume", str(run)]) == 2
     assert f"no state.pt (removed?); --resume {run / 'state.prev.pt'} continues from the save before it" in \
         capsys.readouterr().err
@@ -311,6 +322,28 @@ def test_resume_from_the_previous_state_goes_back_one_save(tiny_run, tmp_path, c
     assert main(["train", "--resume", str(run / "state.prev.pt")]) == 2
     assert "state.prev.pt: no such file (a run keeps the state before the last from its second save on)" in \
         capsys.readouterr().err
+
+
+def test_a_full_disk_gives_up_the_previous_state_not_the_run(tmp_path, monkeypatch, caplog):
+    """No room for a third state: state.prev.pt is removed and the save goes through; later saves keep one state."""
+    import errno
+
+    from vitkit.train import trainer
+
+    real, calls = trainer.atomic_save, []
+
+    def full_at_step_66(obj, path, before=None):  # state.pt (44) and state.prev.pt (22) fill the disk
+        calls.append((obj["step"], before is not None))
+        if obj["step"] == 66 and len([c for c in calls if c[0] == 66]) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, path, before=before)
+
+    monkeypatch.setattr(trainer, "atomic_save", full_at_step_66)
+    train_ok("--recipe", str(write_recipe(tmp_path / "r.yaml", train={"epochs": 4})), "--out", str(tmp_path / "run"))
+    assert calls == [(22, True), (44, True), (66, True), (66, False), (88, False)]
+    assert "disk full: " in caplog.text and "state.prev.pt removed to make room for the new state" in caplog.text
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == 88
+    assert not (tmp_path / "run" / "state.prev.pt").exists()
 
 
 def test_previous_state_without_hard_links(tmp_path, monkeypatch):

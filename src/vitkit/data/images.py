@@ -77,12 +77,13 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> tuple[Image.I
 def _standard_input() -> io.BytesIO:
     if sys.stdin is None or sys.stdin.isatty():
         raise ImageError("-: standard input is not a pipe (pipe an image in: cat photo.jpg | vitkit predict -)")
-    cap = 4 * MAX_PIXELS  # bytes: more than any image file under the pixel limit, even uncompressed
+    cap = 4 * MAX_PIXELS  # bytes: any 8-bit image file under the pixel limit, even uncompressed
     data = sys.stdin.buffer.read(cap + 1)
     if not data:  # nothing piped, or a second "-": the first one read it
         raise ImageError("-: no image on standard input")
     if len(data) > cap:
-        raise ImageError(f"-: more than {cap // 2**20} MiB on standard input: not one image")
+        raise ImageError(f"-: more than {cap // 2**20} MiB on standard input, the limit for a piped image (give "
+                         "a larger one as a file)")
     return io.BytesIO(data)
 
 

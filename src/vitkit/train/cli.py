@@ -112,8 +112,10 @@ def _resolve(args: argparse.Namespace, overrides: dict) -> tuple[dict, Path, dic
     run = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if file := next((p for p in (run, *run.parents) if p.exists() and not p.is_dir()), None):
         raise R.RecipeError(f"--out {run}: {file} is a file, not a directory")
-    if (run / "state.pt").exists():
-        raise R.RecipeError(f"--out {run} already holds a run; continue it with --resume {run} or pick another --out")
+    if (run / STATE).exists() or (run / PREV).exists():
+        continue_with = run if (run / STATE).exists() else run / PREV
+        raise R.RecipeError(f"--out {run} already holds a run; continue it with --resume {continue_with} or pick "
+                            "another --out")
     for data in (recipe["data"]["path"], recipe["data"]["val"]):
         if data and Path(data).is_dir() and run.resolve().is_relative_to(Path(data).resolve()):
             raise R.RecipeError(f"--out {run} is inside the data folder {data}: the run's files would become "
@@ -130,7 +132,7 @@ def _run_recipe(run: Path, state: dict) -> dict:
     from . import recipe as R
 
     if isinstance(state.get("recipe"), dict):
-        return R.merge(R.defaults(), state["recipe"], f"{run / 'state.pt'}")
+        return R.merge(R.defaults(), state["recipe"], f"{run / state.get('file', 'state.pt')}")
     if not (run / "recipe.yaml").is_file():
         raise R.RecipeError(f"--resume {run}: no recipe.yaml beside its state.pt (a run of an older version)")
     try:

@@ -119,6 +119,10 @@ def _refuse_shared_gpu(rank: int, world: int, gpu: str) -> dist.Store:
     key = f"vitkit/gpu/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/"  # a restarted job: fresh keys
     store.set(key + str(rank), gpu)
     sharing = [r for r in range(world) if store.get(key + str(r)).decode() == gpu]
+    store.set(f"{key}read/{rank}", "1")
+    if rank == 0:  # the store's server may live in this process: it stays until every rank has read (a
+        # rank 0 that raised at once closed it under rank 1's reads, once in the test suite: a network error there)
+        store.wait([f"{key}read/{r}" for r in range(world)])
     if len(sharing) > 1:
         raise RecipeError(f"torchrun: ranks {', '.join(map(str, sharing))} would share GPU {gpu}: start at most as "
                           "many processes per machine as it has GPUs (torchrun --nproc_per_node)")

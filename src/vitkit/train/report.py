@@ -17,16 +17,18 @@ COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_to
 class Metrics:
     """One CSV row per evaluation (appended, so a resumed run continues the file) + TensorBoard scalars."""
 
-    def __init__(self, run_dir: Path, enabled: bool, upto_step: int | None = None):
+    def __init__(self, run_dir: Path, enabled: bool, upto_step: int | None = None, defer: bool = False):
         """upto_step: the step the run starts from (0: a fresh run); rows and TensorBoard events an earlier,
-        stopped or killed process wrote after it are dropped (its CSV rows) or purged (its events) when this run
-        writes its first, so that a resumed or restarted run has each step once (and a run that writes nothing,
-        one gone back to state.prev.pt and stopped at once, say, leaves the files as they were)."""
+        stopped or killed process wrote after it are dropped (its CSV rows) or purged (its events), so that a
+        resumed or restarted run has each step once. defer: a run gone back to state.prev.pt; the later rows
+        belong to state.pt until the run's first save replaces it, so they are dropped then (`commit`) and the
+        run's own are held until that moment."""
         self.run_dir, self.csv_path, self.enabled, self.upto_step = run_dir, run_dir / "metrics.csv", enabled, upto_step
-        self.tb, self.started = None, False
+        self.tb, self.held = None, [] if defer else None
+        if enabled and not defer:
+            self._open()
 
-    def _start(self) -> None:
-        self.started = True
+    def _open(self) -> None:
         if self.upto_step is not None and self.csv_path.exists():
             rows = read_metrics(self.csv_path)
             kept = [r for r in rows if r["step"] is not None and r["step"] <= self.upto_step]
@@ -46,20 +48,29 @@ class Metrics:
         except ImportError:
             log.warning("tensorboard is not installed: metrics go to metrics.csv only")
 
-    def scalars(self, step: int, **values: float) -> None:
-        if not self.enabled:
+    def commit(self) -> None:
+        """The run's first save is on disk: the held rows and scalars are written (deferred runs; else nothing)."""
+        if self.held is None:
             return
-        if not self.started:
-            self._start()
-        if self.tb is not None:
+        held, self.held = self.held, None
+        if self.enabled:
+            self._open()
+            for step, values, is_row in held:
+                self.row(**values) if is_row else self.scalars(step, **values)
+
+    def scalars(self, step: int, **values: float) -> None:
+        if self.held is not None:
+            self.held.append((step, values, False))
+        elif self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
 
     def row(self, **values) -> None:
         if not self.enabled:
             return
-        if not self.started:
-            self._start()
+        if self.held is not None:
+            self.held.append((values["step"], values, True))
+            return
         new = not self.csv_path.exists()
         with open(self.csv_path, "a", newline="") as f:
             w = csv.DictWriter(f, COLUMNS)

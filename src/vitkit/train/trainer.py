@@ -9,6 +9,7 @@ is a function of (step, total_steps).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -201,7 +202,8 @@ def keep_previous(run_dir: Path) -> None:
             tmp.unlink(missing_ok=True)
             try:
                 os.link(run_dir / STATE, tmp)
-            except OSError:
+            except OSError:  # a copy: the one it replaces goes first, so that the disk holds at most three states
+                (run_dir / PREV).unlink(missing_ok=True)
                 shutil.copyfile(run_dir / STATE, tmp)
     except OSError as e:
         log.warning("%s not kept (%s): only the last state is on disk", run_dir / PREV, e.strerror or e)
@@ -388,6 +390,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
     # going back one save: state.prev.pt stays what it is until the run's first save replaces the later state.pt
     # with the new one (stopped before that, nothing of the run is lost)
     going_back = resume and state["file"] == PREV
+    keep_prev = True  # until the disk has no room for it
     if going_back and d.main:
         log.warning("--resume: going back to %s (step %d); %s is replaced by this run's first save", PREV,
                     state["step"], STATE)
@@ -417,8 +420,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         if state["scaler"]:  # empty: saved by a disabled scaler (a bf16/fp32 run now resumed under fp16)
             scaler.load_state_dict(state["scaler"])
         step, best, elapsed_before = state["step"], state["best_top1"], state["elapsed"]
-        if going_back:  # best.safetensors may be from the later evaluations: a new best must beat them too
-            best = max(best, _peek(run_dir / STATE, "best_top1") or best)
+        # best.safetensors may hold a better evaluation than the state knows: the later ones of a run gone back
+        # to state.prev.pt, or one a killed process exported before its state; a new best must beat it too
+        best = max(best, _recorded_best(run_dir / BEST))
         history = list(state.get("resumed", []))  # resumes that changed recipe values: the recipe alone no
         before = state.get("recipe") or {}  # longer retrains these weights
         if changes := {f"{sec}.{k}": [before[sec].get(k), v] for sec, keys in r.items() for k, v in keys.items()
@@ -450,7 +454,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         with replacing(run_dir / RECIPE) as tmp:  # a restart with --recipe RUN/recipe.yaml reads the one it replaces
             tmp.write_text(to_yaml(r))
     # a fresh run in a directory where an earlier attempt died before its first checkpoint drops that attempt's rows
-    metrics = held["metrics"] = Metrics(run_dir, d.main, upto_step=step)
+    metrics = held["metrics"] = Metrics(run_dir, d.main, upto_step=step, defer=going_back)
     if d.main:
         log.info("%s | %s | %s params | %s | %d steps of %d images (%d per process x %d accumulation) | %s",
                  describe(data), f"ViT {model.cfg.width}w x {model.cfg.depth} @ {img_size[0]}px",
@@ -488,6 +492,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
     def save(weights: bool, val=None, improved: bool = False) -> None:
         """The training state; with `weights` also last.safetensors (and best.safetensors when val `improved` on
         every earlier evaluation: the epoch the log marks with *, the first of equal ones)."""
+        nonlocal going_back
         model_sd, optim_sd = full_state(wrapped if sharded else model, optimizer, sharded)
         rngs = [rng_state(d.device)]
         if d.world > 1:
@@ -495,13 +500,17 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             torch.distributed.all_gather_object(rngs, rng_state(d.device))
         everywhere = gather_skipped()  # and the whole epoch's statistics so far, every rank's
         stats = d.sum(epoch_stats.clone()).cpu()
+        problem = None
         if d.main:
             try:
                 _write(weights, val, improved, model_sd, optim_sd, rngs, everywhere, stats)
             except OSError as e:  # a full disk, say (save_model says safetensors' errors as OSError too)
-                raise TrainingError(f"cannot write the checkpoint in {run_dir} ({getattr(e, 'strerror', '') or e}); "
-                                    f"{_last_good(run_dir, going_back=going_back)}") from None
-        d.barrier()
+                problem = (f"cannot write the checkpoint in {run_dir} ({getattr(e, 'strerror', '') or e}); "
+                           f"{_last_good(run_dir, going_back=going_back)}")
+        if d.any(problem is not None)[0]:  # every rank stops (the others would wait for rank 0 for good)
+            raise TrainingError(problem or "rank 0 could not write the checkpoint")
+        going_back = False
+        metrics.commit()
 
     def gather_skipped() -> set:
         """Unreadable images found by any rank (each meets its own share of the data)."""
@@ -515,7 +524,6 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                stats: torch.Tensor) -> None:
         """The exported weights first, the training state last: state.pt is the commit point a resume starts
         from, and re-exports anything after it."""
-        nonlocal going_back
         if weights:
             export = ema.module if ema is not None else _plain(model, model_sd, sharded)
             extra = {"data": data.split, "train": {"step": step, "epoch": step / steps_per_epoch,
@@ -527,13 +535,23 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             save_model(export, run_dir / LAST, **extra)
             if improved or data.val is None:
                 save_model(export, run_dir / BEST, **extra)
-        atomic_save({"step": step, "total_steps": total, "model": model_sd, "optimizer": optim_sd,
-                     "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
-                     "rng": rngs, "best_top1": best, "elapsed": clock(), "epoch_stats": stats,
-                     "skipped": sorted(everywhere), "class_names": names, "data_sizes": sizes, "world": d.world,
-                     "recipe": r, "resumed": history},
-                    run_dir / STATE, before=None if going_back else lambda: keep_previous(run_dir))
-        going_back = False
+        nonlocal keep_prev
+        training_state = {"step": step, "total_steps": total, "model": model_sd, "optimizer": optim_sd,
+                          "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
+                          "rng": rngs, "best_top1": best, "elapsed": clock(), "epoch_stats": stats,
+                          "skipped": sorted(everywhere), "class_names": names, "data_sizes": sizes,
+                          "world": d.world, "recipe": r, "resumed": history}
+        try:
+            atomic_save(training_state, run_dir / STATE,
+                        before=(lambda: keep_previous(run_dir)) if keep_prev and not going_back else None)
+        except OSError as e:  # no room for a third state: the previous one makes room, from now on for good
+            if e.errno != errno.ENOSPC or going_back or not (run_dir / PREV).is_file():
+                raise
+            log.warning("disk full: %s removed to make room for the new state; from now on only the last state "
+                        "is kept", run_dir / PREV)
+            (run_dir / PREV).unlink()
+            keep_prev = False
+            atomic_save(training_state, run_dir / STATE)
         if resume and (run_dir / RECIPE).read_text(errors="replace") != to_yaml(r):  # changed on resuming
             with replacing(run_dir / RECIPE) as tmp:
                 tmp.write_text(to_yaml(r))
@@ -774,6 +792,17 @@ def _last_good(run_dir: Path, diverged: bool = False, going_back: bool = False) 
         hint = (f" (if resuming from it diverges at once, its weights were already off: start a new run from an "
                 f"earlier epoch's with --weights {run_dir / BEST})")
     return f"the last good checkpoint is {run_dir / name} (step {step}){hint}"
+
+
+def _recorded_best(path: Path) -> float:
+    """The validation top-1 a best.safetensors records, -1 if none."""
+    from ..weights.vitkit_format import read_metadata
+
+    try:
+        top1 = ((read_metadata(path) or {}).get("train") or {}).get("val_top1")
+    except Exception:  # missing or damaged: nothing to protect
+        return -1.0
+    return float(top1) if isinstance(top1, (int, float)) else -1.0
 
 
 def _peek(path: Path, key: str):
