@@ -307,6 +307,14 @@ def test_predict_reads_an_image_piped_to_standard_input(ckpt, photo):
     code, results, err = predict("-", "-", input=photo.read_bytes())
     assert code == 1 and len(results) == 1 and "-: no image on standard input" in err, err
 
+    # attention takes it too, named stdin_<method>.png (not a file name that starts like an option)
+    maps = photo.parent / "maps"
+    done = subprocess.run([sys.executable, "-m", "vitkit", "attention", "-", "--weights", str(ckpt), "-o", str(maps)],
+                          input=photo.read_bytes(), capture_output=True, cwd=ROOT, env=env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in maps.iterdir()] == ["stdin_rollout.png"]
+    assert Image.open(maps / "stdin_rollout.png").size[0] > 100
+
 
 def test_capture_attention_takes_one_index_or_a_list(ckpt):
     model = vitkit.load_model(ckpt)

@@ -43,7 +43,8 @@ def _report(command: str, failed: list):
 # --- vitkit attention ------------------------------------------------------------------------------
 def add_attention_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="image files, folders (walked recursively) or quoted glob patterns ('photos/*.jpg')")
+                   help="image files, folders (walked recursively), quoted glob patterns ('photos/*.jpg'), or - for "
+                        "an image piped to standard input")
     add_model_arguments(p)
     p.add_argument("--method", choices=METHODS, default="rollout",
                    help="rollout: all layers (Abnar & Zuidema); last-layer: the last layer, heads averaged; "
@@ -176,13 +177,14 @@ def _output_path(text: str) -> Path:
 
 
 def _output_names(paths: list[Path], folder: Path, tag: str) -> list[Path]:
-    """folder/NAME_TAG.png per image; a repeated name gets -2, -3, ..."""
+    """folder/NAME_TAG.png per image (stdin_TAG.png for "-", the image piped in); a repeated name gets -2, -3..."""
     seen: dict[str, int] = {}
     names = []
     for p in paths:
-        seen[p.stem] = seen.get(p.stem, 0) + 1
-        suffix = f"-{seen[p.stem]}" if seen[p.stem] > 1 else ""
-        names.append(folder / f"{p.stem}{suffix}_{tag}.png")
+        stem = "stdin" if str(p) == "-" else p.stem
+        seen[stem] = seen.get(stem, 0) + 1
+        suffix = f"-{seen[stem]}" if seen[stem] > 1 else ""
+        names.append(folder / f"{stem}{suffix}_{tag}.png")
     return names
 
 
