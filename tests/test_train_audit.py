@@ -223,3 +223,51 @@ def test_going_back_a_save_keeps_a_better_best_of_the_later_evaluations(tmp_path
     vitkit.train_model(resume=run / "state.prev.pt")
     assert (run / "best.safetensors").read_bytes() == best
     assert torch.load(run / "state.pt", weights_only=True)["best_top1"] == pytest.approx(0.9, abs=0.01)
+
+
+def test_a_full_disk_under_torch_save_is_an_oserror(tmp_path, monkeypatch):
+    """torch's zip writer, closed after a write failed, raises RuntimeError("unexpected pos ...") over the
+    OSError: atomic_save says the OSError (ENOSPC), so that a full disk gives up state.prev.pt, not the run."""
+    import builtins
+    import errno
+    import io
+
+    class Full(io.FileIO):
+        written = 0
+
+        def write(self, b):
+            self.written += len(b)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(b)
+
+    real_open = builtins.open
+    monkeypatch.setattr(trainer, "open", lambda p, mode="r", *a, **k: Full(p, "wb") if mode == "wb"
+                        else real_open(p, mode, *a, **k), raising=False)
+    with pytest.raises(OSError) as e:
+        trainer.atomic_save({"x": torch.zeros(100_000)}, tmp_path / "state.pt")
+    assert e.value.errno == errno.ENOSPC and os.listdir(tmp_path) == []
+
+
+def test_going_back_in_a_run_without_recipe_yaml_or_through_a_link(tmp_path, caplog, capsys):
+    """The state holds the recipe: a run directory without recipe.yaml goes back and saves (it was: "cannot write
+    the checkpoint" after state.pt was written, the metrics of the later state kept); a link to state.prev.pt
+    goes back in the run the link points into, not in the link's folder."""
+    from vitkit.cli import main
+
+    run = vitkit.train_model(write_recipe(tmp_path / "r.yaml"), out=tmp_path / "run", epochs=2)
+    rows = (run / "metrics.csv").read_text()
+    os.unlink(run / "recipe.yaml")
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(run / "state.prev.pt", tmp_path / "elsewhere" / "state.prev.pt")
+    assert main(["train", "--resume", str(tmp_path / "elsewhere" / "state.prev.pt")]) == 0
+    assert os.listdir(tmp_path / "elsewhere") == ["state.prev.pt"]
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == 2 * STEPS_PER_EPOCH
+    assert (run / "recipe.yaml").is_file() and "cannot write" not in caplog.text
+    assert (run / "metrics.csv").read_text().splitlines()[:2] == rows.splitlines()[:2]
+    assert len((run / "metrics.csv").read_text().splitlines()) == 3
+    os.unlink(run / "state.pt")  # the state file named, not there: the one before it is
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run / "state.pt")]) == 2
+    assert f"--resume {run / 'state.pt'}: no such file; --resume {run / 'state.prev.pt'} continues" in \
+        capsys.readouterr().err

@@ -76,10 +76,14 @@ def _resolve(args: argparse.Namespace, overrides: dict) -> tuple[dict, Path, dic
         run, name = Path(args.resume), STATE
         if args.recipe or args.out:
             raise R.RecipeError("--resume RUN_DIR takes its recipe and directory from the run; drop --recipe/--out")
+        if run.is_symlink() and run.is_file():  # a link to a run's state file: the run is where the file is
+            run = run.resolve()
         if run.name in (STATE, PREV) and not run.is_dir():  # a state file of a run: state.prev.pt goes back a save
             if not run.is_file():
+                back = f"; --resume {run.parent / PREV} continues from the save before it" \
+                    if (run.parent / PREV).is_file() else ""
                 raise R.RecipeError(f"--resume {run}: no such file" + (" (a run keeps the state before the last "
-                                    "from its second save on)" if run.name == PREV else ""))
+                                    "from its second save on)" if run.name == PREV else back))
             run, name = run.parent, run.name
         elif run.is_file():
             raise R.RecipeError(f"--resume {run}: a file; --resume takes a run directory (or its {PREV}, to go "

@@ -232,7 +232,12 @@ def atomic_save(obj, path: Path, before=None) -> None:
     """obj written whole to `path` or not at all; `before()` runs once it is on disk, before it replaces path."""
     with replacing(path) as tmp:  # interrupted or out of space: no half-written file left behind
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:  # torch's zip writer, closed after a failed write, hides its OSError (a
+                if isinstance(e.__context__, OSError):  # full disk: "unexpected pos"); the OSError is the news
+                    raise e.__context__ from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         if before is not None:
@@ -509,8 +514,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                            f"{_last_good(run_dir, going_back=going_back)}")
         if d.any(problem is not None)[0]:  # every rank stops (the others would wait for rank 0 for good)
             raise TrainingError(problem or "rank 0 could not write the checkpoint")
-        going_back = False
-        metrics.commit()
+        going_back = False  # on every rank (rank 0's _write cleared its own once state.pt was written)
 
     def gather_skipped() -> set:
         """Unreadable images found by any rank (each meets its own share of the data)."""
@@ -535,7 +539,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             save_model(export, run_dir / LAST, **extra)
             if improved or data.val is None:
                 save_model(export, run_dir / BEST, **extra)
-        nonlocal keep_prev
+        nonlocal keep_prev, going_back
         training_state = {"step": step, "total_steps": total, "model": model_sd, "optimizer": optim_sd,
                           "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
                           "rng": rngs, "best_top1": best, "elapsed": clock(), "epoch_stats": stats,
@@ -552,7 +556,13 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             (run_dir / PREV).unlink()
             keep_prev = False
             atomic_save(training_state, run_dir / STATE)
-        if resume and (run_dir / RECIPE).read_text(errors="replace") != to_yaml(r):  # changed on resuming
+        going_back = False  # state.pt is this run's now: whatever fails next, the run continues from it
+        metrics.commit()
+        try:
+            changed = resume and (run_dir / RECIPE).read_text(errors="replace") != to_yaml(r)  # on resuming
+        except OSError:  # removed (the state holds the recipe): written again
+            changed = True
+        if changed:
             with replacing(run_dir / RECIPE) as tmp:
                 tmp.write_text(to_yaml(r))
 
