@@ -341,9 +341,37 @@ def test_a_full_disk_gives_up_the_previous_state_not_the_run(tmp_path, monkeypat
     monkeypatch.setattr(trainer, "atomic_save", full_at_step_66)
     train_ok("--recipe", str(write_recipe(tmp_path / "r.yaml", train={"epochs": 4})), "--out", str(tmp_path / "run"))
     assert calls == [(22, True), (44, True), (66, True), (66, False), (88, False)]
-    assert "disk full: " in caplog.text and "state.prev.pt removed to make room for the new state" in caplog.text
+    assert "disk full: " in caplog.text and "state.prev.pt removed to make room for the new checkpoint" in caplog.text
     assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == 88
     assert not (tmp_path / "run" / "state.prev.pt").exists()
+
+
+def test_a_full_disk_while_exporting_the_weights_gives_up_the_previous_state_too(tmp_path, monkeypatch, caplog):
+    """The weights are written first: on a full disk their export is what fails, and safetensors says ENOSPC
+    in its own error type ("... (os error 28)")."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    import vitkit.weights.vitkit_format as fmt
+
+    real, failed = safetensors.torch.save_file, []
+
+    def full_once_at_step_66(tensors, path, metadata=None):
+        if '"step": 66' in metadata["config"] and not failed:
+            failed.append(path)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_once_at_step_66)
+    train_ok("--recipe", str(write_recipe(tmp_path / "r.yaml", train={"epochs": 4})), "--out", str(tmp_path / "run"))
+    assert len(failed) == 1 and "state.prev.pt removed to make room for the new checkpoint" in caplog.text
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == 88
+    assert vitkit.load_model(tmp_path / "run" / "last.safetensors") is not None
+    with pytest.raises(OSError) as e:  # the number survives the one-line OSError save_model raises
+        failed.clear()
+        fmt.save(vitkit.load_model(tmp_path / "run" / "last.safetensors"), tmp_path / "x.safetensors",
+                 {"train": {"step": 66}})
+    assert e.value.errno == 28 and str(e.value).startswith(f"{tmp_path / 'x.safetensors'}: cannot write (No space left")
 
 
 def test_previous_state_without_hard_links(tmp_path, monkeypatch):

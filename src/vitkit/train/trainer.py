@@ -497,7 +497,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
     def save(weights: bool, val=None, improved: bool = False) -> None:
         """The training state; with `weights` also last.safetensors (and best.safetensors when val `improved` on
         every earlier evaluation: the epoch the log marks with *, the first of equal ones)."""
-        nonlocal going_back
+        nonlocal going_back, keep_prev
         model_sd, optim_sd = full_state(wrapped if sharded else model, optimizer, sharded)
         rngs = [rng_state(d.device)]
         if d.world > 1:
@@ -507,11 +507,21 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         stats = d.sum(epoch_stats.clone()).cpu()
         problem = None
         if d.main:
-            try:
-                _write(weights, val, improved, model_sd, optim_sd, rngs, everywhere, stats)
-            except OSError as e:  # a full disk, say (save_model says safetensors' errors as OSError too)
-                problem = (f"cannot write the checkpoint in {run_dir} ({getattr(e, 'strerror', '') or e}); "
-                           f"{_last_good(run_dir, going_back=going_back)}")
+            for attempt in (1, 2):
+                try:
+                    _write(weights, val, improved, model_sd, optim_sd, rngs, everywhere, stats)
+                    break
+                except OSError as e:  # a full disk, say (save_model says safetensors' errors as OSError too)
+                    if attempt == 1 and e.errno == errno.ENOSPC and keep_prev and not going_back and \
+                            (run_dir / PREV).is_file():  # the previous state makes room, from now on for good
+                        log.warning("disk full: %s removed to make room for the new checkpoint; from now on only "
+                                    "the last state is kept", run_dir / PREV)
+                        (run_dir / PREV).unlink()
+                        keep_prev = False
+                        continue
+                    problem = (f"cannot write the checkpoint in {run_dir} ({getattr(e, 'strerror', '') or e}); "
+                               f"{_last_good(run_dir, going_back=going_back)}")
+                    break
         if d.any(problem is not None)[0]:  # every rank stops (the others would wait for rank 0 for good)
             raise TrainingError(problem or "rank 0 could not write the checkpoint")
         going_back = False  # on every rank (rank 0's _write cleared its own once state.pt was written)
@@ -539,23 +549,14 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             save_model(export, run_dir / LAST, **extra)
             if improved or data.val is None:
                 save_model(export, run_dir / BEST, **extra)
-        nonlocal keep_prev, going_back
+        nonlocal going_back
         training_state = {"step": step, "total_steps": total, "model": model_sd, "optimizer": optim_sd,
                           "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
                           "rng": rngs, "best_top1": best, "elapsed": clock(), "epoch_stats": stats,
                           "skipped": sorted(everywhere), "class_names": names, "data_sizes": sizes,
                           "world": d.world, "recipe": r, "resumed": history}
-        try:
-            atomic_save(training_state, run_dir / STATE,
-                        before=(lambda: keep_previous(run_dir)) if keep_prev and not going_back else None)
-        except OSError as e:  # no room for a third state: the previous one makes room, from now on for good
-            if e.errno != errno.ENOSPC or going_back or not (run_dir / PREV).is_file():
-                raise
-            log.warning("disk full: %s removed to make room for the new state; from now on only the last state "
-                        "is kept", run_dir / PREV)
-            (run_dir / PREV).unlink()
-            keep_prev = False
-            atomic_save(training_state, run_dir / STATE)
+        atomic_save(training_state, run_dir / STATE,
+                    before=(lambda: keep_previous(run_dir)) if keep_prev and not going_back else None)
         going_back = False  # state.pt is this run's now: whatever fails next, the run continues from it
         metrics.commit()
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from ..files import replacing
@@ -35,7 +36,12 @@ def save(model, path: str | Path, extra: dict | None = None) -> Path:
             os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files readable by their owner alone
     except Exception as e:  # safetensors' own error type for I/O too: one OSError naming the file, whatever wrote it
         if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
-            raise OSError(f"{path}: cannot write ({_reason(e)})") from None
+            error = OSError(f"{path}: cannot write ({_reason(e)})")
+            # the cause's number kept (a full disk: a trainer makes room and tries again); safetensors says it
+            # in its text, "... (os error 28)"
+            error.errno = e.errno if isinstance(e, OSError) else \
+                int(m[1]) if (m := re.search(r"os error (\d+)", str(e))) else None
+            raise error from None
         raise
     return path
 
