@@ -7,10 +7,10 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def replacing(path: str | Path, sync: bool = False):
+def replacing(path: str | Path, sync: bool = False, before=None):
     """A temporary name beside `path` to write to; when the block ends without an error the file replaces `path`
-    (on disk first when `sync`), otherwise it is removed. Readers and crashes never meet half a file, and the
-    earlier file at `path` stays whole until the new one is complete."""
+    (on disk first when `sync`; `before()` runs just before it does), otherwise it is removed. Readers and crashes
+    never meet half a file, and the earlier file at `path` stays whole until the new one is complete."""
     path = Path(path)
     tmp = path.with_name(f".{path.name[:200]}.{os.getpid()}.tmp")  # within the 255 bytes a name may have
     try:
@@ -18,6 +18,8 @@ def replacing(path: str | Path, sync: bool = False):
         if sync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+        if before is not None:
+            before()
         os.replace(tmp, path)
     finally:
         try:

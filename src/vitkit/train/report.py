@@ -24,7 +24,7 @@ class Metrics:
         belong to state.pt until the run's first save replaces it, so they are dropped then (`commit`) and the
         run's own are held until that moment."""
         self.run_dir, self.csv_path, self.enabled, self.upto_step = run_dir, run_dir / "metrics.csv", enabled, upto_step
-        self.tb, self.held = None, [] if defer else None
+        self.tb, self.held = None, [] if defer and enabled else None
         if enabled and not defer:
             self._open()
 

@@ -199,7 +199,6 @@ def keep_previous(run_dir: Path) -> None:
             (run_dir / PREV).unlink(missing_ok=True)
             return
         with replacing(run_dir / PREV, sync=True) as tmp:
-            tmp.unlink(missing_ok=True)
             try:
                 os.link(run_dir / STATE, tmp)
             except OSError:  # a copy: the one it replaces goes first, so that the disk holds at most three states
@@ -230,18 +229,13 @@ def lock_run_dir(run_dir: Path):
 
 def atomic_save(obj, path: Path, before=None) -> None:
     """obj written whole to `path` or not at all; `before()` runs once it is on disk, before it replaces path."""
-    with replacing(path) as tmp:  # interrupted or out of space: no half-written file left behind
-        with open(tmp, "wb") as f:
-            try:
-                torch.save(obj, f)
-            except RuntimeError as e:  # torch's zip writer, closed after a failed write, hides its OSError (a
-                if isinstance(e.__context__, OSError):  # full disk: "unexpected pos"); the OSError is the news
-                    raise e.__context__ from None
-                raise
-            f.flush()
-            os.fsync(f.fileno())
-        if before is not None:
-            before()
+    with replacing(path, sync=True, before=before) as tmp, open(tmp, "wb") as f:  # interrupted or out of space:
+        try:  # no half-written file left behind
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch's zip writer, closed after a failed write, hides its OSError (a full
+            if isinstance(e.__context__, OSError):  # disk: "unexpected pos"); the OSError is the news
+                raise e.__context__ from None
+            raise
 
 
 @contextlib.contextmanager
@@ -692,8 +686,8 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             if nonfinite:
                 raise TrainingError(
                     f"loss or gradient became non-finite at step {step + 1} (epoch {epoch + 1}, lr {lr:.3g}); "
-                    f"stopped without saving: {_last_good(run_dir, diverged=True, going_back=going_back)}. Try a lower optim.lr, "
-                    "optim.clip_grad_norm or train.amp=none")
+                    f"stopped without saving: {_last_good(run_dir, diverged=True, going_back=going_back)}. "
+                    "Try a lower optim.lr, optim.clip_grad_norm or train.amp=none")
             if stop:
                 save(weights=True)
                 exit_code = stopped(caught, step)
@@ -715,9 +709,10 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                 eval_times.append(time.time() - t_eval)
                 skipped.update(val.skipped)
                 if not math.isfinite(val.loss):  # the weights diverged: keep the last good checkpoint
-                    raise TrainingError(f"validation loss became non-finite after step {step} (epoch {epoch + 1}, "
-                                        f"lr {lr:.3g}); stopped without saving: {_last_good(run_dir, diverged=True, going_back=going_back)}. "
-                                        "Try a lower optim.lr or optim.clip_grad_norm")
+                    raise TrainingError(
+                        f"validation loss became non-finite after step {step} (epoch {epoch + 1}, lr {lr:.3g}); "
+                        f"stopped without saving: {_last_good(run_dir, diverged=True, going_back=going_back)}. "
+                        "Try a lower optim.lr or optim.clip_grad_norm")
             epoch_stats_all = d.sum(epoch_stats.clone()).cpu()
             improved = val is not None and val.top1 > best
             if val is not None:
@@ -790,7 +785,6 @@ def _plain(model: ViT, sd: dict, sharded: bool) -> ViT:
 
 def _last_good(run_dir: Path, diverged: bool = False, going_back: bool = False) -> str:
     """Where the run can continue from; `going_back`: it started from state.prev.pt and has not saved since."""
-
     name = PREV if going_back else STATE
     if (step := _peek(run_dir / name, "step")) is None:
         return "no checkpoint was written yet"
