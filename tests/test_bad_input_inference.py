@@ -324,7 +324,11 @@ def test_capture_attention_takes_one_index_or_a_list(ckpt):
     with vitkit.capture_attention(model, [1]) as listed, torch.no_grad():
         model(x)
     assert list(one) == list(listed) == [1] and torch.equal(one[1], listed[1])
-    for bad in ("1", 1.0, [0, "1"], True):
+    for same in (torch.tensor(-1), np.int64(1), torch.tensor([0, 1])[1:], [np.int32(-1)]):  # integers from libraries
+        with vitkit.capture_attention(model, same) as got, torch.no_grad():
+            model(x)
+        assert list(got) == [1] and torch.equal(got[1], one[1])
+    for bad in ("1", 1.0, [0, "1"], True, torch.tensor(1.0), torch.tensor(True), [torch.tensor(0.5)]):
         with pytest.raises(TypeError, match="layers: a block index or a list of them"):
             with vitkit.capture_attention(model, bad):
                 pass

@@ -4,6 +4,7 @@ the gradient mean is summed in another order)."""
 from __future__ import annotations
 
 import fcntl
+import os
 import signal
 import subprocess
 import sys
@@ -20,11 +21,14 @@ DETERMINISTIC = dict(data={"batch_size": 64}, train={"epochs": 2, "threads": 1},
                      augment={"crop": "pad", "padding": 1, "hflip": 0.5})
 
 
-def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """torchrun with 2 processes; a hang fails the test (torchrun is stopped, and it stops its workers)."""
+def torchrun(*args: str, timeout: float = 300, path: str | None = None) -> subprocess.CompletedProcess:
+    """torchrun with 2 processes; a hang fails the test (torchrun is stopped, and it stops its workers). path:
+    a folder put first on every process's PYTHONPATH."""
+    environ = env()
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [path, environ["PYTHONPATH"]]))
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "vitkit", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         cwd=ROOT, env=env(), start_new_session=True)
+                         cwd=ROOT, env=environ, start_new_session=True)
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -93,6 +97,37 @@ def test_a_locked_run_directory_is_one_line(tmp_path):
     assert done.returncode != 0
     assert done.stderr.count("is in use by another") == 1
     assert "[rank" not in done.stderr  # no worker traceback
+
+
+@pytest.mark.parametrize("fault", ["OSError(errno.EIO, 'Input/output error')", "ValueError('a bug in the export')"])
+def test_rank_0_failing_to_save_stops_every_rank(tmp_path, fault):
+    """Only rank 0 writes. When its checkpoint write fails, rank 1 must stop as well rather than wait in the next
+    collective for good: a disk error is said once in one line, anything else (a bug) with rank 0's traceback.
+    The epoch-1 state stays; on a disk error rank 0 draws the curves up to it before torchrun ends the run."""
+    (tmp_path / "sitecustomize.py").write_text(  # rank 0's export of the weights fails from epoch 2's save on
+        "import errno, os\n"
+        "if os.environ.get('RANK') == '0':\n"
+        "    import vitkit\n"
+        "    real, calls = vitkit.save_model, []\n"
+        "    def save_model(*args, **kwargs):\n"
+        "        calls.append(1)\n"
+        "        if len(calls) > 2:  # epoch 1: last and best\n"
+        f"            raise {fault}\n"
+        "        return real(*args, **kwargs)\n"
+        "    vitkit.save_model = save_model\n")
+    recipe = write_recipe(tmp_path / "r.yaml", train={"epochs": 3, "threads": 1, "amp": "none"})
+    done = torchrun("train", "--recipe", str(recipe), "--out", str(tmp_path / "run"), path=str(tmp_path),
+                    timeout=120)
+    assert done.returncode != 0
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == 1438 // 64
+    if fault.startswith("OSError"):
+        assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+        said = [line for line in done.stderr.splitlines() if "cannot write the checkpoint" in line]
+        assert len(said) == 1 and "(Input/output error)" in said[0], done.stderr[-3000:]
+        assert "state.pt" in said[0], said  # where the run can go on from
+        assert "OSError" not in done.stderr and "TrainingError" not in done.stderr, done.stderr[-3000:]
+    else:
+        assert "ValueError: a bug in the export" in done.stderr, done.stderr[-3000:]
 
 
 def test_non_finite_loss_is_said_once(tmp_path):

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import math
 import numbers
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -368,16 +369,23 @@ def capture_attention(model: nn.Module, layers: int | list[int] | None = None):
     if not modules:
         raise ValueError(f"{type(model).__name__} has no ViT attention layers")
 
-    def index(i) -> bool:
-        return isinstance(i, numbers.Integral) and not isinstance(i, bool)
+    def index(i) -> bool:  # an int, a numpy or a one-element torch integer; not a bool
+        if isinstance(i, bool) or (isinstance(i, torch.Tensor) and i.dtype == torch.bool):
+            return False
+        try:
+            operator.index(i)
+        except TypeError:
+            return False
+        return True
 
     if index(layers):
-        layers = [int(layers)]
+        layers = [operator.index(layers)]
     elif layers is not None:
+        given = layers
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable) or \
-                not all(map(index, layers := list(layers))):
-            raise TypeError(f"layers: a block index or a list of them, not {layers!r}")
-        layers = [int(i) for i in layers]
+                getattr(layers, "ndim", 1) == 0 or not all(map(index, layers := list(layers))):
+            raise TypeError(f"layers: a block index or a list of them, not {given!r}")
+        layers = [operator.index(i) for i in layers]
     chosen = range(len(modules)) if layers is None else [i % len(modules) for i in layers]
     bad = [i for i in (layers or []) if not -len(modules) <= i < len(modules)]
     if bad:

@@ -298,6 +298,8 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
                 plot_curves(held["metrics"].csv_path, run_dir / "curves.png")
             except Exception as e:  # a full disk, say: the TrainingError is the message that matters
                 log.warning("curves.png not drawn (%s)", e)
+        if held.get("dist") is not None:  # every rank meets it (they agree on it): the others wait for rank 0's
+            held["dist"].barrier()        # curves, as torchrun stops the rest once one has left, before it says why
         raise
     finally:
         if held.get("metrics") is not None:
@@ -311,7 +313,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
     t0 = time.time()
     M, D, A, O, T = r["model"], r["data"], r["augment"], r["optim"], r["train"]
     try:
-        d = Dist.init(T["device"])
+        d = held["dist"] = Dist.init(T["device"])
     except RecipeError:
         raise
     except ValueError as e:
@@ -491,7 +493,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
     def save(weights: bool, val=None, improved: bool = False) -> None:
         """The training state; with `weights` also last.safetensors (and best.safetensors when val `improved` on
         every earlier evaluation: the epoch the log marks with *, the first of equal ones)."""
-        nonlocal going_back, keep_prev
+        nonlocal going_back
         model_sd, optim_sd = full_state(wrapped if sharded else model, optimizer, sharded)
         rngs = [rng_state(d.device)]
         if d.world > 1:
@@ -499,26 +501,36 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             torch.distributed.all_gather_object(rngs, rng_state(d.device))
         everywhere = gather_skipped()  # and the whole epoch's statistics so far, every rank's
         stats = d.sum(epoch_stats.clone()).cpu()
-        problem = None
+        problem = failure = None
         if d.main:
-            for attempt in (1, 2):
-                try:
-                    _write(weights, val, improved, model_sd, optim_sd, rngs, everywhere, stats)
-                    break
-                except OSError as e:  # a full disk, say (save_model says safetensors' errors as OSError too)
-                    if attempt == 1 and e.errno == errno.ENOSPC and keep_prev and not going_back and \
-                            (run_dir / PREV).is_file():  # the previous state makes room, from now on for good
-                        log.warning("disk full: %s removed to make room for the new checkpoint; from now on only "
-                                    "the last state is kept", run_dir / PREV)
-                        (run_dir / PREV).unlink()
-                        keep_prev = False
-                        continue
-                    problem = (f"cannot write the checkpoint in {run_dir} ({getattr(e, 'strerror', '') or e}); "
-                               f"{_last_good(run_dir, going_back=going_back)}")
-                    break
-        if d.any(problem is not None)[0]:  # every rank stops (the others would wait for rank 0 for good)
+            try:
+                problem = write_or_say(weights, val, improved, model_sd, optim_sd, rngs, everywhere, stats)
+            except Exception as e:  # not the disk: a bug, said with its traceback once the others know
+                failure = e
+        if d.any(problem is not None or failure is not None)[0]:  # every rank stops (the others would wait
+            if failure is not None:                                 # for rank 0 for good)
+                raise failure
             raise TrainingError(problem or "rank 0 could not write the checkpoint")
         going_back = False  # on every rank (rank 0's _write cleared its own once state.pt was written)
+
+    def write_or_say(*written) -> str | None:
+        """_write(*written) on rank 0; a full disk first gives up state.prev.pt, and an OSError that remains is
+        said as the one-line problem returned."""
+        nonlocal keep_prev
+        for attempt in (1, 2):
+            try:
+                _write(*written)
+                return None
+            except OSError as e:  # a full disk, say (save_model says safetensors' errors as OSError too)
+                if attempt == 1 and e.errno == errno.ENOSPC and keep_prev and not going_back and \
+                        (run_dir / PREV).is_file():  # the previous state makes room, from now on for good
+                    log.warning("disk full: %s removed to make room for the new checkpoint; from now on only the "
+                                "last state is kept", run_dir / PREV)
+                    (run_dir / PREV).unlink()
+                    keep_prev = False
+                    continue
+                return (f"cannot write the checkpoint in {run_dir} ({getattr(e, 'strerror', '') or e}); "
+                        f"{_last_good(run_dir, going_back=going_back)}")
 
     def gather_skipped() -> set:
         """Unreadable images found by any rank (each meets its own share of the data)."""
