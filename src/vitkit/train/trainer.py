@@ -47,7 +47,12 @@ PROBE_STEPS = 20  # steps timed (after 3 warm-up steps) to fit the schedule into
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss); the message says where and what is still on disk."""
+    """Training cannot go on (non-finite loss); the message says where and what is still on disk. `together`:
+    every rank of a distributed run raises it at the same step (they agree on it before stopping)."""
+
+    def __init__(self, message: str, together: bool = True):
+        super().__init__(message)
+        self.together = together
 
 
 # --- building blocks ------------------------------------------------------------------------------------
@@ -292,14 +297,19 @@ def train(r: dict, run_dir: Path, state: dict | None = None) -> int:
     held: dict = {}
     try:
         return _train(r, run_dir, state, held)
-    except TrainingError:  # the curves up to the last epoch, as a run that ends otherwise leaves them
+    except TrainingError as stopped:  # the curves up to the last epoch, as a run that ends otherwise leaves them
         if held.get("metrics") is not None and held["metrics"].enabled:
             try:
                 plot_curves(held["metrics"].csv_path, run_dir / "curves.png")
             except Exception as e:  # a full disk, say: the TrainingError is the message that matters
                 log.warning("curves.png not drawn (%s)", e)
-        if held.get("dist") is not None:  # every rank meets it (they agree on it): the others wait for rank 0's
-            held["dist"].barrier()        # curves, as torchrun stops the rest once one has left, before it says why
+        # every rank meets it: the others wait for rank 0's curves, as torchrun stops the rest once one rank has
+        # left, before rank 0 could say why
+        if held.get("dist") is not None and stopped.together:
+            try:
+                held["dist"].barrier()
+            except Exception:  # a rank gone after all: the TrainingError is still the message
+                pass
         raise
     finally:
         if held.get("metrics") is not None:
@@ -507,9 +517,12 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                 problem = write_or_say(weights, val, improved, model_sd, optim_sd, rngs, everywhere, stats)
             except Exception as e:  # not the disk: a bug, said with its traceback once the others know
                 failure = e
-        if d.any(problem is not None or failure is not None)[0]:  # every rank stops (the others would wait
-            if failure is not None:                                 # for rank 0 for good)
-                raise failure
+        said, crashed = d.any(problem is not None, failure is not None)  # every rank stops (the others would
+        if failure is not None:                                            # wait for rank 0 for good)
+            raise failure
+        if crashed:  # rank 0 leaves with its traceback: nobody to wait for
+            raise TrainingError("rank 0 failed while writing the checkpoint", together=False)
+        if said:
             raise TrainingError(problem or "rank 0 could not write the checkpoint")
         going_back = False  # on every rank (rank 0's _write cleared its own once state.pt was written)
 
