@@ -88,3 +88,26 @@ def test_save_load_round_trip_keeps_weights_and_batchnorm_statistics(tmp_path):
     x = torch.randn(3, 3, 32, 32)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     assert not torch.equal(model.patch_embed.backbone[0].bn.running_mean, torch.zeros(8))
+
+
+def test_evaluation_runs_a_loaded_stem_model_channels_last_and_leaves_a_given_model_alone(tmp_path, monkeypatch):
+    """evaluate_model converts a conv-stem model it loads itself to channels-last (faster convolutions, same
+    numbers); a model passed in keeps its memory format, so the caller can still save it with safetensors."""
+    from vitkit.train import evaluate as E
+
+    torch.manual_seed(0)
+    model = vitkit.ViT(ViTConfig(patch_size=1, conv_stem=(8, 16, 24), **TINY))
+    model.class_names = [str(i) for i in range(10)]  # digits' folders
+    path = vitkit.save_model(model.eval(), tmp_path / "stem.safetensors")
+    seen = []
+    evaluate = E.evaluate
+    monkeypatch.setattr(E, "evaluate", lambda m, *a, **kw: seen.append(
+        m.patch_embed.backbone[1].conv.weight.is_contiguous(memory_format=torch.channels_last)) or evaluate(m, *a, **kw))
+    loaded = E.evaluate_model(path, "digits", amp="none")
+    given = E.evaluate_model(model, "digits", amp="none")
+    forced = E.evaluate_model(path, "digits", amp="none", channels_last=False)
+    assert seen == [True, False, False]
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert loaded.n == given.n == forced.n == 1797
+    assert loaded.top1 == given.top1 == forced.top1 and torch.equal(loaded.confusion, forced.confusion)
+    assert loaded.loss == pytest.approx(forced.loss, rel=1e-5)

@@ -199,12 +199,14 @@ def recorded_split(weights: str | None, data: str) -> dict:
 def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_split: float | None = None,
                    split_seed: int | None = None, batch_size: int = 256, workers: int | None = None,
                    amp: str = "auto", tta: str = "none", data_root: str | None = None,
-                   progress: bool = False) -> EvalResult:
+                   progress: bool = False, channels_last: bool | None = None) -> EvalResult:
     """`vitkit eval` from Python: a model (or the path of a vitkit checkpoint) on DATA (what `vitkit train` takes),
     classes matched by name. When DATA is the data the checkpoint (`weights`: its path, for a model given as
     such) was trained on, its held-out split is evaluated unless val_split says otherwise. Returns top1, top5,
     loss, n, per_class(), the confusion matrix. Problems with the data or the arguments raise ValueError
-    (DataError) before any work."""
+    (DataError) before any work. channels_last converts the model in place (faster convolutions); by default
+    only a model this function loads itself and only if it has a convolutional stem: a model passed in is left
+    as it is."""
     from ..api import load_model
     from ..data.datasets import DataError, describe, in_memory, open_data, relabel
     from ..data.images import eval_transform
@@ -225,7 +227,10 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
         raise DataError(f"{problem[0]}: {problem[1]}")
     if isinstance(model, (str, Path)):
         weights, model = model, load_model(model)
+        channels_last = has_conv_stem(model) if channels_last is None else channels_last
     model = model.eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     device = next(model.parameters()).device
     if val_split is not None and (isinstance(val_split, bool) or not isinstance(val_split, (int, float))
                                   or not 0 <= val_split < 1):
@@ -251,23 +256,32 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
     log.info("evaluating on %s: %s", describe(ds), what)
     workers = workers if workers is not None else 0 if in_memory(ds.val) else min(4, os.cpu_count() or 1)
     loader = eval_loader(ds.val, eval_transform(model.preprocess, model.cfg.img_size), batch_size, workers)
-    result = evaluate(model, loader, list(names), device, amp, progress=progress, tta=tta)
+    result = evaluate(model, loader, list(names), device, amp, bool(channels_last), progress=progress, tta=tta)
     result.skipped = ds.skipped + result.skipped  # found while preloading, and while evaluating
     result.data, result.split = ds.name, what
     return result
 
 
+def has_conv_stem(model) -> bool:
+    """A ResNet or a stack of convolutions before the patches: channels-last makes evaluating these faster
+    (the CIFAR-10 recipe's model: 1.4x, BENCHMARKS.md); a plain ViT gains nothing from it."""
+    return bool(getattr(model.cfg, "conv_stem", None) or getattr(model.cfg, "hybrid_layers", None))
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from ..cli import UserError, check_writable, model_from_args
+    from .cli import keep_freed_memory
     from .report import plot_confusion, write_confusion
 
     out = Path(args.out)  # checked before any work: an evaluation whose results cannot be written is lost time
     check_writable(out, f"--out {out}: cannot write confusion.png there", folder=True)
     model = model_from_args(args)
+    keep_freed_memory()  # as `vitkit train` does: batches reuse the last one's pages instead of faulting in new ones
     try:
         result = evaluate_model(model, args.data, weights=args.weights, val_split=args.val_split,
                                 split_seed=args.split_seed, batch_size=args.batch_size, workers=args.workers,
-                                amp=args.amp, tta=args.tta, data_root=args.data_root, progress=not args.json)
+                                amp=args.amp, tta=args.tta, data_root=args.data_root, progress=not args.json,
+                                channels_last=has_conv_stem(model))
     except ValueError as e:  # DataError included
         raise UserError(str(e)) from None
     names = result.class_names
