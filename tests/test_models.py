@@ -20,6 +20,7 @@ def test_every_timm_name_has_timms_exact_parameters(name):
     """Built on the meta device: no memory, so even ViT-H/14 is cheap."""
     with torch.device("meta"):
         ours, theirs = vitkit.create_model(name), timm.create_model(name, num_classes=1000)
+    assert {p.device.type for p in ours.parameters()} == {"meta"}  # the caller's device, not a pinned CPU
     assert shapes(ours) == shapes(theirs)
 
 

@@ -1,6 +1,7 @@
 """The public entry points: create_model, load_model, save_model."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -34,8 +35,10 @@ def create_model(name: str, *, weights: str | Path | None = None, num_classes: i
     cfg, preprocess = build_config(name, **{**facts, **overrides}, num_classes=num_classes, img_size=img_size)
     if ckpt is not None and img_size is None and (native := _native_size(ckpt, cfg)) != cfg.img_size:
         cfg, preprocess = build_config(name, **{**facts, **overrides}, num_classes=num_classes, img_size=native)
-    check_memory(cfg)
-    with torch.device("meta" if ckpt is not None else "cpu"):  # no random init for weights about to be loaded
+    if ckpt is not None or torch.get_default_device().type == "cpu":  # weights are read into memory
+        check_memory(cfg)
+    # no random init for weights about to be loaded; else the caller's device (`with torch.device("meta")`: no memory)
+    with torch.device("meta") if ckpt is not None else contextlib.nullcontext():
         model = ViT(cfg)
     model.preprocess.update(preprocess)
     if ckpt is not None:
