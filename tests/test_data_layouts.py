@@ -125,8 +125,11 @@ def test_train_val_test_layouts(tmp_path, caplog):
     scored = open_data(str(tmp_path / "tt"), evaluate_only=True, cache_dir=cache)
     assert (scored.train, len(scored.val), scored.val_name, scored.skipped) == (None, 12, "the test/ folder", [])
     (tmp_path / "tt" / "test").rename(tmp_path / "tt" / "valid")
-    data = open_data(str(tmp_path / "tt"), cache_dir=cache)
+    caplog.clear()
+    caplog.set_level("INFO", logger="vitkit")
+    data = open_data(str(tmp_path / "tt"), val_split=0.1, cache_dir=cache)
     assert (len(data.train), len(data.val), data.val_name) == (12, 12, "the valid/ folder")
+    assert "validating on the valid/ folder; data.val_split applies to data without one" in caplog.text
 
 
 def test_images_of_several_sizes_are_not_squashed_into_one(tmp_path):

@@ -243,7 +243,7 @@ def test_position_similarity_diagonal_and_grid(img_size, tmp_path):
 def test_filters_are_principal_components(tmp_path):
     model = tiny_vit()
     w = model.patch_embed.proj.weight.detach().double().flatten(1).numpy()
-    comps, explained = figure7.filter_components(model.patch_embed.proj.weight.detach(), k=5)
+    comps, explained = figure7.filter_components(model.patch_embed.proj.weight, k=5)  # the Parameter itself
     centred = w - w.mean(0)
     eigval, eigvec = np.linalg.eigh(centred.T @ centred)  # covariance eigenvectors, ascending
     for j in range(5):
@@ -382,6 +382,10 @@ def test_inspect_command_writes_figure7(digits, tmp_path, capsys):
     assert vitkit_main(["inspect", "--weights", str(ckpt), "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--force" in err and (out / "summary.json").read_bytes() == before
+    # from Python, the folder may be given as a string, as every other path in the API
+    summary = figure7.write_figure7(model, str(tmp_path / "py"), images)
+    assert sorted(p.name for p in (tmp_path / "py").iterdir()) == sorted([*sizes, "summary.json"])
+    np.testing.assert_allclose(summary["attention_distance"]["per_layer_head"], want, atol=1e-4)
 
 
 def test_attention_command(digits, tmp_path, capsys):

@@ -199,7 +199,7 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
         skipped += other.skipped
         held_name, split["val"] = f"{val} ({other.val_name})", val  # eval of the training data then warns
     elif val_split > 0 and spec not in BUILTIN and held is not None:  # a val/ folder is the validation set
-        log.info("%s: validating on its val/ folder; data.val_split applies to data without one", spec)
+        log.info("%s: validating on %s; data.val_split applies to data without one", spec, held_name)
     elif val_split > 0:  # carved out of train (a builtin's test split stays unseen)
         train_idx, val_idx = stratified_split(train.labels, val_split, split_seed)
         if not len(val_idx):

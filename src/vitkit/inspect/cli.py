@@ -53,8 +53,8 @@ def add_attention_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", type=int, help="with --method head: head index (default all heads averaged)")
     p.add_argument("-o", "--output", required=True,
                    help="a .png file for one image; otherwise a folder (created) with IMAGE-NAME_METHOD.png per "
-                        "image (--method head: IMAGE-NAME_layerL-headH.png; maps are PNG only: another image suffix "
-                        "such as .jpg is refused)")
+                        "image (--method head: IMAGE-NAME_layerL-headH.png, or IMAGE-NAME_layerL-mean.png without "
+                        "--head; maps are PNG only: another image suffix such as .jpg is refused)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
 
 

@@ -47,7 +47,7 @@ def embedding_filters(model) -> tuple[torch.Tensor, str]:
 
 def filter_components(weights: torch.Tensor, k: int = 28) -> tuple[np.ndarray, np.ndarray]:
     """Top-k principal components of the filters (as (k, C, kh, kw)) and their explained variance ratios."""
-    flat = weights.flatten(1).double()
+    flat = weights.detach().flatten(1).double().cpu()  # a model's Parameter as it is, or its copy
     _, s, vt = torch.linalg.svd(flat - flat.mean(dim=0), full_matrices=False)
     k = min(k, vt.shape[0])
     var = s**2
@@ -231,7 +231,7 @@ def _round(a: np.ndarray, digits: int = 4) -> list:
 FIGURES = ("filters.png", "position_similarity.png", "attention_distance.png", "summary.json")
 
 
-def write_figure7(model, out_dir: Path, images: Iterable | None = None, source: str | None = None,
+def write_figure7(model, out_dir: str | Path, images: Iterable | None = None, source: str | None = None,
                   on_error=None) -> dict:
     """Write the four files of FIGURES into out_dir (created; existing files are replaced). The images are read
     first, so when none can be read (ValueError) nothing is written."""
@@ -240,6 +240,7 @@ def write_figure7(model, out_dir: Path, images: Iterable | None = None, source: 
     if images is None:
         images, source = default_images()
     distances = attention_distances(model, images, on_error)  # first: it raises when no image can be read
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     summary = {

@@ -60,6 +60,7 @@ MODELS = _entries()
 
 
 def list_models() -> list[str]:
+    """The registered names; a paper-style "ViT-<variant>/<patch>[@<size>]" (e.g. "ViT-S/14@336") is accepted too."""
     return sorted(MODELS, key=str.lower)
 
 
