@@ -188,3 +188,142 @@ def test_numbers_in_strings_keep_their_kind():
     epochs = R.merge(R.defaults(), {"train": {"epochs": "1e2"}}, "x.yaml")["train"]["epochs"]  # YAML 1.1: a string
     assert epochs == 100 and R.SCHEMA["train"]["epochs"][1](epochs) is None  # was: "must be an integer, not 100.0"
     assert R._numeric("5") == 5 and R._numeric("5.0") == 5.0 and R._numeric("1e-3") == 0.001
+
+
+# --- data that is there but not as expected (session 20 review) -------------------------------------------------
+def _photos(folder: Path, classes: dict[str, int], size: int = 80, truncate: bool = False) -> None:
+    """JPEGs of `size` px (larger than what is preloaded) per class; `truncate`: cut to half (the header reads)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, n in classes.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG")
+            data = buf.getvalue()
+            (folder / name / f"{i}.jpg").write_bytes(data[: len(data) // 2] if truncate else data)
+
+
+def _ab_model(tmp_path: Path, classes=("a", "b"), img: int = 40) -> Path:
+    model = ViT(ViTConfig(img_size=img, patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32,
+                          num_classes=len(classes)))
+    model.class_names = list(classes)
+    return vitkit.save_model(model, tmp_path / "ab.safetensors")
+
+
+def test_nothing_readable_is_an_error_not_a_score(tmp_path, capsys, caplog):
+    """Images whose headers read but whose pixels do not: training stops in its first epoch without saving a model
+    (it used to save an untrained one and exit 0, with a made-up loss and img/s); eval says so in one line (it
+    used to crash on its text output, or print top-1 0.0 for n = 0 with --json)."""
+    junk, run = tmp_path / "junk", tmp_path / "run"
+    _photos(junk, {"a": 4, "b": 4}, truncate=True)
+    recipe = write_recipe(tmp_path / "r.yaml", data={"path": str(junk), "val_split": 0.5, "batch_size": 2},
+                          model={"img_size": 40, "patch_size": 8})
+    assert main(["train", "--recipe", str(recipe), "--out", str(run)]) == 1
+    assert "vitkit train: no training image of" in caplog.text and "could be read in epoch 1" in caplog.text
+    capsys.readouterr()
+    assert not (run / "best.safetensors").exists() and not (run / "state.pt").exists()
+    for json_flag in ([], ["--json"]):
+        code = main(["eval", "--data", str(junk), "--weights", str(_ab_model(tmp_path)), "--out", str(tmp_path),
+                     *json_flag])
+        err = one_line_error(capsys, "eval")
+        assert code == 2 and "none of its images could be read (8 unreadable, e.g." in err, err
+
+
+def test_names_that_are_not_utf8(tmp_path, capsys):
+    """A file or class folder named with bytes that are not UTF-8 (Python keeps them as surrogates): the preload
+    cache key crashed on the file, and eval's picture and text output on the class; now both are used and shown."""
+    import os
+
+    from train_utils import digit_images
+
+    small = tmp_path / "small"  # 8x8 PNGs: preloaded and cached
+    files = digit_images(small, ["1", "2"], per_class=6)
+    os.link(files["1"][0], os.fsencode(small / "1") + b"/\xff\xfe.png")
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", data={"path": str(small), "val_split": 0.5, "batch_size": 2},
+                          train={"epochs": 1})
+    assert main(["train", "--recipe", str(recipe), "--out", str(run)]) == 0, capsys.readouterr().err
+    odd = tmp_path / "odd"
+    _photos(odd, {"a": 2, "b": 2})
+    os.rename(odd / "b", os.fsencode(odd) + b"/\xe9t\xe9")
+    classes = ("a", os.fsdecode(b"\xe9t\xe9"))
+    capsys.readouterr()
+    assert main(["eval", "--data", str(odd), "--weights", str(_ab_model(tmp_path, classes)), "--out",
+                 str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "\ufffdt\ufffd" in out and "on 4 images" in out, out
+    assert (tmp_path / "confusion.png").stat().st_size > 1000
+    assert b"\xe9t\xe9" in (tmp_path / "confusion.csv").read_bytes()  # the folder's own bytes
+
+
+def test_shard_patterns_and_classes(tmp_path, capsys):
+    """An unbalanced brace was a braceexpand traceback; shards of one class trained a useless model (a folder of one
+    class is refused)."""
+    from test_train import digit_shards
+
+    recipe = str(write_recipe(tmp_path / "r.yaml", data={"val_split": 0, "batch_size": 4}))
+    assert main(["train", "--recipe", recipe, "--data", str(tmp_path / "s-{000..001.tar")]) == 2
+    assert "s-{000..001.tar: not a shard pattern (" in one_line_error(capsys, "train")
+    one = tmp_path / "one"
+    one.mkdir()
+    pattern = digit_shards(one, 1, 1)  # the first digit only: one class
+    (one / "classes.txt").write_text("zero\none\n")
+    assert main(["train", "--recipe", recipe, "--data", pattern, "--out", str(tmp_path / "run")]) == 2
+    assert "every sample has label 0 (zero); training needs at least two classes" in one_line_error(capsys, "train")
+    assert not (tmp_path / "run").exists()
+
+
+def test_held_out_fractions_that_leave_classes_or_everything_out(tmp_path, capsys, caplog):
+    from train_utils import digit_images
+
+    folder = tmp_path / "imb"
+    digit_images(folder, ["1"], per_class=2), digit_images(folder, ["2"], per_class=12)
+    digit_images(folder, ["3"], per_class=1)
+    recipe = str(write_recipe(tmp_path / "r.yaml", data={"path": str(folder), "batch_size": 1},
+                              train={"epochs": 1}))
+    assert main(["train", "--recipe", recipe, "--val-split", "0.75", "--out", str(tmp_path / "run")]) == 0
+    assert "a held-out fraction of 0.75 (--val-split) leaves no training image of classes 1, 3" in caplog.text
+    capsys.readouterr()
+    assert main(["train", "--recipe", recipe, "--val-split", "0.9999", "--out", str(tmp_path / "run2")]) == 2
+    assert "a held-out fraction of 0.9999 (--val-split, data.val_split) leaves none of its 15 images to train on" \
+        in one_line_error(capsys, "train")
+
+
+def test_resume_of_a_state_vitkit_did_not_write(tmp_path, capsys):
+    import torch
+
+    for content in ({"model": {}, "epoch": 3}, [1, 2]):
+        run = tmp_path / type(content).__name__
+        run.mkdir()
+        torch.save(content, run / "state.pt")
+        write_recipe(run / "recipe.yaml")
+        assert main(["train", "--resume", str(run)]) == 2
+        err = one_line_error(capsys, "train")
+        assert "state.pt is not a vitkit training state (" + ("no step, total_steps, optimizer" if content != [1, 2]
+                                                             else "a list") in err, err
+
+
+def test_resume_reads_relative_data_where_the_run_started(tmp_path, capsys, monkeypatch):
+    """`--data flat` started in A and resumed from B (which has its own flat/ of the same shape) trained on B's
+    images without a word; from a folder without flat/ it failed. The run records where it started."""
+    from train_utils import digit_images
+    from vitkit.weights.vitkit_format import read_metadata
+
+    for place, offset in (("A", 0), ("B", 20)):
+        digit_images(tmp_path / place / "flat", ["1", "2"], per_class=6, offset=offset)
+    recipe = write_recipe(tmp_path / "r.yaml", data={"path": "flat", "val_split": 0.5, "batch_size": 2},
+                          train={"epochs": 1})
+    run = tmp_path / "run"
+    monkeypatch.chdir(tmp_path / "A")
+    assert main(["train", "--recipe", str(recipe), "--out", str(run)]) == 0
+    for place, epochs in (("B", "2"), (".", "3")):
+        monkeypatch.chdir(tmp_path / place)
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run), "--epochs", epochs]) == 0, capsys.readouterr().err
+        assert read_metadata(run / "last.safetensors")["data"]["resolved"] == str(tmp_path / "A" / "flat")
+        assert read_metadata(run / "last.safetensors")["train"]["epoch"] == int(epochs)

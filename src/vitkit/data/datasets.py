@@ -205,6 +205,14 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
         if not len(val_idx):
             raise DataError(f"{spec}: a held-out fraction of {val_split} (--val-split, data.val_split) is no image "
                             f"at all of {len(train)}; raise it or give --val-data")
+        if not len(train_idx) and not evaluate_only:
+            raise DataError(f"{spec}: a held-out fraction of {val_split} (--val-split, data.val_split) leaves none "
+                            f"of its {len(train)} images to train on; lower it or give --val-data")
+        labels = torch.as_tensor(train.labels)
+        if not evaluate_only and (gone := sorted(set(labels.tolist()) - set(labels[train_idx].tolist()))):
+            listed = ", ".join(class_names[c] for c in gone[:5]) + (f" and {len(gone) - 5} more" * (len(gone) > 5))
+            log.warning("%s: a held-out fraction of %g (--val-split) leaves no training image of class%s %s",
+                        spec, val_split, "es" if len(gone) > 1 else "", listed)
         train, held = Subset(train, train_idx.tolist()), Subset(train, val_idx.tolist())
         split["val_split"] = val_split
         held_name = f"held-out {val_split:.0%} (seed {split_seed})"
@@ -432,10 +440,10 @@ def _preload(files: FileImages, root: Path, where: str, cache_dir: str | None) -
     sizes and times). None when the images are not all of one size: one tensor would squash them."""
     h = hashlib.blake2b(digest_size=12)
     h.update(b"preload 2: one size only\n")  # caches of version 1 squashed images of several sizes into one
-    h.update(f"{root.resolve()}\n".encode())
+    h.update(os.fsencode(f"{root.resolve()}\n"))  # fsencode: a file name need not be valid UTF-8
     for p, label in zip(files.paths, files.labels.tolist()):
         st = p.stat()
-        h.update(f"{p.relative_to(root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(os.fsencode(f"{p.relative_to(root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n"))
     cache = cache_root(cache_dir) / f"preload-{h.hexdigest()}.pt"
     if cache.is_file():
         d = torch.load(cache, weights_only=True)
@@ -509,7 +517,7 @@ def relabel(data: Data, target: list[str]) -> Data:
 def _shards(spec: str, val: str | None, opts: dict, evaluate_only: bool) -> Data:
     import webdataset as wds
 
-    urls = wds.shardlists.expand_urls(spec)
+    urls = _expand(spec)
     missing = [u for u in urls if "://" not in u and not Path(u).is_file()]
     if missing:
         raise DataError(f"{spec}: {len(missing)} of {len(urls)} shards missing, e.g. {missing[0]}")
@@ -528,8 +536,11 @@ def _shards(spec: str, val: str | None, opts: dict, evaluate_only: bool) -> Data
         class_names = [str(i) for i in range(max(labels) + 1)]
     else:
         raise DataError(f"{spec}: put the class names in {names_file} (one per line, in label order)")
+    if labels is not None and len(labels) < 2 and not evaluate_only:
+        raise DataError(f"{spec}: every sample has label {labels[0]} ({class_names[labels[0]]}); training needs "
+                        "at least two classes")
     stream = ShardStream(urls, count, shuffle_buffer=opts.get("shuffle_buffer", 2000), shard_sizes=sizes)
-    val_urls = wds.shardlists.expand_urls(val) if val else None
+    val_urls = _expand(val) if val else None
     val_sizes = None
     if val and not is_shards(val):
         raise DataError(f"{val}: the validation data (--val-data, data.val) of WebDataset shards must be shards "
@@ -554,6 +565,16 @@ def _shards(spec: str, val: str | None, opts: dict, evaluate_only: bool) -> Data
         data.train, data.val = None, held or ShardStream(urls, count, shuffle_buffer=0, shard_sizes=sizes)
         data.val_name = val or "all"
     return data
+
+
+def _expand(pattern: str) -> list[str]:
+    import webdataset as wds
+
+    try:
+        return wds.shardlists.expand_urls(pattern)
+    except ValueError as e:  # braceexpand's UnbalancedBracesError
+        raise DataError(f"{pattern}: not a shard pattern ({e}); name shards with a brace range, e.g. "
+                        "'shards-{000000..000009}.tar'") from None
 
 
 def _count(urls: list[str]) -> tuple[list[int], list[int]]:

@@ -258,6 +258,9 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
     loader = eval_loader(ds.val, eval_transform(model.preprocess, model.cfg.img_size), batch_size, workers)
     result = evaluate(model, loader, list(names), device, amp, bool(channels_last), progress=progress, tta=tta)
     result.skipped = ds.skipped + result.skipped  # found while preloading, and while evaluating
+    if not result.n:
+        raise DataError(f"{data}: none of its images could be read ({len(result.skipped)} unreadable, e.g. "
+                        f"{min(result.skipped, default='?')})")
     result.data, result.split = ds.name, what
     return result
 
@@ -271,7 +274,7 @@ def has_conv_stem(model) -> bool:
 def run_eval(args: argparse.Namespace) -> int:
     from ..cli import UserError, check_writable, model_from_args
     from .cli import keep_freed_memory
-    from .report import plot_confusion, write_confusion
+    from .report import plot_confusion, shown, write_confusion
 
     out = Path(args.out)  # checked before any work: an evaluation whose results cannot be written is lost time
     check_writable(out, f"--out {out}: cannot write confusion.png there", folder=True)
@@ -302,7 +305,7 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         width = max(len(n) for n in result.per_class())
         for name, c in result.per_class().items():
-            print(f"  {name:<{width}}  {c['accuracy']:7.2%}  ({c['n']})")
+            print(f"  {shown(name):<{width}}  {c['accuracy']:7.2%}  ({c['n']})")
         print(f"top-1 {result.top1:.2%}  top-5 {result.top5:.2%}  loss {result.loss:.4f}  on {result.n} images"
               + (f"  confusion matrix: {png}" if png else ""))
     if result.skipped:

@@ -125,9 +125,16 @@ def plot_curves(metrics_csv: Path, out: Path) -> Path | None:
     return out
 
 
+def shown(text: str) -> str:
+    """Text as it can be printed or drawn: a folder name that is not valid UTF-8 (its bytes kept by Python as
+    surrogates) gets a replacement character where they are."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def write_confusion(confusion: torch.Tensor, names: list[str], out: Path) -> Path:
-    """The confusion matrix as counts: one row per true class, one column per predicted class."""
-    with replacing(out) as tmp, open(tmp, "w", newline="") as f:
+    """The confusion matrix as counts: one row per true class, one column per predicted class (class names as
+    their folders' bytes)."""
+    with replacing(out) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         w = csv.writer(f)
         w.writerow(["true \\ predicted", *names])
         w.writerows([name, *row] for name, row in zip(names, confusion.tolist()))
@@ -136,7 +143,7 @@ def write_confusion(confusion: torch.Tensor, names: list[str], out: Path) -> Pat
 
 def plot_confusion(confusion: torch.Tensor, names: list[str], out: Path, title: str = "") -> Path | None:
     """Row-normalised confusion matrix (rows: true class, columns: predicted); counts written when few classes."""
-    k = len(names)
+    k, names, title = len(names), [shown(n) for n in names], shown(title)
     if k > 100:
         log.warning("%d classes: confusion-matrix picture skipped (the numbers are in confusion.csv)", k)
         return None

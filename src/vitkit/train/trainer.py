@@ -30,7 +30,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data.augment import BatchShiftFlip, batch_mixer, train_transform
-from ..data.datasets import ShardStream, Transformed, collate, describe, open_data
+from ..data.datasets import BUILTIN, ShardStream, Transformed, collate, describe, is_shards, open_data
 from ..data.images import eval_transform
 from ..files import replacing
 from ..models.registry import build_config
@@ -193,6 +193,11 @@ def read_state(run_dir: Path, name: str = STATE) -> dict:
         raise RecipeError(f"--resume {run_dir}: {name} is unreadable ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else 'empty'}); the run cannot continue from it{back}") \
             from None
+    needed = ("step", "total_steps", "model", "optimizer", "class_names", "skipped", "epoch_stats")
+    if not isinstance(state, dict) or (missing := [k for k in needed if k not in state]):
+        raise RecipeError(f"--resume {run_dir}: {name} is not a vitkit training state (" +
+                          (f"no {', '.join(missing[:3])} in it" if isinstance(state, dict) else
+                           f"a {type(state).__name__}") + "); the run cannot continue from it")
     return {**state, "file": name}
 
 
@@ -330,7 +335,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         raise RecipeError(f"train.device (--device) {e}") from None
 
     # data: every problem with it is reported here, before any work
-    data = open_data(D["path"], val=D["val"], val_split=D["val_split"], split_seed=D["split_seed"], root=D["root"],
+    started_in = (state or {}).get("cwd") or os.getcwd()
+    data = open_data(_where(D["path"], started_in), val=D["val"] and _where(D["val"], started_in),
+                     val_split=D["val_split"], split_seed=D["split_seed"], root=D["root"],
                      preload=D["preload"], cache_dir=D["cache_dir"],
                      shards={"epoch_size": D["epoch_size"], "shuffle_buffer": D["shuffle_buffer"]})
     names = data.class_names
@@ -573,7 +580,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                           "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
                           "rng": rngs, "best_top1": best, "elapsed": clock(), "epoch_stats": stats,
                           "skipped": sorted(everywhere), "class_names": names, "data_sizes": sizes,
-                          "world": d.world, "recipe": r, "resumed": history}
+                          "world": d.world, "recipe": r, "resumed": history, "cwd": started_in}
         atomic_save(training_state, run_dir / STATE,
                     before=(lambda: keep_previous(run_dir)) if keep_prev and not going_back else None)
         going_back = False  # state.pt is this run's now: whatever fails next, the run continues from it
@@ -739,6 +746,13 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                         f"stopped without saving: {_last_good(run_dir, diverged=True, going_back=going_back)}. "
                         "Try a lower optim.lr or optim.clip_grad_norm")
             epoch_stats_all = d.sum(epoch_stats.clone()).cpu()
+            unread = "training" if step > epoch_step0 and not epoch_stats_all[2] else \
+                "validation" if val is not None and not val.n else None
+            if unread:  # every image skipped: the numbers would be made up and the weights untrained
+                everywhere = gather_skipped()
+                raise TrainingError(f"no {unread} image of {D['path']} could be read in epoch {epoch + 1} "
+                                    f"({len(everywhere)} unreadable, e.g. {min(everywhere, default='?')}); stopped "
+                                    f"without saving: {_last_good(run_dir, going_back=going_back)}")
             improved = val is not None and val.top1 > best
             if val is not None:
                 best = max(best, val.top1)
@@ -806,6 +820,19 @@ def _plain(model: ViT, sd: dict, sharded: bool) -> ViT:
     plain.load_state_dict(sd)
     plain.preprocess, plain.class_names = dict(model.preprocess), model.class_names
     return plain
+
+
+def _where(path: str, started_in: str) -> str:
+    """A relative data path as the run meant it: from the folder the run started in (a resume from elsewhere would
+    read other data, or none); the path as given where that folder no longer has it."""
+    if path in BUILTIN or "://" in path or Path(path).is_absolute():
+        return path
+    there = os.path.join(started_in, path)
+    if not (Path(there).parent.is_dir() if is_shards(path) else Path(there).exists()) or \
+            os.path.realpath(there) == os.path.realpath(path):
+        return path
+    log.info("%s: read from the folder the run started in: %s", path, there)
+    return there
 
 
 def _last_good(run_dir: Path, diverged: bool = False, going_back: bool = False) -> str:
