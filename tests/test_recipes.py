@@ -75,11 +75,20 @@ def test_finetune_recipe_resamples_positions_as_the_official_code(tmp_path):
         vitkit.load_model(tmp_path / "pt.safetensors", img_size=112, pos_resample="zoom")
 
 
-def test_pretrain_recipe_has_a_pre_logits_layer_as_wide_as_the_model():
+def test_pretrain_recipe_has_a_pre_logits_layer_as_wide_as_the_model(tmp_path):
     for name, width in (("ViT-B/16", 768), ("ViT-S/16", 384), ("ViT-Ti/16", 192)):
         r = R.load(RECIPES / "pretrain.yaml", {"data.path": "digits", "model.name": name, "model.img_size": 32})
         model = build_model(r["model"], ["a", "b"])
         assert model.pre_logits.in_features == model.pre_logits.out_features == width
+    # continuing pre-training from a vitkit checkpoint: as wide as that model, not as the recipe's model.name
+    # (ViT-B/16 there: a 768-wide layer did not fit a 64-wide checkpoint's)
+    small = vitkit.create_model("ViT-Ti/16", width=64, depth=1, num_heads=2, mlp_dim=128, img_size=32,
+                                num_classes=2, representation_size=64)
+    path = vitkit.save_model(small, tmp_path / "small.safetensors")
+    r = R.load(RECIPES / "pretrain.yaml", {"data.path": "digits", "model.weights": str(path)})
+    model = build_model(r["model"], ["a", "b"])
+    assert model.cfg.width == model.pre_logits.in_features == model.pre_logits.out_features == 64
+    torch.testing.assert_close(model.pre_logits.weight, small.pre_logits.weight, rtol=0, atol=0)
 
 
 def test_class_token_gets_no_weight_decay():

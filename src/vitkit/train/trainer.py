@@ -60,13 +60,15 @@ def build_model(m: dict, class_names: list[str]) -> ViT:
     """From a checkpoint (fine-tuning: zero head for new classes, positions resampled; a vitkit checkpoint
     brings its own architecture), a name, or fields."""
     from .. import create_model, load_model
-    from ..weights.vitkit_format import is_vitkit_checkpoint
+    from ..weights.vitkit_format import is_vitkit_checkpoint, read_metadata
 
     fields, k = model_fields(m), len(class_names)
-    if fields.get("representation_size") == "width":
-        fields["representation_size"] = fields.get("width") or (build_config(m["name"])[0].width if m["name"]
-                                                                else ViTConfig.width)
-    if m["weights"] and is_vitkit_checkpoint(m["weights"]):
+    own = m["weights"] and is_vitkit_checkpoint(m["weights"])  # its architecture, whatever model.name says
+    if fields.get("representation_size") == "width":  # as wide as the model that is built
+        fields["representation_size"] = fields.get("width") or (
+            read_metadata(Path(m["weights"]))["config"]["width"] if own else
+            build_config(m["name"])[0].width if m["name"] else ViTConfig.width)
+    if own:
         if m["name"]:
             log.warning("%s: a vitkit checkpoint, built as it says (model.name %s not used)", m["weights"], m["name"])
         model = load_model(m["weights"], pos_resample=m["pos_resample"], **{**fields, "num_classes": k})
