@@ -250,11 +250,25 @@ def test_budget_fit_adds_no_step_when_no_time_is_left():
 
 
 def test_time_budget_stops_gracefully(tmp_path):
+    """...and its warm-up (a fraction of the steps, unknown until they are timed) rises by the clock until the
+    schedule is fitted, then on from there: it used to take the fraction of the epoch cap until then, and jump
+    at the fit (about half the peak in one step here)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     run = tmp_path / "run"
-    train_ok("--recipe", str(write_recipe(tmp_path / "r.yaml")), "--epochs", "1000", "--time-budget", "0.1",
-             "--out", str(run))
+    train_ok("--recipe", str(write_recipe(tmp_path / "r.yaml", schedule={"warmup_fraction": 0.05},
+                                          train={"log_every": 1})),
+             "--epochs", "1000", "--time-budget", "0.1", "--out", str(run))
     state = torch.load(run / "state.pt", weights_only=True)
     assert 0 < state["step"] < 1000 * 22 and state["total_steps"] < 1000 * 22  # the schedule was fitted
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    peak, warmup = 0.003, round(0.05 * state["total_steps"])
+    assert len(lrs) == state["step"] > warmup >= 10 and lrs[-1] < 0.01 * peak
+    rises = np.diff(lrs[:2 * warmup])  # refits move the warm-up's end (the first evaluations are slow)
+    assert 0.95 * peak < max(lrs) <= peak * (1 + 1e-6)
+    assert rises.max() < 0.2 * peak, (rises.max(), lrs[:40])
     assert state["elapsed"] < 6 + 20  # 6 s budget; slack for a busy machine
     rows = read_metrics(run / "metrics.csv")
     assert rows[-1]["step"] == state["step"] and rows[-1]["val_top1"] is not None  # evaluated at the end

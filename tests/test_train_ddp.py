@@ -63,10 +63,12 @@ def test_two_processes_match_one(single, tmp_path, strategy):
 
 def test_time_based_checkpoints_do_not_deadlock(tmp_path):
     """train.checkpoint_minutes is judged by each rank's clock: the ranks must decide to save together
-    (saving gathers every rank's RNG state), or one waits in the gather while the other all-reduces gradients."""
-    recipe = write_recipe(tmp_path / "r.yaml", train={"epochs": 3, "threads": 1, "amp": "none",
-                                                      "checkpoint_minutes": 0.003})
-    done = torchrun("train", "--recipe", str(recipe), "--out", str(tmp_path / "run"), timeout=120)
+    (saving gathers every rank's RNG state), or one waits in the gather while the other all-reduces gradients.
+    So must a time budget's: its fits, and its warm-up by the clock until the first (rank 0's learning rate)."""
+    recipe = write_recipe(tmp_path / "r.yaml", train={"epochs": 1000, "threads": 1, "amp": "none",
+                                                      "checkpoint_minutes": 0.003}, schedule={"warmup_fraction": 0.05})
+    done = torchrun("train", "--recipe", str(recipe), "--out", str(tmp_path / "run"), "--time-budget", "0.1",
+                    timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes end with identical weights" in done.stderr
 

@@ -114,15 +114,31 @@ def make_optimizer(model: torch.nn.Module, o: dict) -> torch.optim.Optimizer:
     return cls(groups, lr=o["lr"], betas=tuple(o["betas"]), fused=fused)
 
 
-def lr_at(step: int, total: int, s: dict, base_lr: float) -> float:
-    """Linear warm-up, then cosine / linear decay to min_lr (or constant)."""
-    warmup = min(max(s["warmup_steps"], round(s["warmup_fraction"] * total)), max(total - 1, 0))
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
+def warmup_length(total: int, s: dict) -> int:
+    return min(max(s["warmup_steps"], round(s["warmup_fraction"] * total)), max(total - 1, 0))
+
+
+def lr_at(step: int, total: int, s: dict, base_lr: float, warmup: tuple | None = None) -> float:
+    """Linear warm-up, then cosine / linear decay to min_lr (or constant). `warmup` (from step, from lr, to step):
+    a time-budget run's, set when its schedule is first fitted (it ran by the clock until then, warmup_by_clock):
+    from that learning rate after that step up to the peak, whatever later fits do to the rest."""
+    s0, lr0, end = warmup or (0, 0.0, warmup_length(total, s))
+    if s0 <= step < end:
+        return lr0 + (base_lr - lr0) * (step + 1 - s0) / (end - s0)
     # progress after this step, as vit_jax's schedule (1-based steps): the last step (total - 1) is at min_lr
-    p = min((step + 1 - warmup) / max(total - warmup, 1), 1.0)
+    p = min((step + 1 - end) / max(total - end, 1), 1.0)
     shape = {"cosine": 0.5 * (1 + math.cos(math.pi * p)), "linear": 1 - p, "constant": 1.0}[s["name"]]
     return s["min_lr"] + (base_lr - s["min_lr"]) * shape
+
+
+def warmup_by_clock(step: int, seconds: float, seconds_to_train: float, s: dict, base_lr: float) -> float:
+    """The warm-up of a time-budget run before its steps are timed, when its length is not known yet: a
+    warm-up given as a fraction of the steps runs by the clock meanwhile (that fraction of the time there is to
+    train), so that it is as long as the one the fitted schedule then continues (lr_at)."""
+    ramps = [base_lr * (step + 1) / s["warmup_steps"]] if s["warmup_steps"] else []  # the longer warm-up wins
+    if s["warmup_fraction"]:
+        ramps.append(base_lr * seconds / max(s["warmup_fraction"] * seconds_to_train, 1e-9))
+    return min([base_lr, *ramps])
 
 
 def ema_model(model: torch.nn.Module, decay: float):
@@ -429,6 +445,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
 
     # where we are: fresh, or exactly where the saved state left off
     step, best, elapsed_before, skipped, history = 0, -1.0, 0.0, set(data.skipped), []
+    warmup = tuple(state["warmup"]) if state is not None and state.get("warmup") else None  # see lr_at
     total = limit = min(T["epochs"] * steps_per_epoch, T["max_steps"] or sys.maxsize)  # a budget fits total <= limit
     budget = T["time_budget"] * 60 if T["time_budget"] else None  # seconds for the whole run, resumed parts too
     epoch_stats = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss sum, correct, images (this epoch)
@@ -462,7 +479,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                         f", train.time_budget {T['time_budget']:g} min" if budget else "",
                         "--time-budget or --epochs" if budget else "--epochs or --set train.max_steps")
         elif total != state["total_steps"] and d.main:  # a longer (or shorter) run: the schedule stretches
-            now, then = (lr_at(step, n, r["schedule"], O["lr"]) for n in (total, state["total_steps"]))
+            now, then = (lr_at(step, n, r["schedule"], O["lr"], warmup) for n in (total, state["total_steps"]))
             log.warning("--resume: the schedule now ends at step %d instead of %d%s", total, state["total_steps"],
                         f", so the learning rate at step {step} is {now:.3g} instead of {then:.3g}" if
                         f"{now:.3g}" != f"{then:.3g}" else "")
@@ -582,7 +599,8 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                           "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
                           "rng": rngs, "best_top1": best, "elapsed": clock(), "epoch_stats": stats,
                           "skipped": sorted(everywhere), "class_names": names, "data_sizes": sizes,
-                          "world": d.world, "recipe": r, "resumed": history, "cwd": started_in}
+                          "world": d.world, "recipe": r, "resumed": history, "cwd": started_in,
+                          "warmup": list(warmup) if warmup else None}
         atomic_save(training_state, run_dir / STATE,
                     before=(lambda: keep_previous(run_dir)) if keep_prev and not going_back else None)
         going_back = False  # state.pt is this run's now: whatever fails next, the run continues from it
@@ -657,7 +675,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         left = budget - clock() - eval_s - save_s - 0.01 * budget
         return _fit(step, limit, left, per_step + per_epoch / steps_per_epoch, d)
 
+    fitted = resume  # the schedule's length is known: fitted to the budget by the run's first process
     with stop_signals() as caught, attention_kernel(kernel), logging_redirect_tqdm():  # log lines above the bar
+        train_t0 = time.time()
         while step < total:
             epoch, position = divmod(step, steps_per_epoch)
             if position == 0:
@@ -667,7 +687,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                        leave=False, disable=not d.main or None, dynamic_ncols=True)
             stop = stop_after_epoch = nonfinite = False
             for group in batches(epoch, position):
-                lr = lr_at(step, total, r["schedule"], O["lr"])
+                lr = lr_at(step, total, r["schedule"], O["lr"], warmup) if budget is None or fitted else \
+                    d.broadcast(warmup_by_clock(step, time.time() - train_t0, budget - (train_t0 - t0), r["schedule"],
+                                                O["lr"]))  # every rank: rank 0's clock
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 step_loss, bad_step = gradients(group)
@@ -699,12 +721,14 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                     warm_s = train_s_here + probe_t - epoch_t
                 if budget is not None and steps_here >= 3 + PROBE_STEPS and (steps_here - 3) % PROBE_STEPS == 0:
                     probed = steps_here == 3 + PROBE_STEPS
-                    per_step = (time.time() - probe_t) / PROBE_STEPS if probed else \
-                        mean_step(train_s_here + time.time() - epoch_t)
+                    # training seconds only: an epoch shorter than the probe evaluated and saved inside it
+                    per_step = mean_step(train_s_here + time.time() - epoch_t)
                     if probed and data.val is not None:  # until one is timed: eval ~3x train speed per view
                         eval_guess = len(data.val) * (2 if T["eval_tta"] == "flip" else 1) / (3 * D["batch_size"]
                                                                                               / per_step)
                     total = refit(per_step)
+                    warmup = warmup if fitted else (step, lr, warmup_length(total, r["schedule"]))  # on from here
+                    fitted = True
                     if probed and d.main:
                         log.info("time budget: %.2f s/step -> %d steps (%.1f epochs)", per_step, total,
                                  total / steps_per_epoch)
@@ -735,6 +759,8 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                 # the mean step time so far, not the last epoch's: one slow epoch on a shared machine should
                 # not shorten the run for good (the count may grow back, up to the recipe's limit)
                 total = refit(mean_step(train_s_here))
+                warmup = warmup if fitted else (step, lr, warmup_length(total, r["schedule"]))
+                fitted = True
                 finished = step >= total  # no time left for another step: this is the last evaluation
             val = None
             if val_loader is not None and ((epoch + 1) % T["eval_every"] == 0 or finished):
