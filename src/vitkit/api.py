@@ -35,7 +35,7 @@ def create_model(name: str, *, weights: str | Path | None = None, num_classes: i
     cfg, preprocess = build_config(name, **{**facts, **overrides}, num_classes=num_classes, img_size=img_size)
     if ckpt is not None and img_size is None and (native := _native_size(ckpt, cfg)) != cfg.img_size:
         cfg, preprocess = build_config(name, **{**facts, **overrides}, num_classes=num_classes, img_size=native)
-    if ckpt is not None or torch.get_default_device().type == "cpu":  # weights are read into memory
+    if ckpt is not None or torch.empty(0).device.type == "cpu":  # weights in memory (the caller's device: any torch)
         check_memory(cfg)
     # no random init for weights about to be loaded; else the caller's device (`with torch.device("meta")`: no memory)
     with torch.device("meta") if ckpt is not None else contextlib.nullcontext():

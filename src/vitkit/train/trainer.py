@@ -118,11 +118,12 @@ def warmup_length(total: int, s: dict) -> int:
     return min(max(s["warmup_steps"], round(s["warmup_fraction"] * total)), max(total - 1, 0))
 
 
-def lr_at(step: int, total: int, s: dict, base_lr: float, warmup: tuple | None = None) -> float:
-    """Linear warm-up, then cosine / linear decay to min_lr (or constant). `warmup` (from step, from lr, to step):
-    a time-budget run's, set when its schedule is first fitted (it ran by the clock until then, warmup_by_clock):
-    from that learning rate after that step up to the peak, whatever later fits do to the rest."""
-    s0, lr0, end = warmup or (0, 0.0, warmup_length(total, s))
+def lr_at(step: int, total: int, s: dict, base_lr: float, start: tuple | None = None) -> float:
+    """Linear warm-up, then cosine / linear decay to min_lr (or constant). `start` (step, lr): a time-budget
+    run's warm-up ran by the clock until its schedule was first fitted at that step (warmup_by_clock); it rises
+    on from that learning rate."""
+    s0, lr0 = start or (0, 0.0)
+    end = warmup_length(total, s)
     if s0 <= step < end:
         return lr0 + (base_lr - lr0) * (step + 1 - s0) / (end - s0)
     # progress after this step, as vit_jax's schedule (1-based steps): the last step (total - 1) is at min_lr
@@ -354,9 +355,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
 
     # data: every problem with it is reported here, before any work
     started_in = (state or {}).get("cwd") or os.getcwd()
-    data = open_data(_where(D["path"], started_in), val=D["val"] and _where(D["val"], started_in),
-                     val_split=D["val_split"], split_seed=D["split_seed"], root=D["root"],
-                     preload=D["preload"], cache_dir=D["cache_dir"],
+    here = {k: D[k] and _where(D[k], started_in) for k in ("path", "val", "root", "cache_dir")}
+    data = open_data(here["path"], val=here["val"], val_split=D["val_split"], split_seed=D["split_seed"],
+                     root=here["root"], preload=D["preload"], cache_dir=here["cache_dir"],
                      shards={"epoch_size": D["epoch_size"], "shuffle_buffer": D["shuffle_buffer"]})
     names = data.class_names
     sizes = [len(ds) if ds is not None else 0 for ds in (data.train, data.val)]
@@ -445,7 +446,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
 
     # where we are: fresh, or exactly where the saved state left off
     step, best, elapsed_before, skipped, history = 0, -1.0, 0.0, set(data.skipped), []
-    warmup = tuple(state["warmup"]) if state is not None and state.get("warmup") else None  # see lr_at
+    warm_start = tuple(state["warm_start"]) if state is not None and state.get("warm_start") else None  # lr_at
     total = limit = min(T["epochs"] * steps_per_epoch, T["max_steps"] or sys.maxsize)  # a budget fits total <= limit
     budget = T["time_budget"] * 60 if T["time_budget"] else None  # seconds for the whole run, resumed parts too
     epoch_stats = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss sum, correct, images (this epoch)
@@ -479,7 +480,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                         f", train.time_budget {T['time_budget']:g} min" if budget else "",
                         "--time-budget or --epochs" if budget else "--epochs or --set train.max_steps")
         elif total != state["total_steps"] and d.main:  # a longer (or shorter) run: the schedule stretches
-            now, then = (lr_at(step, n, r["schedule"], O["lr"], warmup) for n in (total, state["total_steps"]))
+            now, then = (lr_at(step, n, r["schedule"], O["lr"], warm_start) for n in (total, state["total_steps"]))
             log.warning("--resume: the schedule now ends at step %d instead of %d%s", total, state["total_steps"],
                         f", so the learning rate at step {step} is {now:.3g} instead of {then:.3g}" if
                         f"{now:.3g}" != f"{then:.3g}" else "")
@@ -600,7 +601,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                           "rng": rngs, "best_top1": best, "elapsed": clock(), "epoch_stats": stats,
                           "skipped": sorted(everywhere), "class_names": names, "data_sizes": sizes,
                           "world": d.world, "recipe": r, "resumed": history, "cwd": started_in,
-                          "warmup": list(warmup) if warmup else None}
+                          "warm_start": list(warm_start) if warm_start else None}
         atomic_save(training_state, run_dir / STATE,
                     before=(lambda: keep_previous(run_dir)) if keep_prev and not going_back else None)
         going_back = False  # state.pt is this run's now: whatever fails next, the run continues from it
@@ -675,7 +676,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         left = budget - clock() - eval_s - save_s - 0.01 * budget
         return _fit(step, limit, left, per_step + per_epoch / steps_per_epoch, d)
 
-    fitted = resume  # the schedule's length is known: fitted to the budget by the run's first process
+    # the schedule's length is known: fitted to the budget by an earlier process (states of older versions say
+    # nothing of it; they were fitted unless saved in their first 23 steps)
+    fitted = resume and (state.get("warm_start") is not None or "warm_start" not in state)
     with stop_signals() as caught, attention_kernel(kernel), logging_redirect_tqdm():  # log lines above the bar
         train_t0 = time.time()
         while step < total:
@@ -687,9 +690,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                        leave=False, disable=not d.main or None, dynamic_ncols=True)
             stop = stop_after_epoch = nonfinite = False
             for group in batches(epoch, position):
-                lr = lr_at(step, total, r["schedule"], O["lr"], warmup) if budget is None or fitted else \
-                    d.broadcast(warmup_by_clock(step, time.time() - train_t0, budget - (train_t0 - t0), r["schedule"],
-                                                O["lr"]))  # every rank: rank 0's clock
+                lr = lr_at(step, total, r["schedule"], O["lr"], warm_start) if budget is None or fitted else \
+                    d.broadcast(warmup_by_clock(step, elapsed_before + time.time() - train_t0,
+                                                budget - (train_t0 - t0), r["schedule"], O["lr"]))  # rank 0's clock
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 step_loss, bad_step = gradients(group)
@@ -726,8 +729,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                     if probed and data.val is not None:  # until one is timed: eval ~3x train speed per view
                         eval_guess = len(data.val) * (2 if T["eval_tta"] == "flip" else 1) / (3 * D["batch_size"]
                                                                                               / per_step)
-                    total = refit(per_step)
-                    warmup = warmup if fitted else (step, lr, warmup_length(total, r["schedule"]))  # on from here
+                    total, warm_start = refit(per_step), warm_start if fitted else (step, lr)  # on from here
                     fitted = True
                     if probed and d.main:
                         log.info("time budget: %.2f s/step -> %d steps (%.1f epochs)", per_step, total,
@@ -758,9 +760,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             if budget is not None and not finished:  # re-fit the budget with the real times so far
                 # the mean step time so far, not the last epoch's: one slow epoch on a shared machine should
                 # not shorten the run for good (the count may grow back, up to the recipe's limit)
-                total = refit(mean_step(train_s_here))
-                warmup = warmup if fitted else (step, lr, warmup_length(total, r["schedule"]))
-                fitted = True
+                total, warm_start, fitted = refit(mean_step(train_s_here)), warm_start if fitted else (step, lr), True
                 finished = step >= total  # no time left for another step: this is the last evaluation
             val = None
             if val_loader is not None and ((epoch + 1) % T["eval_every"] == 0 or finished):
@@ -778,7 +778,8 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                 "validation" if val is not None and not val.n else None
             if unread:  # every image skipped: the numbers would be made up and the weights untrained
                 everywhere = gather_skipped()
-                raise TrainingError(f"no {unread} image of {D['path']} could be read in epoch {epoch + 1} "
+                where = D["val"] if unread == "validation" and D["val"] else D["path"]
+                raise TrainingError(f"no {unread} image of {where} could be read in epoch {epoch + 1} "
                                     f"({len(everywhere)} unreadable, e.g. {min(everywhere, default='?')}); stopped "
                                     f"without saving: {_last_good(run_dir, going_back=going_back)}")
             improved = val is not None and val.top1 > best
