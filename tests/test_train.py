@@ -478,9 +478,11 @@ def test_a_budget_runs_warm_up_goes_on_from_where_the_clock_left_it():
     from vitkit.train.trainer import warmup_by_clock
 
     s = {"name": "cosine", "warmup_steps": 0, "warmup_fraction": 0.1, "min_lr": 0.0}
-    assert warmup_by_clock(5, 30.0, 600.0, s, 1.0) == pytest.approx(0.5)  # 30 s of the 60 s warm-up
-    assert warmup_by_clock(5, 90.0, 600.0, s, 1.0) == 1.0  # never past the peak
-    assert warmup_by_clock(5, 30.0, 600.0, {**s, "warmup_steps": 100}, 1.0) == pytest.approx(0.06)  # the longer
+    assert warmup_by_clock(5, 30.0, 600.0, s, 1.0, 10**6) == pytest.approx(0.5)  # 30 s of the 60 s warm-up
+    assert warmup_by_clock(5, 90.0, 600.0, s, 1.0, 10**6) == 1.0  # never past the peak
+    assert warmup_by_clock(5, 30.0, 600.0, {**s, "warmup_steps": 100}, 1.0, 10**6) == pytest.approx(0.06)  # longer
+    # never longer than the step limit's warm-up, which no fit exceeds: 66 steps (3 epochs) warm up in 7
+    assert warmup_by_clock(5, 1.0, 300.0, s, 1.0, 66) == pytest.approx(6 / 7)
     # fitted at step 23 with the clock's lr 0.2, 100 warm-up steps of 1000: linear from there to the peak at 99
     ramp = [lr_at(i, 1000, s, 1.0, (23, 0.2)) for i in range(23, 101)]
     assert ramp[0] == pytest.approx(0.2 + 0.8 / 77) and ramp[-2] == pytest.approx(1.0)
@@ -1237,23 +1239,17 @@ def test_nonfinite_gradient_stops_before_the_step(tmp_path, monkeypatch, caplog)
     assert code == 1 and "non-finite at step 3" in caplog.text
 
 
-def test_a_budget_run_stopped_before_its_first_fit_warms_up_by_the_clock_when_resumed(tmp_path):
-    """A state saved in the first 23 steps (a signal, a step-count checkpoint) has no fitted schedule yet: the
-    resumed run goes on by the clock until it fits one (it took the epoch cap's warm-up, 1100 steps here)."""
+def test_a_run_without_a_budget_resumed_with_one_goes_on_along_its_schedule(tmp_path):
+    """Its schedule is known (the state says so): the budget refits the decay's end and the learning rate goes on
+    from where it was; it used to run a warm-up by the clock of all the earlier training, which was at the peak."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", schedule={"warmup_fraction": 0.05}, train={"log_every": 1})
-    train_ok("--recipe", str(recipe), "--epochs", "1000", "--time-budget", "0.2", "--set", "train.max_steps=8",
-             "--out", str(run))
-    state = torch.load(run / "state.pt", weights_only=True)
-    assert state["step"] == 8 and state["warm_start"] is None
-    # as a SIGTERM at step 8 leaves it: no step limit, the schedule still the epoch cap
-    state["total_steps"], state["recipe"]["train"]["max_steps"] = 22000, None
-    torch.save(state, run / "state.pt")
-    train_ok("--resume", str(run))
+    train_ok("--recipe", str(recipe), "--out", str(run))  # 2 epochs, 44 steps, ends at lr 0
+    assert torch.load(run / "state.pt", weights_only=True)["fitted"] is True
+    train_ok("--resume", str(run), "--epochs", "4", "--time-budget", "0.1")
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     lrs = {e.step: e.value for e in events.Scalars("train/lr")}
-    assert lrs[9] > max(lrs[8] * 0.5, 10 * 0.003 * 9 / 1100), [lrs[k] for k in range(1, 12)]
-    assert torch.load(run / "state.pt", weights_only=True)["warm_start"][0] >= 9  # fitted in the resumed run
+    assert lrs[45] < 0.9 * 0.003 and all(lrs[k + 1] <= lrs[k] * (1 + 1e-6) for k in range(45, max(lrs))), lrs

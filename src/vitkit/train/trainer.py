@@ -120,8 +120,8 @@ def warmup_length(total: int, s: dict) -> int:
 
 def lr_at(step: int, total: int, s: dict, base_lr: float, start: tuple | None = None) -> float:
     """Linear warm-up, then cosine / linear decay to min_lr (or constant). `start` (step, lr): a time-budget
-    run's warm-up ran by the clock until its schedule was first fitted at that step (warmup_by_clock); it rises
-    on from that learning rate."""
+    run's warm-up, which ran by the clock until the schedule was first fitted (warmup_by_clock) and whose end
+    moves with every fit, rises on from the learning rate it had at the last fit."""
     s0, lr0 = start or (0, 0.0)
     end = warmup_length(total, s)
     if s0 <= step < end:
@@ -132,14 +132,17 @@ def lr_at(step: int, total: int, s: dict, base_lr: float, start: tuple | None = 
     return s["min_lr"] + (base_lr - s["min_lr"]) * shape
 
 
-def warmup_by_clock(step: int, seconds: float, seconds_to_train: float, s: dict, base_lr: float) -> float:
+def warmup_by_clock(step: int, seconds: float, seconds_to_train: float, s: dict, base_lr: float,
+                    limit: int) -> float:
     """The warm-up of a time-budget run before its steps are timed, when its length is not known yet: a
     warm-up given as a fraction of the steps runs by the clock meanwhile (that fraction of the time there is to
-    train), so that it is as long as the one the fitted schedule then continues (lr_at)."""
+    train), so that it is as long as the one the fitted schedule then continues (lr_at); never longer than the
+    step limit's (train.epochs, train.max_steps), which no fit exceeds."""
     ramps = [base_lr * (step + 1) / s["warmup_steps"]] if s["warmup_steps"] else []  # the longer warm-up wins
     if s["warmup_fraction"]:
         ramps.append(base_lr * seconds / max(s["warmup_fraction"] * seconds_to_train, 1e-9))
-    return min([base_lr, *ramps])
+    longest = warmup_length(limit, s)
+    return min(base_lr, max(min([base_lr, *ramps]), base_lr * (step + 1) / longest if longest else base_lr))
 
 
 def ema_model(model: torch.nn.Module, decay: float):
@@ -601,7 +604,8 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                           "rng": rngs, "best_top1": best, "elapsed": clock(), "epoch_stats": stats,
                           "skipped": sorted(everywhere), "class_names": names, "data_sizes": sizes,
                           "world": d.world, "recipe": r, "resumed": history, "cwd": started_in,
-                          "warm_start": list(warm_start) if warm_start else None}
+                          "warm_start": list(warm_start) if warm_start else None, "fitted": fitted or budget is None,
+                          "ramp_seconds": ramp_before + time.time() - train_t0}
         atomic_save(training_state, run_dir / STATE,
                     before=(lambda: keep_previous(run_dir)) if keep_prev and not going_back else None)
         going_back = False  # state.pt is this run's now: whatever fails next, the run continues from it
@@ -676,11 +680,18 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         left = budget - clock() - eval_s - save_s - 0.01 * budget
         return _fit(step, limit, left, per_step + per_epoch / steps_per_epoch, d)
 
-    # the schedule's length is known: fitted to the budget by an earlier process (states of older versions say
-    # nothing of it; they were fitted unless saved in their first 23 steps)
-    fitted = resume and (state.get("warm_start") is not None or "warm_start" not in state)
+    def fit(per_step: float) -> tuple[int, tuple | None]:
+        """refit, and where the warm-up rises on from: this step's learning rate when the step is within the
+        new warm-up (a fit moves its end, not the learning rate), else where it rose from before."""
+        new = refit(per_step)
+        return new, (step, lr) if step < warmup_length(new, r["schedule"]) else warm_start
+
+    # the schedule's length is known (a run without a budget, or one fitted by an earlier process; states of
+    # older versions do not say: they were fitted unless saved in their first 23 steps); until then the warm-up
+    # runs by a clock of training seconds, which an earlier process's part of also counts
+    fitted, ramp_before = (state.get("fitted", True), state.get("ramp_seconds", 0.0)) if resume else (False, 0.0)
+    train_t0 = time.time()
     with stop_signals() as caught, attention_kernel(kernel), logging_redirect_tqdm():  # log lines above the bar
-        train_t0 = time.time()
         while step < total:
             epoch, position = divmod(step, steps_per_epoch)
             if position == 0:
@@ -691,8 +702,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             stop = stop_after_epoch = nonfinite = False
             for group in batches(epoch, position):
                 lr = lr_at(step, total, r["schedule"], O["lr"], warm_start) if budget is None or fitted else \
-                    d.broadcast(warmup_by_clock(step, elapsed_before + time.time() - train_t0,
-                                                budget - (train_t0 - t0), r["schedule"], O["lr"]))  # rank 0's clock
+                    d.broadcast(warmup_by_clock(  # rank 0's clock: the training seconds of the run, of those it has
+                        step, ramp_before + time.time() - train_t0,
+                        budget - (elapsed_before - ramp_before) - (train_t0 - t0), r["schedule"], O["lr"], limit))
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 step_loss, bad_step = gradients(group)
@@ -729,8 +741,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                     if probed and data.val is not None:  # until one is timed: eval ~3x train speed per view
                         eval_guess = len(data.val) * (2 if T["eval_tta"] == "flip" else 1) / (3 * D["batch_size"]
                                                                                               / per_step)
-                    total, warm_start = refit(per_step), warm_start if fitted else (step, lr)  # on from here
-                    fitted = True
+                    (total, warm_start), fitted = fit(per_step), True
                     if probed and d.main:
                         log.info("time budget: %.2f s/step -> %d steps (%.1f epochs)", per_step, total,
                                  total / steps_per_epoch)
@@ -760,7 +771,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             if budget is not None and not finished:  # re-fit the budget with the real times so far
                 # the mean step time so far, not the last epoch's: one slow epoch on a shared machine should
                 # not shorten the run for good (the count may grow back, up to the recipe's limit)
-                total, warm_start, fitted = refit(mean_step(train_s_here)), warm_start if fitted else (step, lr), True
+                (total, warm_start), fitted = fit(mean_step(train_s_here)), True
                 finished = step >= total  # no time left for another step: this is the last evaluation
             val = None
             if val_loader is not None and ((epoch + 1) % T["eval_every"] == 0 or finished):
