@@ -481,8 +481,11 @@ def test_a_budget_runs_warm_up_goes_on_from_where_the_clock_left_it():
     assert warmup_by_clock(5, 30.0, 600.0, s, 1.0, 10**6) == pytest.approx(0.5)  # 30 s of the 60 s warm-up
     assert warmup_by_clock(5, 90.0, 600.0, s, 1.0, 10**6) == 1.0  # never past the peak
     assert warmup_by_clock(5, 30.0, 600.0, {**s, "warmup_steps": 100}, 1.0, 10**6) == pytest.approx(0.06)  # longer
-    # never longer than the step limit's warm-up, which no fit exceeds: 66 steps (3 epochs) warm up in 7
+    # bounded by the step limit's schedule, which no fit exceeds: 66 steps (3 epochs) warm up in 7 at the slowest,
+    # and past that the limit's decay is the slowest, to min_lr at its last step when no fit came before it
     assert warmup_by_clock(5, 1.0, 300.0, s, 1.0, 66) == pytest.approx(6 / 7)
+    assert warmup_by_clock(40, 1.0, 300.0, s, 1.0, 66) == lr_at(40, 66, s, 1.0) < 0.5
+    assert warmup_by_clock(21, 1.0, 300.0, s, 1.0, 22) == 0.0
     # fitted at step 23 with the clock's lr 0.2, 100 warm-up steps of 1000: linear from there to the peak at 99
     ramp = [lr_at(i, 1000, s, 1.0, (23, 0.2)) for i in range(23, 101)]
     assert ramp[0] == pytest.approx(0.2 + 0.8 / 77) and ramp[-2] == pytest.approx(1.0)
@@ -1237,6 +1240,21 @@ def test_nonfinite_gradient_stops_before_the_step(tmp_path, monkeypatch, caplog)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_at_the_third)
     code = main(["train", "--recipe", str(write_recipe(tmp_path / "r.yaml")), "--out", str(tmp_path / "run")])
     assert code == 1 and "non-finite at step 3" in caplog.text
+
+
+def test_a_budget_run_that_reaches_its_step_limit_unfitted_still_ends_at_min_lr(tmp_path):
+    """One epoch of 22 steps under a 5-minute budget: the step limit comes before any fit (it ended at the peak)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", schedule={"warmup_fraction": 0.1}, train={"log_every": 1})
+    train_ok("--recipe", str(recipe), "--epochs", "1", "--time-budget", "5", "--out", str(run))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    r = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert len(lrs) == 22 and lrs[-1] == 0.0 and max(lrs) == pytest.approx(0.003)
+    assert lrs == pytest.approx([lr_at(i, 22, r["schedule"], 0.003) for i in range(22)], rel=1e-6)  # as without one
 
 
 def test_a_run_without_a_budget_resumed_with_one_goes_on_along_its_schedule(tmp_path):

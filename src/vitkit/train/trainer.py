@@ -136,13 +136,16 @@ def warmup_by_clock(step: int, seconds: float, seconds_to_train: float, s: dict,
                     limit: int) -> float:
     """The warm-up of a time-budget run before its steps are timed, when its length is not known yet: a
     warm-up given as a fraction of the steps runs by the clock meanwhile (that fraction of the time there is to
-    train), so that it is as long as the one the fitted schedule then continues (lr_at); never longer than the
-    step limit's (train.epochs, train.max_steps), which no fit exceeds."""
+    train), so that it is as long as the one the fitted schedule then continues (lr_at). No fit exceeds the step
+    limit (train.epochs, train.max_steps), so no warm-up is slower than the limit's, and past its end every
+    warm-up is over: the limit's schedule goes on (a run that reaches the limit unfitted ends at min_lr)."""
+    slowest = lr_at(step, limit, s, base_lr)
+    if step >= warmup_length(limit, s):
+        return slowest
     ramps = [base_lr * (step + 1) / s["warmup_steps"]] if s["warmup_steps"] else []  # the longer warm-up wins
     if s["warmup_fraction"]:
         ramps.append(base_lr * seconds / max(s["warmup_fraction"] * seconds_to_train, 1e-9))
-    longest = warmup_length(limit, s)
-    return min(base_lr, max(min([base_lr, *ramps]), base_lr * (step + 1) / longest if longest else base_lr))
+    return max(min([base_lr, *ramps]), slowest)
 
 
 def ema_model(model: torch.nn.Module, decay: float):
@@ -671,19 +674,23 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         timed = steps_here - 3 if probe_t is not None and steps_here > 3 else 0
         return (train_s - warm_s) / timed if timed else train_s / max(steps_here, 1)
 
-    def refit(per_step: float) -> int:
+    def refit(per_step: float, epoch_end: bool = False) -> int:
         """The schedule's end fitted to the time budget: steps of `per_step` seconds, each epoch's evaluation and
-        save, and the final ones."""
+        save, and the final ones (at an epoch's end: also that epoch's, which come next)."""
+        nonlocal eval_guess
+        if not eval_times and data.val is not None:  # until one is timed: eval ~3x train speed per view
+            eval_guess = len(data.val) * (2 if T["eval_tta"] == "flip" else 1) / (3 * D["batch_size"] / per_step)
         eval_s, save_s = typical(eval_times, eval_guess), typical(save_times)
         per_epoch = eval_s / T["eval_every"] + save_s
+        now = (eval_s if data.val is not None and (step // steps_per_epoch) % T["eval_every"] == 0 else 0) + save_s
         # the time kept for the end as `time_up` keeps it: the final evaluation and save, and 1% of the budget
-        left = budget - clock() - eval_s - save_s - 0.01 * budget
+        left = budget - clock() - eval_s - save_s - 0.01 * budget - (now if epoch_end else 0)
         return _fit(step, limit, left, per_step + per_epoch / steps_per_epoch, d)
 
-    def fit(per_step: float) -> tuple[int, tuple | None]:
+    def fit(per_step: float, epoch_end: bool = False) -> tuple[int, tuple | None]:
         """refit, and where the warm-up rises on from: this step's learning rate when the step is within the
         new warm-up (a fit moves its end, not the learning rate), else where it rose from before."""
-        new = refit(per_step)
+        new = refit(per_step, epoch_end)
         return new, (step, lr) if step < warmup_length(new, r["schedule"]) else warm_start
 
     # the schedule's length is known (a run without a budget, or one fitted by an earlier process; states of
@@ -738,9 +745,6 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                     probed = steps_here == 3 + PROBE_STEPS
                     # training seconds only: an epoch shorter than the probe evaluated and saved inside it
                     per_step = mean_step(train_s_here + time.time() - epoch_t)
-                    if probed and data.val is not None:  # until one is timed: eval ~3x train speed per view
-                        eval_guess = len(data.val) * (2 if T["eval_tta"] == "flip" else 1) / (3 * D["batch_size"]
-                                                                                              / per_step)
                     (total, warm_start), fitted = fit(per_step), True
                     if probed and d.main:
                         log.info("time budget: %.2f s/step -> %d steps (%.1f epochs)", per_step, total,
@@ -771,7 +775,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             if budget is not None and not finished:  # re-fit the budget with the real times so far
                 # the mean step time so far, not the last epoch's: one slow epoch on a shared machine should
                 # not shorten the run for good (the count may grow back, up to the recipe's limit)
-                (total, warm_start), fitted = fit(mean_step(train_s_here)), True
+                (total, warm_start), fitted = fit(mean_step(train_s_here), epoch_end=True), True
                 finished = step >= total  # no time left for another step: this is the last evaluation
             val = None
             if val_loader is not None and ((epoch + 1) % T["eval_every"] == 0 or finished):
