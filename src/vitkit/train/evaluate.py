@@ -268,7 +268,7 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
 def has_conv_stem(model) -> bool:
     """A ResNet or a stack of convolutions before the patches: channels-last makes evaluating these faster
     (the CIFAR-10 recipe's model: 1.4x, BENCHMARKS.md); a plain ViT gains nothing from it."""
-    return bool(getattr(model.cfg, "conv_stem", None) or getattr(model.cfg, "hybrid_layers", None))
+    return bool(model.cfg.conv_stem or model.cfg.hybrid_layers)
 
 
 def run_eval(args: argparse.Namespace) -> int:

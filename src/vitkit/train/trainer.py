@@ -682,9 +682,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             eval_guess = len(data.val) * (2 if T["eval_tta"] == "flip" else 1) / (3 * D["batch_size"] / per_step)
         eval_s, save_s = typical(eval_times, eval_guess), typical(save_times)
         per_epoch = eval_s / T["eval_every"] + save_s
-        now = (eval_s if data.val is not None and (step // steps_per_epoch) % T["eval_every"] == 0 else 0) + save_s
+        due = eval_s * (data.val is not None and (step // steps_per_epoch) % T["eval_every"] == 0) + save_s
         # the time kept for the end as `time_up` keeps it: the final evaluation and save, and 1% of the budget
-        left = budget - clock() - eval_s - save_s - 0.01 * budget - (now if epoch_end else 0)
+        left = budget - clock() - eval_s - save_s - 0.01 * budget - (due if epoch_end else 0)
         return _fit(step, limit, left, per_step + per_epoch / steps_per_epoch, d)
 
     def fit(per_step: float, epoch_end: bool = False) -> tuple[int, tuple | None]:
