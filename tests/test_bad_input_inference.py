@@ -358,3 +358,65 @@ def test_figures_replace_earlier_files_only_once_complete(tmp_path, monkeypatch)
     with pytest.raises(OSError):
         save_figure(fig, target)
     assert target.read_bytes() == first and os.listdir(tmp_path) == ["filters.png"]
+
+
+def test_convert_onto_its_own_source_needs_force(ckpt, capsys):
+    before = digest(ckpt)
+    assert main(["convert", str(ckpt), str(ckpt), "--img-size", "48"]) == 2
+    assert "already exists (use --force to overwrite)" in one_line_error(capsys, "convert") and digest(ckpt) == before
+    assert main(["convert", str(ckpt), str(ckpt), "--img-size", "48", "--force"]) == 0
+    assert vitkit.load_model(ckpt).cfg.img_size == (48, 48)
+
+
+def _with_metadata(src: Path, dst: Path, meta) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(str(src)), str(dst), metadata={"vitkit": "1", "config": json.dumps(meta)})
+    return dst
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda m: m.pop("config"), "no config object in its metadata"),
+    (lambda m: m.update(config=[1, 2]), "no config object in its metadata"),
+    (lambda m: m["preprocess"].update(interpolation="lanczos"), "an unusable interpolation must be one of"),
+    (lambda m: m["preprocess"].update(mean=[0.5]), "an unusable mean must be a list of 3 numbers"),
+    (lambda m: m["config"].update(depth="two"), "an unusable depth must be an integer"),
+    (lambda m: m["config"].update(colour="red"), "an unusable config (unknown ViT config fields: ['colour'])"),
+    (lambda m: m.update(class_names="abc"), "class_names that are not a list of strings"),
+    (lambda m: m.update(pos_resample={"mode": "lanczos"}), "pos_resample {'mode': 'lanczos'} that vitkit cannot"),
+])
+def test_a_vitkit_checkpoint_with_bad_metadata_is_one_line(ckpt, photo, tmp_path, capsys, change, expected):
+    from vitkit.weights.vitkit_format import read_metadata
+
+    meta = read_metadata(ckpt)
+    change(meta)
+    bad = _with_metadata(ckpt, tmp_path / "bad.safetensors", meta)
+    assert main(["predict", str(photo), "--weights", str(bad)]) == 2
+    err = one_line_error(capsys, "predict")
+    assert f"{bad}: vitkit checkpoint with {expected}" in err, err
+    _with_metadata(ckpt, bad, [meta])  # metadata that is not an object at all
+    assert main(["predict", str(photo), "--weights", str(bad)]) == 2
+    assert "no config object in its metadata" in one_line_error(capsys, "predict")
+
+
+@pytest.mark.parametrize("config, preprocessor, expected", [
+    ([1, 2], None, "a JSON list, not a transformers config object"),
+    ({"model_type": "vit"}, None, "num_attention_heads None is not a positive number"),
+    ({"model_type": "vit", "num_attention_heads": 2, "image_size": "big"}, None, "image_size 'big' is not a positive"),
+    ({"model_type": "vit", "num_attention_heads": 2}, {"resample": 1}, "resample 1 is not supported"),
+    ({"model_type": "vit", "num_attention_heads": 2}, {"size": "large"}, "unreadable (size 'large' is neither"),
+    ({"model_type": "vit", "num_attention_heads": 2}, {"image_mean": [0.5]}, "image_mean/image_std [0.5]: not three"),
+])
+def test_a_transformers_folder_with_bad_json_is_one_line(ckpt, photo, tmp_path, capsys, config, preprocessor,
+                                                         expected):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file({"vit.embeddings.patch_embeddings.projection.weight": torch.zeros(32, 3, 8, 8)},
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+    if preprocessor is not None:
+        (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    assert main(["predict", str(photo), "--weights", str(folder), "--model", "ViT-Ti/8"]) == 2
+    assert expected in one_line_error(capsys, "predict")

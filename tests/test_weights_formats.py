@@ -335,3 +335,22 @@ def test_vitkit_checkpoint_round_trip_keeps_class_names_and_preprocess(tmp_path)
         return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in pre.items()}
     assert loaded.class_names == ["cat", "dog", "eel"] and norm(loaded.preprocess) == norm(model.preprocess)
     assert loaded.cfg == model.cfg
+
+
+def test_a_checkpoint_of_another_size_is_prepared_as_released_at_that_size(tmp_path):
+    """A 384 px file under a 224 px name is evaluated as its own codebase evaluates it: uncropped, as timm's
+    vit_*_384 (the Google fine-tunes), whatever alias names the architecture."""
+    width, heads, mlp, patch, _ = SHAPES["ViT-Ti/16"]
+    google_npz(tmp_path / "ti384.npz", width, heads, mlp, patch, grid=(24, 24))
+    google_npz(tmp_path / "ti224.npz", width, heads, mlp, patch, grid=(14, 14))
+    for name in ("ViT-Ti/16", "vit_tiny_patch16_224", "vit_tiny_patch16_384"):
+        model = vitkit.create_model(name, weights=tmp_path / "ti384.npz", depth=1)
+        assert model.cfg.img_size == (384, 384) and model.preprocess["crop_pct"] == 1.0, name
+    assert vitkit.create_model("vit_tiny_patch16_384", weights=tmp_path / "ti224.npz", depth=1).preprocess[
+        "crop_pct"] == 0.9  # and the other way round: the 224 px release's crop
+    # torchvision's name has no 384 px sibling of its normalisation: its own, uncropped
+    tv_file = tmp_path / "tv384.pth"
+    torch.save(randomize(tv.VisionTransformer(384, 16, 1, 3, 192, 768)).state_dict(), tv_file)
+    model = vitkit.create_model("vit_b_16", weights=tv_file, width=192, num_heads=3, mlp_dim=768, depth=1)
+    assert model.cfg.img_size == (384, 384) and model.preprocess["crop_pct"] == 1.0
+    assert model.preprocess["mean"] == (0.485, 0.456, 0.406)

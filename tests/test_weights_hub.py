@@ -3,6 +3,7 @@ local folder, and URLs are served by http.server on 127.0.0.1. The loading after
 from __future__ import annotations
 
 import functools
+import json
 import http.server
 import shutil
 import threading
@@ -129,3 +130,18 @@ def test_url_cache_is_per_url(tmp_path, http_root):
     with torch.no_grad():
         assert_close(b, ref(images(224)))
     assert not torch.allclose(a, b)
+
+
+def test_predict_url_of_a_vitkit_checkpoint_needs_no_model(tmp_path, http_root, capsys):
+    root, base, _ = http_root
+    from PIL import Image
+
+    from vitkit.cli import main
+
+    model = vitkit.create_model("ViT-Ti/16", img_size=32, depth=1, num_classes=3)
+    model.class_names = ["ant", "bee", "cow"]
+    vitkit.save_model(model, root / "tiny.safetensors")
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "red.png")
+    assert main(["predict", str(tmp_path / "red.png"), "--weights", f"{base}/tiny.safetensors", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["top_k"][0]["label"] in model.class_names and len(out["top_k"]) == 3

@@ -325,3 +325,61 @@ def test_transformers_bare_state_dict_gets_transformers_eps(tmp_path):
     save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, str(tmp_path / "bare.safetensors"))
     assert read_checkpoint(tmp_path / "bare.safetensors").config["norm_eps"] == 1e-12
     assert vitkit.create_model("ViT-Ti/16", weights=tmp_path / "bare.safetensors", depth=1).cfg.norm_eps == 1e-12
+
+
+def test_vitkit_file_converted_from_torchvision_resamples_as_torchvision(tmp_path):
+    """A converted file keeps its source's way of resampling position embeddings, so it changes resolution with
+    the source library's logits, as the file it came from does."""
+    peer = randomize(tv_vit("ViT-Ti/16"))
+    torch.save(peer.state_dict(), tmp_path / "tv.pth")
+    converted = vitkit.save_model(vitkit.create_model("vit_b_16", weights=tmp_path / "tv.pth", width=192,
+                                                      num_heads=3, mlp_dim=768, depth=1), tmp_path / "tv.safetensors")
+    state = tv.interpolate_embeddings(288, 16, dict(peer.state_dict()))
+    peer = tv_vit("ViT-Ti/16", 288)
+    peer.load_state_dict(state)
+    with torch.no_grad():
+        ref = peer.eval()(images(288))
+        assert_close(vitkit.load_model(converted, img_size=288)(images(288)), ref)
+        # and a model trained on from it is saved with that way too
+        resaved = vitkit.save_model(vitkit.load_model(converted), tmp_path / "again.safetensors")
+        assert_close(vitkit.load_model(resaved, img_size=288)(images(288)), ref)
+
+
+def test_transpose_of_a_non_square_vitkit_checkpoint_is_resampled(tmp_path):
+    peer = randomize(timm.create_model("vit_tiny_patch16_224", img_size=(224, 320), depth=1, num_classes=CLASSES))
+    save_timm(peer, tmp_path / "wide.pth")
+    wide = vitkit.save_model(vitkit.create_model("ViT-Ti/16", weights=tmp_path / "wide.pth", img_size=(224, 320),
+                                                 depth=1), tmp_path / "wide.safetensors")
+    for size in ((320, 224), (256, 256)):  # as many positions on the transposed grid; a square one
+        state = dict(peer.state_dict())
+        grid = [s // 16 for s in size]
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], grid, [14, 20], num_prefix_tokens=1)
+        ref = timm.create_model("vit_tiny_patch16_224", img_size=size, depth=1, num_classes=CLASSES).eval()
+        ref.load_state_dict(state)
+        with torch.no_grad():
+            assert_close(vitkit.load_model(wide, img_size=size)(images(size)), ref(images(size)))
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_deit_image_processor_pixels(tmp_path, legacy):
+    """DeiTImageProcessor: both sides to 256, then a 224 center crop; older files say the sizes as numbers."""
+    from PIL import Image
+
+    from vitkit.data.images import eval_transform
+
+    hf_vit("ViT-Ti/16").save_pretrained(tmp_path)
+    processor = transformers.DeiTImageProcessor(size=256, crop_size=224) if not legacy else None
+    if legacy:  # as facebook/deit-*-patch16-224 on the hub still have it
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+            "do_center_crop": True, "do_normalize": True, "do_resize": True, "image_processor_type": "DeiTImageProcessor",
+            "size": 256, "crop_size": 224, "resample": 3, "image_mean": [0.485, 0.456, 0.406],
+            "image_std": [0.229, 0.224, 0.225]}))
+        processor = transformers.DeiTImageProcessor.from_pretrained(tmp_path)
+    else:
+        processor.save_pretrained(tmp_path)
+    model = vitkit.create_model("ViT-Ti/16", weights=tmp_path, depth=1)
+    assert model.preprocess["crop_pct"] == 224 / 256 and model.preprocess["crop_mode"] == "squash"
+    photo = Image.effect_mandelbrot((400, 260), (-2.0, -1.2, 0.8, 1.2), 60).convert("RGB")
+    ref = processor(images=photo, return_tensors="pt")["pixel_values"][0]
+    ours = eval_transform(model.preprocess, (224, 224))(photo)
+    assert (ours - ref).abs().max() <= 1.01 / 255 / 0.224  # at most one grey level apart (PIL vs torch resizing)

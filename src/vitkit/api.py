@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .models import ViT, ViTConfig, build_config
+from .models import ViT, ViTConfig, build_config, preprocess_at
 from .weights import CheckpointError, read_checkpoint, load_into
 
 log = logging.getLogger("vitkit")
@@ -34,7 +34,8 @@ def create_model(name: str, *, weights: str | Path | None = None, num_classes: i
             num_classes = ckpt.config.get("num_classes")
     cfg, preprocess = build_config(name, **{**facts, **overrides}, num_classes=num_classes, img_size=img_size)
     if ckpt is not None and img_size is None and (native := _native_size(ckpt, cfg)) != cfg.img_size:
-        cfg, preprocess = build_config(name, **{**facts, **overrides}, num_classes=num_classes, img_size=native)
+        cfg, _ = build_config(name, **{**facts, **overrides}, num_classes=num_classes, img_size=native)
+        preprocess = preprocess_at(name, cfg.img_size)
     if ckpt is not None or torch.empty(0).device.type == "cpu":  # weights in memory (the caller's device: any torch)
         check_memory(cfg)
     # no random init for weights about to be loaded; else the caller's device (`with torch.device("meta")`: no memory)

@@ -88,6 +88,20 @@ def image_size(text: str) -> int | tuple[int, int]:
 _FIELD_FLAGS = {"img_size": ("--img-size", "img_size"), "num_classes": ("--num-classes", "num_classes")}
 
 
+def _is_vitkit_checkpoint(spec: str) -> bool:
+    """Whether --weights names a vitkit checkpoint, which says its own architecture. Of remote ones only a URL of a
+    .safetensors file can be one (fetched to see); a hub repository holds a transformers or timm checkpoint."""
+    from urllib.parse import urlparse
+
+    from .weights.hub import fetch, is_remote
+    from .weights.vitkit_format import is_vitkit_checkpoint
+
+    if not is_remote(spec):
+        return is_vitkit_checkpoint(spec)
+    return spec.startswith(("http://", "https://")) and urlparse(spec).path.endswith(".safetensors") \
+        and is_vitkit_checkpoint(fetch(spec))
+
+
 def model_from_args(args: argparse.Namespace, weights_flag: str = "--weights", **overrides):
     """--model/--weights (and --device, where the command has it) -> an eval-mode model. A vitkit checkpoint
     needs no --model. weights_flag: how the command names the checkpoint in messages (convert: SRC)."""
@@ -95,12 +109,10 @@ def model_from_args(args: argparse.Namespace, weights_flag: str = "--weights", *
 
     from . import create_model, load_model
     from .weights import CheckpointError
-    from .weights.vitkit_format import is_vitkit_checkpoint
 
     if not args.model and args.weights is None:
         raise UserError("give --weights (a vitkit checkpoint) or --model NAME")
-    if not args.model and (str(args.weights).startswith(("hf-hub:", "http://", "https://"))
-                           or not is_vitkit_checkpoint(args.weights)):
+    if not args.model and not _is_vitkit_checkpoint(str(args.weights)):
         raise UserError(f"{weights_flag} {args.weights}: not a vitkit checkpoint, so its architecture is unknown; "
                         f"add --model NAME (see `vitkit models`)")
     if getattr(args, "img_size", None) is not None:

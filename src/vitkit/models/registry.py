@@ -84,6 +84,20 @@ def resolve(name: str) -> tuple[dict, dict]:
                      f"vit_base_patch16_224, vit_b_16)")
 
 
+def preprocess_at(name: str, img_size: tuple[int, int]) -> dict:
+    """How inputs are prepared for `name`'s architecture made for another size (a checkpoint of that native size):
+    a released sibling's at that size with the same normalisation (vit_base_patch16_384's for ViT-B/16 at 384),
+    else the name's without a crop, as timm's, DeiT's and torchvision's higher-resolution weights are evaluated."""
+    cfg, pre = resolve(name)
+    if (cfg["img_size"],) * 2 == tuple(img_size):
+        return pre
+    for other_cfg, other_pre in MODELS.values():
+        if (other_cfg["img_size"],) * 2 == tuple(img_size) and {**other_cfg, "img_size": 0} == {**cfg, "img_size": 0} \
+                and (other_pre["mean"], other_pre["std"]) == (pre["mean"], pre["std"]):
+            return dict(other_pre)
+    return {**pre, "crop_pct": 1.0}
+
+
 def build_config(name: str, **overrides) -> tuple[ViTConfig, dict]:
     cfg, pre = resolve(name)
     known = {f.name for f in dataclasses.fields(ViTConfig)}

@@ -228,6 +228,9 @@ class ViT(nn.Module):
         self.cfg = cfg
         self.preprocess: dict = dict(DEFAULT_PREPROCESS)  # how inputs must be prepared (set by the loaders)
         self.class_names: list[str] | None = None
+        # how the weights' own codebase resamples position embeddings (resample_pos_embed options; set by the
+        # loaders and kept in vitkit checkpoints, so a converted model changes resolution as its source would)
+        self.pos_resample: dict = {}
         D = cfg.width
         self.num_prefix_tokens = int(cfg.class_token) + int(cfg.distilled)
         self.patch_embed = PatchEmbed(cfg)

@@ -862,7 +862,8 @@ def _plain(model: ViT, sd: dict, sharded: bool) -> ViT:
         return model
     plain = ViT(model.cfg)
     plain.load_state_dict(sd)
-    plain.preprocess, plain.class_names = dict(model.preprocess), model.class_names
+    plain.preprocess, plain.class_names, plain.pos_resample = dict(model.preprocess), model.class_names, \
+        dict(model.pos_resample)
     return plain
 
 

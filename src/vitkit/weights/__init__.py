@@ -136,12 +136,13 @@ def infer_config(sd: dict[str, torch.Tensor]) -> dict:
     return cfg
 
 
-def fit_state_dict(sd: dict[str, torch.Tensor], model, resample: dict | None = None
-                   ) -> tuple[dict[str, torch.Tensor], list[str]]:
+def fit_state_dict(sd: dict[str, torch.Tensor], model, resample: dict | None = None,
+                   old_size: tuple[int, int] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Every checkpoint-compatibility fix, in one place. Returns the fitted state dict and notes for the user.
 
     - position embeddings of another grid: resampled in 2D (bicubic, or the source codebase's own way given
-      by `resample`: Checkpoint.pos_resample), the [class] position kept;
+      by `resample`: Checkpoint.pos_resample), the [class] position kept; the old grid is the checkpoint's
+      stated image size `old_size` over the model's patch size where that fits, else guessed from the count;
     - a head of another size (or none where the model has one): dropped, the model keeps a zeroed head;
     - a pre-logits layer the model does not have: dropped (fine-tuning replaces the pre-training head).
     """
@@ -149,14 +150,17 @@ def fit_state_dict(sd: dict[str, torch.Tensor], model, resample: dict | None = N
 
     sd, notes = dict(sd), []
     own = model.state_dict()
-    pos = sd.get("pos_embed")
-    if pos is not None and pos.shape != own["pos_embed"].shape and pos.shape[-1] == own["pos_embed"].shape[-1]:
-        prefix = model.num_prefix_tokens
-        old = pos.shape[1] - prefix
+    pos, prefix = sd.get("pos_embed"), model.num_prefix_tokens
+    stated = tuple(side // model.cfg.reduction for side in old_size) if old_size else None
+    if pos is not None and stated and stated[0] * stated[1] != pos.shape[1] - prefix:
+        stated = None  # a size that does not match the positions (another patch size): the count decides
+    if pos is not None and pos.shape[-1] == own["pos_embed"].shape[-1] and (
+            pos.shape != own["pos_embed"].shape or (stated and stated != tuple(model.cfg.grid))):
+        old = pos.shape[1] - prefix  # as many positions on a transposed grid (224x320 -> 320x224) still move
         if old <= 0:
             raise CheckpointError(f"pos_embed: checkpoint has {pos.shape[1]} positions, model needs {prefix} "
                                   f"prefix tokens")
-        old_grid = _grid_for(old, model.cfg.grid)
+        old_grid = stated or _grid_for(old, model.cfg.grid)
         sd["pos_embed"] = resample_pos_embed(pos, model.cfg.grid, old_grid, prefix, **(resample or {}))
         notes.append(f"position embeddings resampled from {old_grid[0]}x{old_grid[1]} to "
                      f"{model.cfg.grid[0]}x{model.cfg.grid[1]}")
@@ -207,7 +211,8 @@ def load_into(model, ckpt: Checkpoint, source: str = "checkpoint", pos_resample:
         raise ValueError(f"pos_resample {pos_resample!r}: must be one of {sorted(POS_RESAMPLE)}")
     try:
         resample = POS_RESAMPLE[pos_resample] if pos_resample else ckpt.pos_resample
-        sd, notes = fit_state_dict(ckpt.state_dict, model, resample)
+        size = ckpt.config.get("img_size")
+        sd, notes = fit_state_dict(ckpt.state_dict, model, resample, (size, size) if isinstance(size, int) else size)
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
     own = model.state_dict()
@@ -237,6 +242,7 @@ def load_into(model, ckpt: Checkpoint, source: str = "checkpoint", pos_resample:
     model.load_state_dict({k: v.to(own[k].dtype).contiguous() for k, v in sd.items()}, assign=True)
     if ckpt.preprocess:
         model.preprocess.update(ckpt.preprocess)
+    model.pos_resample = dict(ckpt.pos_resample)
     if ckpt.class_names and len(ckpt.class_names) == model.cfg.num_classes:
         model.class_names = list(ckpt.class_names)
     return notes

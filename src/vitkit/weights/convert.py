@@ -28,7 +28,7 @@ def run_convert(args: argparse.Namespace) -> int:
         if dst.suffix != ".safetensors" or dst.is_dir():
             raise UserError(f"{dst}: the output must be a .safetensors file"
                             + (", not a directory" if dst.is_dir() else ""))
-        if dst.exists() and not args.force and dst.resolve() != Path(args.src).resolve():
+        if dst.exists() and not args.force:
             raise UserError(f"{dst} already exists (use --force to overwrite)")
     except OSError as e:  # a name too long
         raise UserError(f"{dst}: cannot write ({e.strerror or e})") from None

@@ -81,9 +81,13 @@ def _config_facts(config: dict, facts: dict) -> dict:
     backbone = config.get("backbone_config") or {}
     if backbone and backbone.get("layer_type", "bottleneck") != "bottleneck":
         raise CheckpointError(f"hybrid backbone layer_type {backbone['layer_type']!r}: only BiT 'bottleneck'")
-    size = config.get("image_size", 224)
-    return {"num_heads": config["num_attention_heads"], "qkv_bias": config.get("qkv_bias", True),
-            "img_size": tuple(size) if isinstance(size, (list, tuple)) else (size, size)}
+    size, heads = config.get("image_size", 224), config.get("num_attention_heads")
+    if not (isinstance(heads, int) and heads > 0):
+        raise CheckpointError(f"num_attention_heads {heads!r} is not a positive number")
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise CheckpointError(f"image_size {config.get('image_size')!r} is not a positive size")
+    return {"num_heads": heads, "qkv_bias": config.get("qkv_bias", True), "img_size": size}
 
 
 def _labels(config: dict) -> list[str] | None:
@@ -92,22 +96,51 @@ def _labels(config: dict) -> list[str] | None:
 
 
 def _preprocess(folder: Path) -> dict:
-    """mean/std, interpolation and crop fraction from preprocessor_config.json (0.5/0.5 without one)."""
+    """mean/std, interpolation and crop from preprocessor_config.json (0.5/0.5 without one). Sizes as
+    transformers reads them: a number is a square (older files, e.g. DeiT's "size": 256, "crop_size": 224), or
+    {"height", "width"} (both sides resized: "squash") or {"shortest_edge"} (the short side, aspect kept)."""
     pre = dict(_STATS)
     path = folder / "preprocessor_config.json"
     if not path.exists():
         return pre
     try:
         p = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        if not isinstance(p, dict):
+            raise ValueError(f"a JSON {type(p).__name__}, not an object")
+        pre.update(mean=_three(p.get("image_mean", pre["mean"])), std=_three(p.get("image_std", pre["std"])))
+        size, crop = _size(p.get("size")), _size(p.get("crop_size"))
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable ({e})") from None
-    pre.update(mean=tuple(p.get("image_mean", pre["mean"])), std=tuple(p.get("image_std", pre["std"])))
-    if p.get("resample") in _PIL_RESAMPLE:
-        pre["interpolation"] = _PIL_RESAMPLE[p["resample"]]
-    size, crop = p.get("size") or {}, p.get("crop_size") or {}
-    if p.get("do_center_crop") and "shortest_edge" in size and "height" in crop:  # short side, then crop
-        pre.update(crop_pct=crop["height"] / size["shortest_edge"], crop_mode="center")
+    resample = p.get("resample")
+    if resample is not None:
+        if resample not in _PIL_RESAMPLE:
+            raise CheckpointError(f"{path}: resample {resample!r} is not supported (vitkit resizes with PIL's "
+                                  f"nearest 0, bilinear 2 or bicubic 3)")
+        pre["interpolation"] = _PIL_RESAMPLE[resample]
+    if p.get("do_center_crop") and crop and "height" in crop:
+        if "shortest_edge" in size:  # the short side, then a center crop: timm's and torchvision's way
+            pre.update(crop_pct=crop["height"] / size["shortest_edge"], crop_mode="center")
+        elif "height" in size:  # both sides (squashed), then a center crop: DeiTImageProcessor's way
+            pre.update(crop_pct=crop["height"] / size["height"])
     return pre
+
+
+def _size(value) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return {"height": value, "width": value}
+    if isinstance(value, dict) and all(isinstance(v, int) and v > 0 for v in value.values() if v is not None):
+        return {k: v for k, v in value.items() if v is not None}
+    raise ValueError(f"size {value!r} is neither a positive number nor a dict of them")
+
+
+def _three(value) -> tuple[float, ...]:
+    if isinstance(value, (int, float)):
+        value = [value] * 3
+    if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
+        raise ValueError(f"image_mean/image_std {value!r}: not three numbers")
+    return tuple(float(v) for v in value)
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -133,6 +166,8 @@ def read_dir(folder: Path) -> Checkpoint:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{config_path}: unreadable ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: a JSON {type(config).__name__}, not a transformers config object")
     sd = {}
     for f in _weight_files(folder):
         if not f.exists():

@@ -26,7 +26,8 @@ def save(model, path: str | Path, extra: dict | None = None) -> Path:
     except OSError as e:  # a file in the way, a read-only file system, a name too long
         raise OSError(f"{path}: cannot write ({_reason(e)})") from None
     meta = {"arch": "vit", "config": model.cfg.to_dict(), "preprocess": dict(model.preprocess),
-            "class_names": model.class_names, **(extra or {})}
+            "class_names": model.class_names, "pos_resample": dict(model.pos_resample),
+            **(extra or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     try:
         with replacing(path, sync=True) as tmp:  # on disk before it replaces the previous file
@@ -87,7 +88,36 @@ def read(path: Path) -> Checkpoint | None:
     meta = read_metadata(path)
     if meta is None:
         return None
+    if problem := _problem(meta):
+        raise CheckpointError(f"{path}: vitkit checkpoint with {problem}")
     from safetensors.torch import load_file
 
     return Checkpoint(load_file(str(path)), "vitkit", config=meta["config"], preprocess=meta.get("preprocess"),
-                      class_names=meta.get("class_names"))
+                      class_names=meta.get("class_names"), pos_resample=meta.get("pos_resample") or {})
+
+
+def _problem(meta) -> str | None:
+    """What is wrong with a checkpoint's metadata (the recipe's checks of the same fields), or None."""
+    from ..models.vit import ViTConfig
+    from ..train.recipe import PREPROCESS_KEYS, SCHEMA
+
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        return "no config object in its metadata"
+    pre, names, resample = meta.get("preprocess") or {}, meta.get("class_names"), meta.get("pos_resample") or {}
+    if not isinstance(pre, dict) or not isinstance(resample, dict):
+        return "preprocess or pos_resample metadata that is not an object"
+    flags = (resample.get(k, True) for k in ("antialias", "align_corners"))
+    if set(resample) - {"mode", "antialias", "align_corners"} or not all(isinstance(f, bool) for f in flags) \
+            or resample.get("mode", "bicubic") not in ("bicubic", "bilinear"):
+        return f"pos_resample {resample!r} that vitkit cannot apply"
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        return "class_names that are not a list of strings"
+    fields = {**meta["config"], **{k: v for k, v in pre.items() if k in PREPROCESS_KEYS}}
+    checks = SCHEMA["model"]
+    if bad := next((f"{k} {why}" for k, v in fields.items() if k in checks and (why := checks[k][1](v))), None):
+        return f"an unusable {bad}"
+    try:
+        ViTConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as e:
+        return f"an unusable config ({e})"
+    return None
