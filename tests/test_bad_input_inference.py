@@ -378,9 +378,9 @@ def _with_metadata(src: Path, dst: Path, meta) -> Path:
 @pytest.mark.parametrize("change, expected", [
     (lambda m: m.pop("config"), "no config object in its metadata"),
     (lambda m: m.update(config=[1, 2]), "no config object in its metadata"),
-    (lambda m: m["preprocess"].update(interpolation="lanczos"), "an unusable interpolation must be one of"),
-    (lambda m: m["preprocess"].update(mean=[0.5]), "an unusable mean must be a list of 3 numbers"),
-    (lambda m: m["config"].update(depth="two"), "an unusable depth must be an integer"),
+    (lambda m: m["preprocess"].update(interpolation="lanczos"), "an unusable preprocess interpolation must be one of"),
+    (lambda m: m["preprocess"].update(mean=[0.5]), "an unusable preprocess mean must be a list of 3"),
+    (lambda m: m["config"].update(depth="two"), "an unusable config (depth must be an int, not str 'two')"),
     (lambda m: m["config"].update(colour="red"), "an unusable config (unknown ViT config fields: ['colour'])"),
     (lambda m: m.update(class_names="abc"), "class_names that are not a list of strings"),
     (lambda m: m.update(pos_resample={"mode": "lanczos"}), "pos_resample {'mode': 'lanczos'} that vitkit cannot"),

@@ -167,7 +167,7 @@ def test_inference_stays_fused_and_unchanged(monkeypatch):
         attention_map(model, x[:1], method)
     all_attentions(model, x[:1])
     assert model.training
-    assert all(m.probs_sink is None for m in model.modules() if isinstance(m, Attention))
+    assert all(not m.probs_sinks for m in model.modules() if isinstance(m, Attention))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     fused = []
     original = F.scaled_dot_product_attention
@@ -177,7 +177,7 @@ def test_inference_stays_fused_and_unchanged(monkeypatch):
     assert len(fused) == 3  # every block took the fused path
     with pytest.raises(RuntimeError), vitkit.capture_attention(model, [1]):
         raise RuntimeError("interrupted inside the block")
-    assert all(m.probs_sink is None for m in model.modules() if isinstance(m, Attention))
+    assert all(not m.probs_sinks for m in model.modules() if isinstance(m, Attention))
 
 
 def test_bad_arguments_give_clear_errors():
@@ -667,3 +667,101 @@ def test_attention_failure_count_counts_empty_folders(ckpt, tmp_path, monkeypatc
     assert vitkit_main(args + ["--force"]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         "vitkit attention: 1 of 2 images failed; 1 input named no images"
+
+
+# --- review: nested captures, models without blocks or RGB input, memory, large grids -------------------------
+def test_nested_captures_each_get_every_layer_they_asked_for():
+    model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with vitkit.capture_attention(model) as outer:
+            attention_map(model, x[0])  # captures inside, as the library's own helpers do
+            with vitkit.capture_attention(model, -1) as inner:
+                model(x)
+            model(x[:1])  # the outer block's last call
+        direct = all_attentions(model, x[:1])
+    assert sorted(inner) == [2] and inner[2].shape[0] == 2
+    assert sorted(outer) == [0, 1, 2] and all(torch.allclose(outer[i][0], direct[i]) for i in range(3))
+    assert all(not m.probs_sinks for m in model.modules() if isinstance(m, Attention))
+
+
+NO_BLOCKS = (dict(depth=0), "the model has no transformer blocks, so no attention to show")
+ONE_CHANNEL = (dict(in_chans=1), "the model takes 1-channel input, and images are read as RGB (3 channels)")
+
+
+@pytest.mark.parametrize("command, model, reason", [  # (a model without blocks still classifies)
+    ("attention", *NO_BLOCKS), ("inspect", *NO_BLOCKS),
+    ("attention", *ONE_CHANNEL), ("inspect", *ONE_CHANNEL), ("predict", *ONE_CHANNEL)])
+def test_models_the_commands_cannot_use_are_one_line(tmp_path, capsys, command, model, reason):
+    path = vitkit.save_model(tiny_vit(**model), tmp_path / "m.safetensors")
+    Image.fromarray(photo(size=(40, 30))).save(tmp_path / "p.png")
+    args = {"attention": ["attention", str(tmp_path / "p.png"), "-o", str(tmp_path / "out")],
+            "inspect": ["inspect", "-o", str(tmp_path / "out"), "--images", str(tmp_path / "p.png")],
+            "predict": ["predict", str(tmp_path / "p.png")]}[command]
+    assert vitkit_main([*args, "--weights", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"vitkit {command}: error: --weights {path}: {reason}\n" and not (tmp_path / "out").exists()
+    if "in_chans" in model:  # and from Python
+        with pytest.raises(ValueError, match="1-channel input"):
+            attention_map(tiny_vit(**model), tmp_path / "p.png")
+        with pytest.raises(ValueError, match="1-channel input"):
+            list(vitkit.classify(tiny_vit(**model), [tmp_path / "p.png"]))
+
+
+def test_attention_beyond_memory_is_refused_before_computing(tmp_path, capsys, monkeypatch):
+    import vitkit.api
+
+    path = vitkit.save_model(tiny_vit(), tmp_path / "m.safetensors")
+    Image.fromarray(photo(size=(40, 30))).save(tmp_path / "p.png")
+    # 3 layers x 2 heads x 1025^2 tokens x 4 bytes, kept and copied: about 50 MB at 256 px
+    monkeypatch.setattr(vitkit.api, "available_memory", lambda: 40 * 2**20)
+    assert vitkit_main(["attention", str(tmp_path / "p.png"), "--weights", str(path), "--img-size", "256",
+                        "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitkit attention: error: keeping the attention of 3 layers for 256x256 px (1024 patches) "
+                          "takes about 0.0 GiB") and err.endswith("give a smaller --img-size\n")
+    assert vitkit_main(["attention", str(tmp_path / "p.png"), "--weights", str(path), "-o", str(tmp_path / "out")]) == 0
+    # inspect's attention distance goes one image at a time where a batch of 8 would not fit
+    model = tiny_vit(img_size=128)
+    one = figure7.attention_bytes(model, (1, 3, 128, 128))
+    monkeypatch.setattr(vitkit.api, "available_memory", lambda: 3 * one)
+    calls = []
+    real = figure7.forward_with_attention
+    monkeypatch.setattr(figure7, "forward_with_attention", lambda m, x: calls.append(len(x)) or real(m, x))
+    images = [Image.new("RGB", (40, 30), c) for c in ("red", "green", "blue", "white", "black")]
+    dist, count = figure7.attention_distances(model, images)
+    assert count == 5 and calls == [3, 2] and np.isfinite(dist).all()
+
+
+@pytest.mark.parametrize("img_size", [(384, 384), (224, 448)])
+def test_position_similarity_picture_shows_every_cell(tmp_path, img_size):
+    """Alternating +1/-1 similarities: every one must reach the picture as its own stripe (nothing dropped)."""
+    model = vitkit.ViT(vitkit.ViTConfig(img_size=img_size, patch_size=16, width=32, depth=1, num_heads=2, mlp_dim=32))
+    h, w = model.cfg.grid
+    stripes = np.where(np.arange(h * w) % 2 == 0, 1.0, -1.0)[None].repeat(h * w, 0)
+    real = figure7.position_similarity
+    try:
+        figure7.position_similarity = lambda m: stripes
+        figure7.position_figure(model, tmp_path / "sim.png")
+    finally:
+        figure7.position_similarity = real
+    with Image.open(tmp_path / "sim.png") as img:
+        pixels = np.asarray(img.convert("RGB")).astype(int)
+    yellow, purple = (np.abs(pixels - np.array(matplotlib_colour(v))).sum(-1) < 30 for v in (1.0, -1.0))
+    label = np.where(yellow, 1, np.where(purple, -1, 0))
+    # runs of one colour along a row through a tile row: one per cell, w cells in each of the w tiles (and the
+    # colour bar's, where that row crosses it at either end of its scale)
+    runs = ((label[:, 1:] != label[:, :-1]) & (label[:, 1:] != 0)).sum(axis=1) + (label[:, 0] != 0)
+    assert w * w <= runs.max() <= w * w + 2, (runs.max(), w)
+
+
+def matplotlib_colour(value):
+    import matplotlib
+
+    return [round(255 * c) for c in matplotlib.colormaps["viridis"]((value + 1) / 2)[:3]]
+
+
+def test_a_one_patch_grid_draws_without_warnings(tmp_path, recwarn):
+    model = tiny_vit(img_size=8)
+    figure7.write_figure7(model, tmp_path, [Image.new("RGB", (8, 8), "red")], "one image")
+    assert not [w for w in recwarn if "ylim" in str(w.message)]
+    assert all((tmp_path / name).exists() for name in figure7.FIGURES)

@@ -86,7 +86,7 @@ def test_capture_attention_is_exact_and_leaves_the_model_fused():
     assert torch.allclose(fused, unfused, atol=1e-5) and torch.equal(fused, after)
     assert list(attn) == [1] and attn[1].shape == (2, 3, 17, 17)
     assert torch.allclose(attn[1].sum(-1), torch.ones(2, 3, 17))
-    assert all(m.attn.probs_sink is None for m in model.blocks)
+    assert all(not m.attn.probs_sinks for m in model.blocks)
     with pytest.raises(IndexError, match="2 blocks"):
         with vitkit.capture_attention(model, layers=[5]):
             pass

@@ -102,9 +102,11 @@ def _is_vitkit_checkpoint(spec: str) -> bool:
         and is_vitkit_checkpoint(fetch(spec))
 
 
-def model_from_args(args: argparse.Namespace, weights_flag: str = "--weights", **overrides):
+def model_from_args(args: argparse.Namespace, weights_flag: str = "--weights", reads_images: bool = True,
+                    **overrides):
     """--model/--weights (and --device, where the command has it) -> an eval-mode model. A vitkit checkpoint
-    needs no --model. weights_flag: how the command names the checkpoint in messages (convert: SRC)."""
+    needs no --model. weights_flag: how the command names the checkpoint in messages (convert: SRC);
+    reads_images: the model must take RGB images (all commands but convert)."""
     import torch
 
     from . import create_model, load_model
@@ -125,6 +127,7 @@ def model_from_args(args: argparse.Namespace, weights_flag: str = "--weights", *
             device = resolve_device(args.device)
         except ValueError as e:
             raise UserError(f"--device {e}") from None
+    source = f"--model {args.model}" if args.model else f"{weights_flag} {args.weights}"  # for messages
     try:
         model = create_model(args.model, weights=args.weights, **overrides) if args.model else \
             load_model(args.weights, **overrides)
@@ -136,12 +139,19 @@ def model_from_args(args: argparse.Namespace, weights_flag: str = "--weights", *
                 value = overrides[key]
                 shown = "x".join(map(str, value)) if isinstance(value, tuple) else value
                 raise UserError(f"{flag} {shown}: {e}") from None
-        raise UserError(f"--model {args.model}: {e}" if args.model else f"{weights_flag} {args.weights}: {e}") from None
+        raise UserError(f"{source}: {e}") from None
     except (MemoryError, RuntimeError) as e:  # what check_memory could not foresee
         if not isinstance(e, MemoryError) and "alloc" not in str(e):
             raise
         raise UserError(f"the model is too large to build here ({str(e).splitlines()[0][:200]}); check "
                         f"--img-size and the model's size") from None
+    if reads_images:
+        from .data.images import check_rgb_model
+
+        try:
+            check_rgb_model(model)
+        except ValueError as e:
+            raise UserError(f"{source}: {e}") from None
     return model.to(device)
 
 

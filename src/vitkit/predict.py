@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.images import ImageError, _to_rgb, check_resized_size, eval_transform, iter_image_paths, load_image
+from .data.images import (ImageError, _to_rgb, check_resized_size, check_rgb_model, eval_transform, iter_image_paths,
+                          load_image)
 
 log = logging.getLogger("vitkit")
 
@@ -69,6 +70,7 @@ def classify(model, images: Iterable[str | Path | Image.Image], top_k: int = 5, 
         raise TypeError(f"{type(model).__name__} is not a vitkit ViT; load it with vitkit.create_model/load_model")
     if not model.cfg.num_classes:
         raise ValueError("the model has no classifier head (num_classes=0): nothing to classify")
+    check_rgb_model(model)
     for arg, value in (("top_k", top_k), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{arg} must be a positive integer, not {value!r}")

@@ -166,6 +166,13 @@ def _unique_files(matches: list[str]) -> list[str]:
     return out
 
 
+def check_rgb_model(model) -> None:
+    """ValueError for a model whose input is not 3 channels: images are read as RGB."""
+    if model.cfg.in_chans != 3:
+        raise ValueError(f"the model takes {model.cfg.in_chans}-channel input, and images are read as RGB "
+                         f"(3 channels)")
+
+
 def check_resized_size(img: Image.Image, preprocess: dict, img_size: tuple[int, int], name: str) -> None:
     """Raise ImageError if resizing the short side to the model's input (`eval_transform`) would make an image
     larger than the decompression-bomb limit: a 400000x1 PNG is a few hundred bytes and under the limit, but

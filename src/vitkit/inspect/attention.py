@@ -18,7 +18,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from ..data.images import _to_rgb, eval_transform, load_image
+from ..data.images import _to_rgb, check_rgb_model, eval_transform, load_image
 from ..models.vit import ViT, capture_attention
 
 METHODS = ("rollout", "last-layer", "head")
@@ -37,6 +37,7 @@ def prepare(model, image) -> tuple[torch.Tensor, tuple[int, int]]:
                              f"HxWx3 uint8 array (or a PIL image)")
         image = Image.fromarray(image)
     if isinstance(image, Image.Image):
+        check_rgb_model(model)
         if image.width == 0 or image.height == 0:
             raise ValueError(f"the image is empty ({image.width}x{image.height} pixels)")
         size = (image.height, image.width)
@@ -60,9 +61,33 @@ def prepare(model, image) -> tuple[torch.Tensor, tuple[int, int]]:
     return x.to(model.pos_embed.device, model.pos_embed.dtype), size
 
 
+def attention_bytes(model, shape: tuple[int, ...], layers: int | None = None) -> int:
+    """Memory that keeping `layers` (default all) layers' attention probabilities for inputs of `shape` (B, C, H, W)
+    takes, with room for a float32 copy of them (rollout stacks them)."""
+    r = model.cfg.reduction
+    tokens = model.num_prefix_tokens + (shape[-2] // r) * (shape[-1] // r)
+    return 2 * (len(model.blocks) if layers is None else layers) * shape[0] * model.cfg.num_heads * tokens ** 2 * 4
+
+
+def check_attention_memory(model, shape: tuple[int, ...], layers: int | None = None) -> None:
+    """ValueError, before computing, where the attention to be kept cannot fit in memory (a process over it is
+    killed without a word): N tokens take N^2 per head and layer."""
+    from ..api import available_memory
+
+    need, available = attention_bytes(model, shape, layers), available_memory()
+    if available is not None and need > available:
+        r = model.cfg.reduction
+        raise ValueError(f"keeping the attention of {len(model.blocks) if layers is None else layers} layers for "
+                         f"{shape[-2]}x{shape[-1]} px ({(shape[-2] // r) * (shape[-1] // r)} patches) takes about "
+                         f"{need / 2**30:,.1f} GiB, more than the {available / 2**30:,.1f} GiB available: give a "
+                         f"smaller --img-size")
+
+
 @torch.no_grad()
 def forward_with_attention(model, x: torch.Tensor, layers: list[int] | None = None):
     """(logits, {layer: (B, heads, N, N) probabilities}) from one eval-mode call; the model is left as it was."""
+    if x.device.type == "cpu":  # (a GPU says so itself, as an out-of-memory error)
+        check_attention_memory(model, tuple(x.shape), None if layers is None else len(layers))
     was_training = model.training
     model.eval()
     try:

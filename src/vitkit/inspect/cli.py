@@ -14,7 +14,7 @@ from ..cli import UserError, add_model_arguments, check_writable, failure_summar
 from ..data.images import IMAGE_SUFFIXES, ImageError, iter_image_paths, load_image
 from ..predict import class_names
 from .attention import METHODS, check_index, prepare, row_description, to_image_size, token_map
-from .figure7 import FIGURES, save_figure, write_figure7
+from .figure7 import FIGURES, MAX_ASPECT, save_figure, write_figure7
 
 
 @contextlib.contextmanager
@@ -30,7 +30,11 @@ def _value_errors_as_user_errors(prefix: str = ""):
 
 def _load_model(args: argparse.Namespace):
     with _value_errors_as_user_errors(f"--model {args.model}: " if args.model else ""):
-        return model_from_args(args)
+        model = model_from_args(args)
+    if not model.blocks:
+        raise UserError(f"{f'--model {args.model}' if args.model else f'--weights {args.weights}'}: the model has no "
+                        f"transformer blocks, so no attention to show")
+    return model
 
 
 def _report(command: str, failed: list):
@@ -56,9 +60,6 @@ def add_attention_arguments(p: argparse.ArgumentParser) -> None:
                         "image (--method head: IMAGE-NAME_layerL-headH.png, or IMAGE-NAME_layerL-mean.png without "
                         "--head; maps are PNG only: another image suffix such as .jpg is refused)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
-
-
-MAX_ASPECT = 4  # panels at most 4x taller than wide or wider than tall: a bounded picture for any image
 
 
 def attention_figure(image, amap: np.ndarray, title: str, path: Path) -> None:
@@ -149,7 +150,8 @@ def run_attention(args: argparse.Namespace) -> int:
         if note:
             logging.getLogger("vitkit").info("%s: %s", path, note)
         x, size = prepare(model, image)
-        logits, grid = token_map(model, x, args.method, args.layer, args.head)
+        with _value_errors_as_user_errors():  # memory for the attention kept: the same for every image
+            logits, grid = token_map(model, x, args.method, args.layer, args.head)
         prediction = _prediction(model, logits)
         title = f"{path.name}: {prediction}\n{description}, {row_description(model)}"
         try:

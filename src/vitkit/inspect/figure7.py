@@ -20,12 +20,15 @@ from PIL import Image, ImageDraw, ImageFilter
 from ..data.images import ImageError, iter_image_paths
 from ..files import replacing
 from ..models.resnetv2 import StdConv2d
-from .attention import forward_with_attention, prepare
+from .attention import attention_bytes, forward_with_attention, prepare
 
 # ../shared/data/imagenet-samples from where vitkit runs, else beside the vitkit checkout
 SAMPLES = [Path("..", "shared", "data", "imagenet-samples"),
            Path(__file__).resolve().parents[3].parent / "shared" / "data" / "imagenet-samples"]
 MAX_MATRIX = 1024  # positions up to which summary.json keeps the full similarity matrix
+MAX_ASPECT = 4  # pictures at most 4x taller than wide or wider than tall, whatever the image or grid
+MAX_PIXELS = 8000  # the longest side of a picture
+DPI = 120
 
 
 # --- filters ---------------------------------------------------------------------------------------
@@ -110,15 +113,25 @@ def position_figure(model, path: Path) -> dict:
     sim = position_similarity(model)
     if sim.shape[0] != math.prod(grid):
         raise ValueError(f"{sim.shape[0]} position embeddings do not match the {grid[0]}x{grid[1]} patch grid")
-    fig = Figure(figsize=(6.4, 6.4 * grid[0] / grid[1] + 0.6))
+    mosaic = similarity_mosaic(sim, grid)
+    ratio = min(max(mosaic.shape[0] / mosaic.shape[1], 1 / MAX_ASPECT), MAX_ASPECT)
+    fig = Figure(figsize=(6.4, 6.4 * ratio + 0.6), dpi=DPI)
     ax = fig.subplots()
-    im = ax.imshow(similarity_mosaic(sim, grid), cmap="viridis", vmin=-1, vmax=1, interpolation="nearest")
-    step = grid[1] + 1, grid[0] + 1
-    ax.set_xticks(np.arange(grid[1]) * step[0] + grid[1] / 2 - 0.5, np.arange(1, grid[1] + 1), fontsize=6)
-    ax.set_yticks(np.arange(grid[0]) * step[1] + grid[0] / 2 - 0.5, np.arange(1, grid[0] + 1), fontsize=6)
+    im = ax.imshow(mosaic, cmap="viridis", vmin=-1, vmax=1, interpolation="nearest",
+                   aspect="equal" if ratio == mosaic.shape[0] / mosaic.shape[1] else "auto")
+    for axis, n, set_ticks in ((1, grid[1], ax.set_xticks), (0, grid[0], ax.set_yticks)):
+        shown = np.arange(0, n, math.ceil(n / 32))  # at most 32 labels a side
+        set_ticks(shown * (grid[axis] + 1) + grid[axis] / 2 - 0.5, shown + 1, fontsize=6)
     ax.set(xlabel="input patch column", ylabel="input patch row",
            title=f"position embedding similarity ({grid[0]}x{grid[1]} patches)")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
+    fig.tight_layout()  # then grown until every similarity gets 3x3 pixels, up to MAX_PIXELS a side
+    box, size = ax.get_window_extent(), fig.get_size_inches()
+    grow = min(max(3 * mosaic.shape[1] / box.width, 3 * mosaic.shape[0] / box.height, 1),
+               MAX_PIXELS / (max(size) * DPI))
+    fig.set_size_inches(*(size * grow))
+    if mosaic.shape[1] > box.width * grow or mosaic.shape[0] > box.height * grow:
+        im.set_interpolation("antialiased")  # still more cells than pixels: averaged, not dropped
     save_figure(fig, path)
     dist = grid_distances(grid)
     by_distance = {f"{d:.3f}": float(sim[dist == d].mean()) for d in np.unique(dist)}
@@ -171,6 +184,12 @@ def attention_distances(model, images: Iterable, on_error: Callable[[Exception],
     grid, prefix, pixels = model.cfg.grid, model.num_prefix_tokens, model.cfg.reduction
     total, count, batch = 0.0, 0, []
 
+    from ..api import available_memory
+
+    available = available_memory()  # a batch that fits, down to one image (whose fit forward_with_attention checks)
+    one = attention_bytes(model, (1, model.cfg.in_chans, *model.cfg.img_size))
+    batch_size = max(1, min(batch_size, available // one)) if available else batch_size
+
     def flush():
         _, attn = forward_with_attention(model, torch.cat(batch))
         per_layer = torch.stack([mean_attention_distance(attn[i], grid, prefix, pixels) for i in sorted(attn)])
@@ -206,7 +225,7 @@ def distance_figure(model, path: Path, dist: np.ndarray, count: int, source: str
         ax.scatter(np.arange(1, layers + 1), dist[:, h], s=14, color=colours(h % colours.N), label=f"head {h + 1}")
     ax.axhline(uniform, ls="--", color="gray", lw=1, label="uniform attention")
     ax.set(xlabel="network depth (layer)", ylabel="mean attention distance (pixels)",
-           ylim=(0, 1.1 * max(uniform, float(dist.max()))),
+           ylim=(0, 1.1 * max(uniform, float(dist.max())) or 1),  # a 1x1 grid: every distance 0
            title=f"mean attention distance over {count} image{'s' if count > 1 else ''}")
     ax.set_xticks(np.arange(1, layers + 1))
     if heads <= 16:
@@ -217,7 +236,7 @@ def distance_figure(model, path: Path, dist: np.ndarray, count: int, source: str
 
 
 # --- common --------------------------------------------------------------------------------------------
-def save_figure(fig, path: Path, dpi: int = 120) -> None:
+def save_figure(fig, path: Path, dpi: int = DPI) -> None:
     """The figure as a picture in the format of path's suffix, replacing an earlier file only once complete."""
     fig.tight_layout()
     with replacing(path) as tmp:

@@ -157,7 +157,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.attn_dropout, self.proj_drop = attn_dropout, nn.Dropout(dropout)
-        self.probs_sink: list | None = None  # set by capture_attention() for one call
+        self.probs_sinks: list[list] = []  # one per capture_attention() open on this layer (they may nest)
 
     def forward(self, x: torch.Tensor, first: int | None = None) -> torch.Tensor:
         """first: attend from the first `first` tokens alone (keys and values from all) -> (B, first, C)."""
@@ -170,11 +170,12 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv(x).view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
         p = self.attn_dropout if self.training else 0.0
-        if self.probs_sink is None:
+        if not self.probs_sinks:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         else:  # the unfused path, only while someone asked for the probabilities
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-            self.probs_sink.append(attn)
+            for sink in self.probs_sinks:
+                sink[:] = [attn]  # the last call's alone
             x = F.dropout(attn, p, self.training) @ v
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, q.shape[2], C)))
 
@@ -305,7 +306,7 @@ class ViT(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cfg.pool != "token" or not self.blocks or self.blocks[-1].attn.probs_sink is not None:
+        if self.cfg.pool != "token" or not self.blocks or self.blocks[-1].attn.probs_sinks:
             return self.forward_head(self.forward_features(x))
         # Only the [class] (and distillation) token reaches the head, so the last block needs every token's keys
         # and values but the query, attention output and MLP of those alone: the same logits with ~1/16 fewer
@@ -397,10 +398,10 @@ def capture_attention(model: nn.Module, layers: int | list[int] | None = None):
     result: dict[int, torch.Tensor] = {}
     try:
         for i, sink in sinks.items():
-            modules[i].probs_sink = sink
+            modules[i].probs_sinks.append(sink)
         yield result
     finally:
         for i, sink in sinks.items():
-            modules[i].probs_sink = None
+            modules[i].probs_sinks = [s for s in modules[i].probs_sinks if s is not sink]
             if sink:
                 result[i] = sink[-1]

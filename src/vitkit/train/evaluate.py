@@ -209,7 +209,7 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
     as it is."""
     from ..api import load_model
     from ..data.datasets import DataError, describe, in_memory, open_data, relabel
-    from ..data.images import eval_transform
+    from ..data.images import check_rgb_model, eval_transform
     from ..predict import TTA, imagenet_wnids
 
     data = os.fspath(data)
@@ -228,6 +228,10 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
     if isinstance(model, (str, Path)):
         weights, model = model, load_model(model)
         channels_last = has_conv_stem(model) if channels_last is None else channels_last
+    try:
+        check_rgb_model(model)
+    except ValueError as e:
+        raise DataError(f"--weights {weights}: {e}") from None
     model = model.eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

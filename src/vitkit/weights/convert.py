@@ -46,7 +46,7 @@ def run_convert(args: argparse.Namespace) -> int:
         raise UserError(f"--num-classes {args.num_classes}: must be 0 (no head) or more")
     args.weights = args.src
     overrides = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size)) if v is not None}
-    model = model_from_args(args, weights_flag="SRC", **overrides)
+    model = model_from_args(args, weights_flag="SRC", reads_images=False, **overrides)
     if names is not None:
         if len(names) != model.cfg.num_classes:
             raise UserError(f"--class-names {args.class_names}: {len(names)} names for {model.cfg.num_classes} classes")

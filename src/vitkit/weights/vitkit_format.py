@@ -97,7 +97,7 @@ def read(path: Path) -> Checkpoint | None:
 
 
 def _problem(meta) -> str | None:
-    """What is wrong with a checkpoint's metadata (the recipe's checks of the same fields), or None."""
+    """What is wrong with a checkpoint's metadata, or None."""
     from ..models.vit import ViTConfig
     from ..train.recipe import PREPROCESS_KEYS, SCHEMA
 
@@ -112,10 +112,9 @@ def _problem(meta) -> str | None:
         return f"pos_resample {resample!r} that vitkit cannot apply"
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         return "class_names that are not a list of strings"
-    fields = {**meta["config"], **{k: v for k, v in pre.items() if k in PREPROCESS_KEYS}}
-    checks = SCHEMA["model"]
-    if bad := next((f"{k} {why}" for k, v in fields.items() if k in checks and (why := checks[k][1](v))), None):
-        return f"an unusable {bad}"
+    checks = SCHEMA["model"]  # the recipe's checks of the same preprocessing keys
+    if bad := next((f"{k} {why}" for k, v in pre.items() if k in PREPROCESS_KEYS and (why := checks[k][1](v))), None):
+        return f"an unusable preprocess {bad}"
     try:
         ViTConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as e:
