@@ -420,3 +420,13 @@ def test_a_transformers_folder_with_bad_json_is_one_line(ckpt, photo, tmp_path, 
         (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     assert main(["predict", str(photo), "--weights", str(folder), "--model", "ViT-Ti/8"]) == 2
     assert expected in one_line_error(capsys, "predict")
+
+
+def test_predict_skips_hidden_files_and_macos_debris_in_folders(ckpt, photo, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    (folder / "__MACOSX").mkdir(parents=True)
+    (folder / "a.png").write_bytes(photo.read_bytes())
+    for junk in ("._a.png", ".hidden.png", "__MACOSX/._a.png"):
+        (folder / junk).write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert main(["predict", str(folder), "--weights", str(ckpt), "--json"]) == 0
+    assert [json.loads(line)["path"] for line in capsys.readouterr().out.splitlines()] == [str(folder / "a.png")]

@@ -354,3 +354,17 @@ def test_a_checkpoint_of_another_size_is_prepared_as_released_at_that_size(tmp_p
     model = vitkit.create_model("vit_b_16", weights=tv_file, width=192, num_heads=3, mlp_dim=768, depth=1)
     assert model.cfg.img_size == (384, 384) and model.preprocess["crop_pct"] == 1.0
     assert model.preprocess["mean"] == (0.485, 0.456, 0.406)
+
+
+def test_a_head_that_read_the_dropped_pre_logits_layer_goes_too(tmp_path, caplog):
+    """The paper's fine-tuning replaces the whole pre-training head: a model built without the pre-logits layer
+    gets a zero head even where the checkpoint's head has the right shape (it read the dropped layer's output)."""
+    width, heads, mlp, patch, _ = SHAPES["ViT-Ti/16"]
+    google_npz(tmp_path / "rep.npz", width, heads, mlp, patch, rep=width)
+    with_it = vitkit.create_model("ViT-Ti/16", weights=tmp_path / "rep.npz", depth=1)
+    assert with_it.cfg.representation_size == width and with_it.head.weight.any()
+    with caplog.at_level(logging.WARNING, logger="vitkit"):
+        without = vitkit.create_model("ViT-Ti/16", weights=tmp_path / "rep.npz", depth=1, representation_size=None)
+    assert without.cfg.representation_size is None and not without.head.weight.any() and not without.head.bias.any()
+    assert "it read the pre-logits layer, which the model lacks" in caplog.text
+    assert torch.equal(without.blocks[0].mlp.fc1.weight, with_it.blocks[0].mlp.fc1.weight)

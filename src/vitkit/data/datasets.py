@@ -30,7 +30,7 @@ from torch.utils.data import Dataset, IterableDataset, Subset, get_worker_info
 from torchvision import tv_tensors
 
 from ..files import replacing
-from .images import IMAGE_SUFFIXES, ImageError, _to_rgb, load_image
+from .images import IMAGE_SUFFIXES, ImageError, _to_rgb, is_junk, load_image
 
 log = logging.getLogger("vitkit")
 BUILTIN = ("digits", "cifar10", "cifar100")
@@ -292,13 +292,8 @@ def _extract(archive: Path, cache_dir: str | None) -> Path:
     return dest
 
 
-def _junk(name: str) -> bool:
-    """Hidden entries and macOS archive debris (`.DS_Store`, AppleDouble `._x.jpg`, `__MACOSX/`)."""
-    return name.startswith(".") or name == "__MACOSX"
-
-
 def _subdirs(folder: Path) -> list[Path]:
-    return [e for e in folder.iterdir() if e.is_dir() and not _junk(e.name)]
+    return [e for e in folder.iterdir() if e.is_dir() and not is_junk(e.name)]
 
 
 def _layout(folder: Path, shown_as=None) -> tuple[Path, Path | None, Path | None]:
@@ -349,8 +344,8 @@ def _image_files(folder: Path) -> list[Path]:
             dirs.clear()
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not _junk(d)]
-        found += [f for name in files if not _junk(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES
+        dirs[:] = [d for d in dirs if not is_junk(d)]
+        found += [f for name in files if not is_junk(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES
                   and (f := Path(top, name)).is_file()]
     return sorted(found)
 

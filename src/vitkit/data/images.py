@@ -121,11 +121,17 @@ def _convert(img: Image.Image) -> tuple[Image.Image, str | None]:
     return img.convert("RGB"), None
 
 
+def is_junk(name: str) -> bool:
+    """Hidden entries and macOS archive debris (`.DS_Store`, AppleDouble `._x.jpg`, `__MACOSX/`)."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def iter_image_paths(paths: Iterable[str | Path], on_error=None) -> Iterator[Path]:
     """Files as given (even without an image suffix, so the reader can say what is wrong with them);
     folders walked recursively in sorted order for image files; a glob pattern that is not a file name (a
-    quoted 'photos/*.jpg', or one from Python) expanded, sorted. A folder without images or a pattern
-    matching nothing is passed to on_error(ImageError) and skipped; without on_error it raises."""
+    quoted 'photos/*.jpg', or one from Python) expanded, sorted; hidden files and macOS debris in folders skipped.
+    A folder without images or a pattern matching nothing is passed to on_error(ImageError) and skipped; without
+    on_error it raises."""
     def fail(message, error=NoImagesError):
         if on_error is None:
             raise error(message)
@@ -138,7 +144,8 @@ def iter_image_paths(paths: Iterable[str | Path], on_error=None) -> Iterator[Pat
             fail(f"{p}: cannot read ({e.strerror or e})", ImageError)
             continue
         if is_dir:
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                           and not any(map(is_junk, f.relative_to(p).parts)))  # as the dataset readers skip them
             if not found:
                 fail(f"{p}: no images found in this folder")
             yield from found

@@ -166,13 +166,15 @@ def fit_state_dict(sd: dict[str, torch.Tensor], model, resample: dict | None = N
                      f"{model.cfg.grid[0]}x{model.cfg.grid[1]}")
     head_w = sd.get("head.weight")
     model_classes = model.cfg.num_classes
-    if head_w is not None and (not model_classes or head_w.shape != own["head.weight"].shape):
+    drop_pre_logits = "pre_logits.weight" in sd and "pre_logits.weight" not in own
+    if head_w is not None and (not model_classes or head_w.shape != own["head.weight"].shape or drop_pre_logits):
         for k in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
             sd.pop(k, None)
         if model_classes:
             model.reset_head(model_classes)
-            notes.append(f"head replaced: checkpoint has {head_w.shape[0]} classes, model {model_classes} "
-                         f"(new head initialised to zero)")
+            why = f"checkpoint has {head_w.shape[0]} classes, model {model_classes}" \
+                if head_w.shape != own["head.weight"].shape else "it read the pre-logits layer, which the model lacks"
+            notes.append(f"head replaced: {why} (new head initialised to zero)")
     elif head_w is None and model_classes:
         model.reset_head(model_classes)
         notes.append(f"checkpoint has no classifier; new {model_classes}-class head initialised to zero")
@@ -180,7 +182,7 @@ def fit_state_dict(sd: dict[str, torch.Tensor], model, resample: dict | None = N
         sd.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
         if model.head_dist is not None:
             sd.update({f"head_dist.{k}": v for k, v in model.head_dist.state_dict().items()})
-    if "pre_logits.weight" in sd and "pre_logits.weight" not in own:
+    if drop_pre_logits:  # the paper's fine-tuning: the whole pre-training head goes, a zero head comes
         sd.pop("pre_logits.weight"), sd.pop("pre_logits.bias", None)
         notes.append("pre-logits layer of the checkpoint dropped")
     return sd, notes
