@@ -50,6 +50,11 @@ def checkpoint(tmp_path) -> Path:
     (["--recipe", "BADYAML"], "not valid YAML at line 3, column 1"),  # where in the file
     (["--recipe", "DIR"], "a directory, not a file"),
     (["--set", "foo.bar=1"], "--set: unknown section 'foo'"),
+    # these three were tracebacks at the first step, after the run directory was made
+    (["--set", "augment.scale=[1.0, 0.5]"], "augment.scale [1.0, 0.5]: must be [min, max]"),
+    (["--set", "optim.name=sgd", "--set", "optim.nesterov=true", "--set", "optim.momentum=0"],
+     "optim.nesterov needs optim.momentum > 0"),
+    (["--set", "train.attention=efficient", "--device", "cpu"], "train.attention efficient is a CUDA kernel; on cpu"),
 ])
 def test_bad_train_input_one_line_before_any_work(tmp_path, capsys, args, expected):
     (tmp_path / "bin.yaml").write_bytes(bytes(range(128, 256)) * 3)
@@ -327,3 +332,84 @@ def test_resume_reads_relative_data_where_the_run_started(tmp_path, capsys, monk
         assert main(["train", "--resume", str(run), "--epochs", epochs]) == 0, capsys.readouterr().err
         assert read_metadata(run / "last.safetensors")["data"]["resolved"] == str(tmp_path / "A" / "flat")
         assert read_metadata(run / "last.safetensors")["train"]["epoch"] == int(epochs)
+
+
+def test_resume_applies_the_new_optimizer_settings_and_refuses_another_optimizer(tmp_path, capsys):
+    """A resume that changed weight decay or betas kept the saved ones while recipe.yaml said the new; one with
+    another optimizer crashed at the first step (KeyError inside torch's SGD)."""
+    import torch
+
+    recipe = str(write_recipe(tmp_path / "r.yaml", data={"path": "digits", "batch_size": 64}, train={"epochs": 1}))
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", recipe, "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--set", "optim.name=sgd"]) == 2
+    assert "optim.name cannot change in a run (adamw -> sgd)" in one_line_error(capsys, "train")
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--set", "optim.weight_decay=0.5",
+                 "--set", "optim.betas=[0.8, 0.9]"]) == 0
+    groups = torch.load(run / "state.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0] and all(tuple(g["betas"]) == (0.8, 0.9) for g in groups)
+
+
+def test_resume_before_any_export_needs_only_the_run_directory(tmp_path, capsys):
+    """Killed after a mid-epoch save and before the first epoch's end, a fine-tuning run has state.pt and no
+    last.safetensors: its resume built the model from the file it started from, and failed once that was gone."""
+    import torch
+
+    from train_utils import TINY
+
+    fields = {k: v for k, v in TINY["model"].items() if k != "crop_pct"}
+    start = ViT(ViTConfig(**fields, num_classes=3))
+    start.preprocess.update(mean=(0.25,) * 3, std=(0.5,) * 3)
+    vitkit.save_model(start, tmp_path / "start.safetensors")
+    recipe = str(write_recipe(tmp_path / "r.yaml", data={"path": "digits", "batch_size": 64}, train={"epochs": 2},
+                              model={"weights": str(tmp_path / "start.safetensors")}))
+    import shutil
+
+    run, exported = tmp_path / "run", tmp_path / "exported"
+    assert main(["train", "--recipe", recipe, "--out", str(run), "--epochs", "1"]) == 0
+    shutil.copytree(run, exported)  # the same run with its exports, resumed as before
+    (run / "last.safetensors").unlink()  # as if killed before they were written
+    (run / "best.safetensors").unlink()
+    (tmp_path / "start.safetensors").unlink()
+    capsys.readouterr()
+    for folder in (run, exported):
+        assert main(["train", "--resume", str(folder), "--epochs", "2"]) == 0
+    resumed, straight = vitkit.load_model(run / "last.safetensors"), vitkit.load_model(exported / "last.safetensors")
+    assert tuple(resumed.preprocess["mean"]) == (0.25,) * 3  # the start file's normalisation, as the run had
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), straight.state_dict().values()))
+
+
+def test_train_takes_a_non_square_size_and_names_an_unusable_cache(tmp_path, capsys):
+    recipe = str(write_recipe(tmp_path / "r.yaml", train={"epochs": 1}))
+    assert main(["train", "--recipe", recipe, "--img-size", "8x16", "--out", str(tmp_path / "run")]) == 0
+    assert vitkit.load_model(tmp_path / "run" / "last.safetensors").cfg.img_size == (8, 16)
+    from train_utils import digit_images
+
+    digit_images(tmp_path / "ds", ["1", "2"], per_class=10)
+    (tmp_path / "file").write_text("in the way")
+    capsys.readouterr()
+    assert main(["train", "--recipe", recipe, "--data", str(tmp_path / "ds"),
+                 "--set", f"data.cache_dir={tmp_path / 'file' / 'cache'}",
+                 "--set", "data.preload=true", "--out", str(tmp_path / "run2")]) == 2
+    assert f"data.cache_dir {tmp_path / 'file' / 'cache'}: cannot create it" in one_line_error(capsys, "train")
+
+
+def test_eval_reads_a_runs_data_as_the_run_did(tmp_path, monkeypatch):
+    """With unreadable images, data.preload decides which images a held-out fraction is drawn from (preloading
+    drops them first): eval took its default and could score training images as held-out."""
+    import vitkit.data.datasets as datasets
+    from train_utils import digit_images
+
+    digit_images(tmp_path / "ds", ["1", "2"], per_class=10)
+    for n in range(3):
+        (tmp_path / "ds" / "1" / f"broken{n}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    recipe = str(write_recipe(tmp_path / "r.yaml", data={"path": str(tmp_path / "ds"), "batch_size": 4,
+                                                          "preload": False}, train={"epochs": 1}))
+    assert main(["train", "--recipe", recipe, "--out", str(tmp_path / "run")]) == 0
+    opened, real = [], datasets.open_data
+    monkeypatch.setattr(datasets, "open_data", lambda *a, **kw: opened.append(kw) or real(*a, **kw))
+    result = vitkit.evaluate_model(tmp_path / "run" / "best.safetensors", str(tmp_path / "ds"))
+    trained = real(str(tmp_path / "ds"), val_split=0.2, preload=False)
+    assert opened[0]["preload"] is False and result.n == len(trained.val) - len(
+        [i for i in trained.val.indices if "broken" in str(trained.val.dataset.paths[i])])

@@ -132,8 +132,12 @@ def collate(items: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list
 
 # --- opening DATA ---------------------------------------------------------------------------------------
 def cache_root(cache_dir: str | None) -> Path:
+    named = "data.cache_dir" if cache_dir else "$VITKIT_CACHE" if os.environ.get("VITKIT_CACHE") else "the cache"
     root = Path(cache_dir or os.environ.get("VITKIT_CACHE") or Path.home() / ".cache" / "vitkit")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{named} {root}: cannot create it ({e.strerror or e})") from None
     return root
 
 
@@ -188,7 +192,8 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
             skipped += more
             held_name = f"the {val_dir.name}/ folder"
     class_names = train.class_names if train is not None else class_names
-    split = {"path": spec, "val_split": 0.0, "split_seed": split_seed}
+    # preload drops unreadable images before a held-out fraction is drawn: an evaluation must read them alike
+    split = {"path": spec, "val_split": 0.0, "split_seed": split_seed, "preload": preload}
     if Path(spec).is_file():  # an archive is recognised by name and size wherever it is later (vitkit eval)
         split["bytes"] = Path(spec).stat().st_size
     if spec not in BUILTIN:  # a relative path means another place from another working directory

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli import image_size
+
 # flag -> recipe key
 FLAG_KEYS = {"data": "data.path", "val_data": "data.val", "val_split": "data.val_split", "model": "model.name",
              "weights": "model.weights", "img_size": "model.img_size", "batch_size": "data.batch_size",
@@ -29,7 +31,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--time-budget", type=float, metavar="MINUTES",
                    help="stop gracefully after this long (the schedule is fitted to it), then evaluate and save")
-    p.add_argument("--img-size", type=int)
+    p.add_argument("--img-size", type=image_size, metavar="N|HxW")
     p.add_argument("--batch-size", type=int, help="global batch (all processes, all accumulation steps)")
     p.add_argument("--lr", type=float)
     p.add_argument("--val-split", type=float, help="hold out this fraction of the training images")
@@ -49,7 +51,7 @@ def resolve_recipe(args: argparse.Namespace, values: dict | None = None) -> tupl
     from . import recipe as R
 
     flagged = {key: flag for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
-    overrides = {key: getattr(args, flag) for key, flag in flagged.items()}
+    overrides = {key: list(v) if isinstance(v := getattr(args, flag), tuple) else v for key, flag in flagged.items()}
     for text in args.set:
         section, key, value = R.parse_override(text)
         overrides[f"{section}.{key}"] = value
@@ -104,9 +106,10 @@ def _resolve(args: argparse.Namespace, overrides: dict) -> tuple[dict, Path, dic
                                 f"{overrides['model.weights']}; drop it, or start a new run from those weights")
         recipe = R.load(None, overrides, base=saved, resuming=True)
         fixed = [f"model.{k}" for k in saved["model"] if k != "weights"] + \
-            [f"data.{k}" for k in ("path", "val", "val_split", "split_seed", "batch_size")]
+            [f"data.{k}" for k in ("path", "val", "val_split", "split_seed", "batch_size")] + ["optim.name"]
         changed = [key for key in fixed if _at(recipe, key) != _at(saved, key)]
-        if changed:  # the state holds this model, trained on this split with steps of this size
+        if changed:  # the state holds this model (and this optimizer's moments), trained on this split with steps
+            # of this size
             raise R.RecipeError(f"--resume {run}: {', '.join(changed)} cannot change in a run "
                                 f"({', '.join(f'{_at(saved, k)} -> {_at(recipe, k)}' for k in changed)}); "
                                 f"start a new one from it with --weights {run / 'last.safetensors'}")

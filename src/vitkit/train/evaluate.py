@@ -242,7 +242,8 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
     split = recorded_split(weights and str(weights), data)
     val_split = val_split if val_split is not None else split.get("val_split", 0.0)
     split_seed = split_seed if split_seed is not None else split.get("split_seed", 0)
-    ds = open_data(data, val_split=val_split, split_seed=split_seed, root=data_root, evaluate_only=True)
+    ds = open_data(data, val_split=val_split, split_seed=split_seed, root=data_root, evaluate_only=True,
+                   preload=split.get("preload", "auto"))
     names = model.class_names
     if names is None and model.cfg.num_classes == 1000 and set(ds.class_names) <= set(imagenet_wnids()):
         names = imagenet_wnids()  # ImageNet folders (n01440764/...) for an ImageNet-1k head: matched by WordNet ID

@@ -336,12 +336,19 @@ def validate(r: dict, resuming: bool = False) -> None:
             except (ValueError, TypeError) as e:
                 problems.append(f"model{'.name' if 'unknown model' in str(e) else ''}: {e}")
         try:
-            resolve_device(r["train"]["device"])
+            device = resolve_device(r["train"]["device"])
+            if r["train"]["attention"] == "efficient" and device.type != "cuda":
+                problems.append(f"train.attention efficient is a CUDA kernel; on {device.type} use auto, default, "
+                                "math or flash")
         except ValueError as e:
             problems.append(f"train.device (--device) {e}")
         sharded = r["train"]["distributed"] == "fsdp" and int(os.environ.get("WORLD_SIZE", 1)) > 1
         if r["train"]["ema_decay"] and sharded:
             problems.append("train.ema_decay is not supported with train.distributed=fsdp (use ddp, or no EMA)")
+        if (scale := r["augment"]["scale"])[0] > scale[1]:
+            problems.append(f"augment.scale {scale}: must be [min, max]")
+        if o["name"] == "sgd" and o["nesterov"] and not o["momentum"]:
+            problems.append("optim.nesterov needs optim.momentum > 0")
         if d["batch_size"] % o["accum_steps"]:
             problems.append(f"data.batch_size {d['batch_size']} is not divisible by optim.accum_steps "
                             f"{o['accum_steps']}")

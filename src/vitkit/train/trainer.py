@@ -387,11 +387,20 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
 
     # model, optimizer, EMA, precision
     torch.manual_seed(T["seed"])  # the same initial weights on every rank
-    if resume and _readable(run_dir / LAST):  # the run's own model (the state's weights go in below): the
-        M = {**M, "weights": str(run_dir / LAST), "name": None, "zero_head": None}  # start file is not needed
+    # a resume builds the run's own model (the state's weights go in below), never from the file it started from:
+    # from its last export, or where none is readable yet (killed before the first epoch ended), as the state says
+    exported = resume and _readable(run_dir / LAST)
+    recorded = state.get("model_meta") if resume and not exported else None
+    if exported:
+        M = {**M, "weights": str(run_dir / LAST), "name": None, "zero_head": None}
+    elif recorded:
+        M = {**M, **{k: v for k, v in recorded["config"].items() if k in M}, "weights": None, "name": None,
+             "zero_head": None}
     model, problem = None, None  # a problem of one rank (its memory, its GPU) is said by all, below
     try:
         model = build_model(M, names).to(d.device)
+        if recorded:
+            model.preprocess, model.pos_resample = dict(recorded["preprocess"]), dict(recorded["pos_resample"])
     except ValueError as e:  # vitkit.api.check_memory: refused before allocating (Linux would kill the process)
         if "too large here" not in str(e):
             raise
@@ -458,7 +467,10 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
     epoch_stats = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss sum, correct, images (this epoch)
     torch.manual_seed(T["seed"] + d.rank)  # per-rank randomness (dropout, mixup) from here on
     if state is not None:
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         load_full_state(wrapped if sharded else model, optimizer, state["model"], state["optimizer"], sharded)
+        for group, recipe_settings in zip(optimizer.param_groups, settings):  # the run's moments, and the
+            group.update(recipe_settings)  # recipe's hyperparameters: a resume may change weight decay, betas...
         if ema is not None and state["ema"] is not None:
             ema.load_state_dict(state["ema"])
         if state["scaler"]:  # empty: saved by a disabled scaler (a bf16/fp32 run now resumed under fp16)
@@ -486,7 +498,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                         f", train.time_budget {T['time_budget']:g} min" if budget else "",
                         "--time-budget or --epochs" if budget else "--epochs or --set train.max_steps")
         elif total != state["total_steps"] and d.main:  # a longer (or shorter) run: the schedule stretches
-            now, then = (lr_at(step, n, r["schedule"], O["lr"], warm_start) for n in (total, state["total_steps"]))
+            before = state.get("recipe") or r  # the schedule and base learning rate it had
+            now = lr_at(step, total, r["schedule"], O["lr"], warm_start)
+            then = lr_at(step, state["total_steps"], before["schedule"], before["optim"]["lr"], warm_start)
             log.warning("--resume: the schedule now ends at step %d instead of %d%s", total, state["total_steps"],
                         f", so the learning rate at step {step} is {now:.3g} instead of {then:.3g}" if
                         f"{now:.3g}" != f"{then:.3g}" else "")
@@ -608,7 +622,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                           "skipped": sorted(everywhere), "class_names": names, "data_sizes": sizes,
                           "world": d.world, "recipe": r, "resumed": history, "cwd": started_in,
                           "warm_start": list(warm_start) if warm_start else None, "fitted": fitted or budget is None,
-                          "ramp_seconds": ramp_before + time.time() - train_t0}
+                          "ramp_seconds": ramp_before + time.time() - train_t0,
+                          "model_meta": {"config": model.cfg.to_dict(), "preprocess": dict(model.preprocess),
+                                         "pos_resample": dict(model.pos_resample)}}
         atomic_save(training_state, run_dir / STATE,
                     before=(lambda: keep_previous(run_dir)) if keep_prev and not going_back else None)
         going_back = False  # state.pt is this run's now: whatever fails next, the run continues from it
