@@ -413,3 +413,13 @@ def test_eval_reads_a_runs_data_as_the_run_did(tmp_path, monkeypatch):
     trained = real(str(tmp_path / "ds"), val_split=0.2, preload=False)
     assert opened[0]["preload"] is False and result.n == len(trained.val) - len(
         [i for i in trained.val.indices if "broken" in str(trained.val.dataset.paths[i])])
+
+
+def test_a_recipe_cannot_reshape_a_vitkit_checkpoints_model(tmp_path, capsys, checkpoint):
+    """digits-style recipes set the architecture; with a vitkit checkpoint that was a shape-mismatch line."""
+    recipe = str(write_recipe(tmp_path / "r.yaml", model={"weights": str(checkpoint)}))  # TINY: width 32, gap
+    assert main(["train", "--recipe", recipe, "--out", str(tmp_path / "run")]) == 2
+    err = one_line_error(capsys, "train")
+    assert f"model.width 32: model.weights {checkpoint} holds a model with width 16, and a vitkit checkpoint brings " \
+           "its architecture (drop model.width)" in err and "model.mlp_dim 64" in err and "model.class_token" in err
+    assert not (tmp_path / "run").exists()

@@ -241,3 +241,16 @@ def test_eval_of_the_training_data_of_a_run_that_validated_elsewhere_warns(tmp_p
     result = E.evaluate_model(model, str(tmp_path / "tr"), weights=str(tmp_path / "run" / "best.safetensors"),
                               workers=0)
     assert result.n == 8 and "these are training images" in caplog.text
+
+
+def test_eval_of_the_training_data_of_a_run_without_a_held_out_part_warns(tmp_path, monkeypatch, caplog):
+    digit_images(tmp_path / "tr", ["1", "2"], per_class=4)
+    split = open_data(str(tmp_path / "tr")).split
+    monkeypatch.setattr("vitkit.weights.vitkit_format.read_metadata", lambda path: {"data": split})
+    from vitkit.models.vit import ViT, ViTConfig
+
+    model = ViT(ViTConfig(img_size=8, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=16, num_classes=2))
+    model.class_names = ["1", "2"]
+    result = E.evaluate_model(model, str(tmp_path / "tr"), weights=str(tmp_path / "run" / "best.safetensors"),
+                              workers=0)
+    assert result.n == 8 and "(without a held-out part): these are training images" in caplog.text

@@ -255,9 +255,9 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
         names = ds.class_names
     ds = relabel(ds, names)
     what = ds.val_name
-    if split.get("val") and what == "all":  # the run validated on other data: these are its training images
-        log.warning("%s is the data %s was trained on (it validated on %s): these are training images",
-                    data, weights, split["val"])
+    if split and what == "all":  # these are the run's training images (it validated elsewhere, or not at all)
+        log.warning("%s is the data %s was trained on (%s): these are training images", data, weights,
+                    f"it validated on {split['val']}" if split.get("val") else "without a held-out part")
     log.info("evaluating on %s: %s", describe(ds), what)
     workers = workers if workers is not None else 0 if in_memory(ds.val) else min(4, os.cpu_count() or 1)
     loader = eval_loader(ds.val, eval_transform(model.preprocess, model.cfg.img_size), batch_size, workers)

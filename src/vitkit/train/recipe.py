@@ -331,6 +331,10 @@ def validate(r: dict, resuming: bool = False) -> None:
                 else:
                     base = read_metadata(Path(m["weights"]))["config"] if own else {}
                     ViTConfig.from_dict({**base, **fields, "num_classes": 2})
+                    problems += [f"model.{k} {fields[k]}: model.weights {m['weights']} holds a model with {k} "
+                                 f"{base[k]}, and a vitkit checkpoint brings its architecture (drop model.{k})"
+                                 for k in _SHAPE_FIELDS if own and k in fields and k in base and
+                                 _same_kind(fields[k]) != _same_kind(base[k])]
             except CheckpointError as e:
                 problems.append(f"model.weights {e}")
             except (ValueError, TypeError) as e:
@@ -354,6 +358,15 @@ def validate(r: dict, resuming: bool = False) -> None:
                             f"{o['accum_steps']}")
     if problems:
         raise RecipeError("invalid recipe: " + "; ".join(problems))
+
+
+# what a checkpoint's weights are shaped by: a recipe cannot change these for a vitkit checkpoint's model
+_SHAPE_FIELDS = ("patch_size", "width", "depth", "num_heads", "mlp_dim", "conv_stem", "conv_stem_pool",
+                 "hybrid_layers", "hybrid_width", "class_token", "distilled", "in_chans", "qkv_bias")
+
+
+def _same_kind(v):
+    return tuple(v) if isinstance(v, list) else v  # JSON and YAML give lists for tuples
 
 
 def model_fields(m: dict) -> dict:
