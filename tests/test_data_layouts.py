@@ -7,6 +7,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from vitkit.data.datasets import DataError, in_memory, open_data
 from vitkit.train import evaluate as E
@@ -254,3 +255,21 @@ def test_eval_of_the_training_data_of_a_run_without_a_held_out_part_warns(tmp_pa
     result = E.evaluate_model(model, str(tmp_path / "tr"), weights=str(tmp_path / "run" / "best.safetensors"),
                               workers=0)
     assert result.n == 8 and "(without a held-out part): these are training images" in caplog.text
+
+
+def test_eval_needs_only_the_classes_it_has_images_of(tmp_path):
+    """train/ has a class the checkpoint lacks, val/ has no images of it: the evaluation was refused."""
+    digit_images(tmp_path / "d" / "train", ["1", "2", "3"], per_class=2)
+    digit_images(tmp_path / "d" / "val", ["1", "2"], per_class=3, offset=2)
+    from vitkit.models.vit import ViT, ViTConfig
+
+    model = ViT(ViTConfig(img_size=8, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=16, num_classes=2))
+    model.class_names = ["2", "1"]  # and in another order than the folders'
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([0.0, 5.0]))  # always "1"
+    result = E.evaluate_model(model, str(tmp_path / "d"), workers=0)
+    assert result.n == 6 and result.top1 == pytest.approx(0.5)
+    (tmp_path / "d" / "val" / "3").mkdir()
+    digit_images(tmp_path / "d" / "val", ["3"], per_class=1)
+    with pytest.raises(DataError, match=r"classes \['3'\] are not among the 2 classes"):
+        E.evaluate_model(model, str(tmp_path / "d"), workers=0)

@@ -480,15 +480,27 @@ def _try(files: FileImages, i: int):
         return None
 
 
+def _present(ds: Dataset, names: list[str]) -> list[str]:
+    """The classes `ds` has images of, where its labels are at hand (else all of `names`)."""
+    if isinstance(ds, Subset) and hasattr(ds.dataset, "labels"):
+        labels = torch.as_tensor(ds.dataset.labels)[torch.as_tensor(ds.indices, dtype=torch.long)]
+    elif hasattr(ds, "labels"):
+        labels = torch.as_tensor(ds.labels)
+    else:
+        return names
+    return [names[i] for i in labels.unique().tolist()]
+
+
 def _relabel(ds: Dataset, names: list[str], target: list[str], source: str) -> Dataset:
-    """Labels of `ds` (classes `names`) renumbered into `target`'s classes, matched by name."""
-    missing = sorted(set(names) - set(target))
+    """Labels of `ds` (classes `names`) renumbered into `target`'s classes, matched by name; a class without images
+    here (a train/ class the val/ folder lacks) need not be among them."""
+    missing = sorted(set(_present(ds, names)) - set(target))
     if missing:
         raise DataError(f"{source}: classes {missing[:5]}{' ...' if len(missing) > 5 else ''} are not among the "
                         f"{len(target)} classes {target[:5]}{' ...' if len(target) > 5 else ''}")
     if names == target[: len(names)]:
         return ds
-    mapping = torch.tensor([target.index(n) for n in names])
+    mapping = torch.tensor([target.index(n) if n in target else -1 for n in names])  # -1: no image has it
     if isinstance(ds, ShardStream):
         ds.label_map = mapping
         return ds
