@@ -1,4 +1,6 @@
 """The ViT itself: architecture against timm for every released name, options, resampling, attention capture."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,20 +114,32 @@ def test_last_block_computes_only_the_class_token_with_the_same_logits_and_gradi
     assert fewer == [1 + distilled, 17 + distilled]  # ([class] and distillation tokens)
 
 
-def test_forward_intermediates_and_features():
-    model = tiny()
-    x = torch.randn(2, 3, 64, 64)
+def flat(out) -> list[torch.Tensor]:
+    return [out] if isinstance(out, torch.Tensor) else [t for item in out for t in flat(item)]
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_forward_intermediates_is_timms(distilled):
+    """The same call as timm's VisionTransformer.forward_intermediates, with the same results (weights copied)."""
+    name = "deit_tiny_distilled_patch16_224" if distilled else "vit_tiny_patch16_224"
+    model = vitkit.create_model(name, img_size=(64, 48), depth=3)
+    peer = timm.create_model(name, img_size=(64, 48), depth=3, num_classes=1000).eval()
+    peer.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 64, 48)
+    calls = [{}, dict(indices=2, norm=True), dict(indices=[0, -1], output_fmt="NLC", return_prefix_tokens=True),
+             dict(indices=[1], stop_early=True), dict(indices=1, intermediates_only=True, output_fmt="NLC")]
     with torch.no_grad():
-        maps = model.forward_intermediates(x)
-        tokens = model.forward_intermediates(x, indices=1, norm=True, output_fmt="NLC")
+        for kw in calls:
+            ours, theirs = model.forward_intermediates(x, **kw), peer.forward_intermediates(x, **kw)
+            assert [t.shape for t in flat(ours)] == [t.shape for t in flat(theirs)], kw
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(flat(ours), flat(theirs))), kw
         feats = model.forward_features(x)
-    assert [m.shape for m in maps] == [(2, 192, 4, 4)] * 2
-    for wrong in ([2], [-3], 3):
-        with pytest.raises(IndexError, match="the model has 2 blocks"):
+    assert torch.equal(model.forward_intermediates(x)[0], feats)
+    for wrong in ([3], [-4], 4, []):
+        with pytest.raises(IndexError, match="the model has 3 blocks|no blocks chosen"):
             model.forward_intermediates(x, indices=wrong)
-    assert torch.allclose(tokens[0], feats)
-    assert torch.allclose(maps[-1].flatten(2).transpose(1, 2), model.blocks[1](model.blocks[0](model.embed(x)[0]))[:, 1:],
-                          atol=1e-6)
+    with pytest.raises(ValueError, match="output_fmt 'NHWC': use 'NCHW' or 'NLC'"):
+        model.forward_intermediates(x, output_fmt="NHWC")
 
 
 def test_heads_pooling_and_prelogits():
@@ -239,3 +253,50 @@ def test_registry_deit_crop_and_paper_hybrid_size():
                            "interpolation": "bicubic"} and cfg["img_size"] == size
     cfg, pre = registry.resolve("R50+ViT-B/16")
     assert cfg["img_size"] == 384 and cfg["hybrid_layers"] == (3, 4, 9) and pre["crop_pct"] == 1.0
+
+
+# --- review: configuration checks, edge rates, dtypes, names ---------------------------------------------------
+@pytest.mark.parametrize("option, message", [
+    (dict(drop_path=1.5), "drop_path must be a number in [0, 1], not 1.5"),
+    (dict(attn_dropout=-0.1), "attn_dropout must be a number in [0, 1], not -0.1"),
+    (dict(dropout="0.1"), "dropout must be a number in [0, 1], not '0.1'"),
+    (dict(norm_eps=-1), "norm_eps must be a positive number, not -1"),
+    (dict(in_chans=0), "in_chans must be positive, not 0"),
+    (dict(conv_stem=(32, -1)), "conv_stem must be positive ints, not (32, -1)"),
+    (dict(hybrid_layers=(0, 1)), "hybrid_layers must be positive ints, not (0, 1)"),
+    (dict(hybrid_layers=(1, 1), hybrid_width=16), "hybrid_width must be a multiple of 32"),
+])
+def test_bad_options_are_refused_when_the_config_is_made(option, message):
+    """Each was accepted and failed later: at the first training step, at forward, or as NaN logits."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        vitkit.ViTConfig(patch_size=8, img_size=32, width=64, depth=2, num_heads=4, mlp_dim=128, **option)
+
+
+def test_drop_path_one_drops_every_branch_as_timm_does():
+    model = vitkit.create_model("vit_tiny_patch16_224", img_size=32, depth=2, drop_path=1.0).train()
+    peer = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, drop_path_rate=1.0).train()
+    peer.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    ours, theirs = model.forward_features(x), peer.forward_features(x)
+    assert torch.isfinite(ours).all() and torch.allclose(ours, theirs, atol=1e-5)  # blocks skipped: embeddings alone
+
+
+def test_distilled_heads_get_dropout_and_a_new_head_takes_the_models_dtype():
+    model = vitkit.create_model("deit_tiny_distilled_patch16_224", img_size=32, depth=1, dropout=0.5).train()
+    feats = model.forward_features(torch.randn(2, 3, 32, 32)).detach()
+    torch.manual_seed(0)
+    first = model.forward_head(feats)
+    assert not torch.equal(first, model.forward_head(feats))  # as timm's VisionTransformerDistilled (head_drop)
+    model = model.eval().to(torch.bfloat16)
+    model.reset_head(5)
+    assert model.head.weight.dtype == model.head_dist.weight.dtype == torch.bfloat16
+    assert model(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)).shape == (2, 5)
+
+
+def test_paper_names_of_the_hybrid_and_spaced_names():
+    assert registry.resolve("R50+ViT-B/16@224")[0] == registry.resolve("vit_base_r50_s16_224")[0]
+    assert registry.resolve("R50+ViT-B/16@384") == registry.resolve("vit_base_r50_s16_384")
+    assert registry.resolve("ViT-B/16 @384") == registry.resolve("ViT-B/16@384")
+    pre = registry.resolve("vit_small_patch8_224")[1]  # timm's DINO weights: ImageNet statistics
+    cfg = timm.create_model("vit_small_patch8_224", pretrained=False).pretrained_cfg
+    assert (pre["mean"], pre["std"], pre["crop_pct"]) == (cfg["mean"], cfg["std"], cfg["crop_pct"])

@@ -48,6 +48,9 @@ def _entries() -> dict[str, tuple[dict, dict]]:
         cfg = dict(decode_variant("B", 1), img_size=size, hybrid_layers=(3, 4, 9))
         out[f"vit_base_r50_s16_{size}"] = (cfg, {**GOOGLE, "crop_pct": 0.9 if size == 224 else 1.0})
     out["R50+ViT-B/16"] = out["vit_base_r50_s16_384"]
+    # timm's only weights of this name are DINO's (Caron et al. 2021), trained on ImageNet-normalised inputs
+    out["vit_small_patch8_224"] = (out["vit_small_patch8_224"][0], {**IMAGENET, "crop_pct": 0.9,
+                                                                     "interpolation": "bicubic"})
     for v, size in _DEIT:
         pre = {**DEIT, "crop_pct": 0.875 if size == 224 else 1.0}
         out[f"deit_{_TIMM_NAME[v]}_patch16_{size}"] = (dict(decode_variant(v, 16), img_size=size), pre)
@@ -65,18 +68,21 @@ def list_models() -> list[str]:
 
 
 def resolve(name: str) -> tuple[dict, dict]:
-    """A model name (any of the spellings, case-insensitive; paper names take '@384') -> (config, preprocess)."""
+    """A model name (any of the spellings, case-insensitive, spaces ignored; paper names take '@384', the R50 hybrid
+    too: "R50+ViT-B/16@224") -> (config, preprocess)."""
     if not isinstance(name, str):
         raise TypeError(f"a model name is a str such as 'ViT-B/16', not {type(name).__name__} {name!r}")
-    key = {k.lower(): k for k in MODELS}.get(name.lower().replace(" ", ""))
+    text = name.lower().replace(" ", "")
+    key = {k.lower(): k for k in MODELS}.get(text)
     if key:
         cfg, pre = MODELS[key]
         return dict(cfg), dict(pre)
-    m = re.fullmatch(r"(?:vit-)?(ti|s|b|l|h)/(\d+)(?:@(\d+))?", name.lower())
-    if m:  # any paper-style variant, released or not, e.g. "ViT-S/14@336"
-        v = {"ti": "Ti"}.get(m[1], m[1].upper())
-        size = int(m[3] or 224)
-        return dict(decode_variant(v, int(m[2])), img_size=size), {**GOOGLE, "crop_pct": 0.9 if size == 224 else 1.0}
+    m = re.fullmatch(r"(r50\+)?(?:vit-)?(ti|s|b|l|h)/(\d+)(?:@(\d+))?", text)
+    if m and (not m[1] or m[3] == "16"):  # any paper-style variant, released or not, e.g. "ViT-S/14@336"
+        v = {"ti": "Ti"}.get(m[2], m[2].upper())
+        size = int(m[4] or (384 if m[1] else 224))  # (the R50 hybrids were released at 384)
+        cfg = dict(decode_variant(v, 1), hybrid_layers=(3, 4, 9)) if m[1] else decode_variant(v, int(m[3]))
+        return dict(cfg, img_size=size), {**GOOGLE, "crop_pct": 0.9 if size == 224 else 1.0}
     close = difflib.get_close_matches(name.lower(), {k.lower(): k for k in MODELS}, n=3, cutoff=0.75)
     lower = {k.lower(): k for k in MODELS}
     hint = f"did you mean {' or '.join(lower[c] for c in close)}? " if close else ""

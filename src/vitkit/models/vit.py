@@ -71,19 +71,29 @@ class ViTConfig:
                    and not whole(self.representation_size) else []):
             raise ValueError(f"{bad[0]} must be an int, not {type(getattr(self, bad[0])).__name__} "
                              f"{getattr(self, bad[0])!r}")
-        if self.hybrid_layers is not None:
-            self.hybrid_layers = tuple(self.hybrid_layers)
-        if self.conv_stem is not None:
-            self.conv_stem = tuple(self.conv_stem)
-            if self.hybrid_layers or not self.conv_stem:
-                raise ValueError("conv_stem needs at least one layer and excludes hybrid_layers")
+        rates = {k: getattr(self, k) for k in ("dropout", "attn_dropout", "drop_path")}
+        if bad := [k for k, v in rates.items() if isinstance(v, bool) or not isinstance(v, numbers.Real)
+                   or not 0 <= v <= 1]:
+            raise ValueError(f"{bad[0]} must be a number in [0, 1], not {rates[bad[0]]!r}")
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, numbers.Real) or not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be a positive number, not {self.norm_eps!r}")
+        for k in ("hybrid_layers", "conv_stem"):  # stage depths, layer widths: positive ints
+            if (v := getattr(self, k)) is not None:
+                if isinstance(v, (str, bytes)) or not isinstance(v, Iterable) or \
+                        not all(whole(n) and n > 0 for n in tuple(v)):
+                    raise ValueError(f"{k} must be positive ints, not {v!r}")
+                setattr(self, k, tuple(v))
+        if self.conv_stem is not None and (self.hybrid_layers or not self.conv_stem):
+            raise ValueError("conv_stem needs at least one layer and excludes hybrid_layers")
+        if self.hybrid_layers and (self.hybrid_width < 32 or self.hybrid_width % 32):
+            raise ValueError(f"hybrid_width must be a multiple of 32 (GroupNorm's 32 groups), not {self.hybrid_width}")
         if self.pool not in ("token", "gap"):
             raise ValueError(f"pool must be 'token' or 'gap', not {self.pool!r}")
         if (self.pool == "token" or self.distilled) and not self.class_token:
             raise ValueError("pool='token' and distilled=True need class_token=True")
         if self.distilled and self.pool != "token":
             raise ValueError("distilled=True reads its two tokens: it needs pool='token'")
-        sizes = dict(patch_size=self.patch_size, img_size=min(self.img_size), width=self.width,
+        sizes = dict(patch_size=self.patch_size, img_size=min(self.img_size), width=self.width, in_chans=self.in_chans,
                      num_heads=self.num_heads, mlp_dim=self.mlp_dim, depth=self.depth + 1,
                      num_classes=self.num_classes + 1)
         if bad := [k for k, v in sizes.items() if v < 1]:  # depth and num_classes may be 0 (no blocks, no head)
@@ -147,7 +157,7 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     if rate == 0.0 or not training:
         return x
     keep = x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(1 - rate)
-    return x * keep / (1 - rate)
+    return x * keep / (1 - rate) if rate < 1 else x * keep  # rate 1: every branch dropped (no 0/0)
 
 
 class Attention(nn.Module):
@@ -255,11 +265,12 @@ class ViT(nn.Module):
     def reset_head(self, num_classes: int) -> None:
         """Replace the classifier by a zero-initialised one (what the paper does for fine-tuning)."""
         self.cfg.num_classes = num_classes
-        device = self.pos_embed.device  # a model built on "meta" for loading gets a real head
-        heads = ["head"] + (["head_dist"] if self.cfg.distilled else [])
+        device, dtype = self.pos_embed.device, self.pos_embed.dtype  # a model built on "meta" for loading gets a
+        heads = ["head"] + (["head_dist"] if self.cfg.distilled else [])  # real head; a bf16 model a bf16 one
         for name in heads:
             with torch.device("cpu" if device.type == "meta" else device):
-                setattr(self, name, nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity())
+                setattr(self, name, nn.Linear(self.num_features, num_classes, dtype=dtype) if num_classes else
+                        nn.Identity())
             if num_classes:
                 nn.init.zeros_(getattr(self, name).weight), nn.init.zeros_(getattr(self, name).bias)
 
@@ -296,7 +307,7 @@ class ViT(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.cfg.distilled:  # DeiT at inference (and fine-tuning without a teacher): the two heads averaged
-            x, x_dist = x[:, 0], x[:, 1]
+            x, x_dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])  # as timm's VisionTransformerDistilled
             return (x + x_dist) / 2 if pre_logits else (self.head(x) + self.head_dist(x_dist)) / 2
         x = x[:, 0] if self.cfg.pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)
         x = self.fc_norm(x)
@@ -316,30 +327,35 @@ class ViT(nn.Module):
             x = blk(x)
         return self.forward_head(self.norm(self.blocks[-1](x, first=self.num_prefix_tokens)))
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              output_fmt: str = "NCHW") -> list[torch.Tensor]:
-        """Outputs of the chosen blocks (default: all; an int n means the last n), in block order as in timm.
-
-        output_fmt "NCHW": patch tokens as 2D feature maps (B, D, h, w); "NLC": all tokens (B, N, D).
-        norm=True applies the final LayerNorm to each.
-        """
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's forward_intermediates: the outputs of the chosen blocks (default all; an int n: the last n), in
+        block order, as patch tokens: 2D maps (B, D, h, w) with output_fmt "NCHW", (B, h*w, D) with "NLC";
+        return_prefix_tokens: each as (patch tokens, prefix tokens (B, prefix, D)). norm: the final LayerNorm on
+        each. Returns (final features, intermediates), or the intermediates alone with intermediates_only (then, or
+        with stop_early, the blocks after the last chosen one are not run)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt {output_fmt!r}: use 'NCHW' or 'NLC'")
         depth = len(self.blocks)
         if isinstance(indices, int) and not 0 < indices <= depth:
             raise IndexError(f"the last {indices} blocks: the model has {depth} blocks")
         idx = range(depth) if indices is None else range(depth - indices, depth) if isinstance(indices, int) else indices
         if bad := [i for i in idx if not -depth <= i < depth]:
             raise IndexError(f"block index {bad[0]} is out of range: the model has {depth} blocks")
-        idx = sorted({i % depth for i in idx})
+        if not (idx := sorted({i % depth for i in idx})):
+            raise IndexError("no blocks chosen" if depth else "the model has no blocks")
         x, grid = self.embed(x)
         outs = []
-        for i, blk in enumerate(self.blocks[: idx[-1] + 1]):
+        for i, blk in enumerate(self.blocks[: idx[-1] + 1 if intermediates_only or stop_early else depth]):
             x = blk(x)
             if i in idx:
                 y = self.norm(x) if norm else x
+                prefix, y = y[:, : self.num_prefix_tokens], y[:, self.num_prefix_tokens:]
                 if output_fmt == "NCHW":
-                    y = y[:, self.num_prefix_tokens:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
-                outs.append(y)
-        return outs
+                    y = y.transpose(1, 2).reshape(x.shape[0], -1, *grid)
+                outs.append((y, prefix) if return_prefix_tokens else y)
+        return outs if intermediates_only else (self.norm(x), outs)
 
 
 DEFAULT_PREPROCESS = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "crop_pct": 0.9, "interpolation": "bicubic"}
