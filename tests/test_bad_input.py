@@ -423,3 +423,23 @@ def test_a_recipe_cannot_reshape_a_vitkit_checkpoints_model(tmp_path, capsys, ch
     assert f"model.width 32: model.weights {checkpoint} holds a model with width 16, and a vitkit checkpoint brings " \
            "its architecture (drop model.width)" in err and "model.mlp_dim 64" in err and "model.class_token" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_same_size_on_resume_non_rgb_checkpoints_and_eval_messages(tmp_path, capsys, caplog):
+    """A resume given the same size as HxW; a vitkit checkpoint that does not take RGB; eval's messages."""
+    recipe = str(write_recipe(tmp_path / "r.yaml", train={"epochs": 1}))
+    assert main(["train", "--recipe", recipe, "--out", str(tmp_path / "run")]) == 0
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2", "--img-size", "8x8"]) == 0
+    with caplog.at_level("WARNING", logger="vitkit"):
+        vitkit.evaluate_model(tmp_path / "run" / "best.safetensors", "digits", val_split=0)
+    assert "(--val-split 0: its held-out 20% among them): these are training images" in caplog.text
+    gray = ViT(ViTConfig(img_size=8, patch_size=2, width=16, depth=1, num_heads=2, mlp_dim=32, num_classes=10,
+                         in_chans=1))
+    vitkit.save_model(gray, tmp_path / "gray.safetensors")
+    capsys.readouterr()
+    assert main(["train", "--data", "digits", "--weights", str(tmp_path / "gray.safetensors"),
+                 "--out", str(tmp_path / "run2")]) == 2
+    assert "the model takes 1-channel input, and images are read as RGB (3 channels)" in one_line_error(capsys,
+                                                                                                      "train")
+    with pytest.raises(DataError, match=r"^the model takes 1-channel input"):
+        vitkit.evaluate_model(gray, "digits")

@@ -368,3 +368,17 @@ def test_a_head_that_read_the_dropped_pre_logits_layer_goes_too(tmp_path, caplog
     assert without.cfg.representation_size is None and not without.head.weight.any() and not without.head.bias.any()
     assert "it read the pre-logits layer, which the model lacks" in caplog.text
     assert torch.equal(without.blocks[0].mlp.fc1.weight, with_it.blocks[0].mlp.fc1.weight)
+
+
+def test_transformers_processor_sizes_and_resampling_as_transformers_reads_them(tmp_path, caplog):
+    from transformers import BitImageProcessor
+
+    hf_vit("ViT-Ti/16").save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({  # the hybrid's: a number is the short side
+        "image_processor_type": "BitImageProcessor", "size": 256, "crop_size": 224, "do_center_crop": True,
+        "resample": 1}))
+    assert BitImageProcessor.from_pretrained(tmp_path).size["shortest_edge"] == 256
+    with caplog.at_level(logging.WARNING, logger="vitkit"):
+        pre = read_checkpoint(tmp_path).preprocess
+    assert pre["crop_mode"] == "center" and pre["crop_pct"] == 224 / 256
+    assert pre["interpolation"] == "bicubic" and "resample 1 resized as bicubic" in caplog.text  # lanczos: loads

@@ -145,3 +145,16 @@ def test_predict_url_of_a_vitkit_checkpoint_needs_no_model(tmp_path, http_root, 
     assert main(["predict", str(tmp_path / "red.png"), "--weights", f"{base}/tiny.safetensors", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["top_k"][0]["label"] in model.class_names and len(out["top_k"]) == 3
+
+
+def test_eval_of_a_vitkit_checkpoint_by_url(tmp_path, http_root, capsys):
+    root, base, _ = http_root
+    from vitkit.cli import main
+
+    model = vitkit.ViT(vitkit.ViTConfig(img_size=8, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=16,
+                                        num_classes=10))
+    model.class_names = [str(i) for i in range(10)]
+    vitkit.save_model(model, root / "digits.safetensors")
+    assert main(["eval", "--data", "digits", "--weights", f"{base}/digits.safetensors", "--json",
+                 "--out", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] > 0

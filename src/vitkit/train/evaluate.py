@@ -184,9 +184,11 @@ def recorded_split(weights: str | None, data: str) -> dict:
     """The held-out split a vitkit training run recorded in its checkpoint, if DATA is that run's data."""
     from ..weights.vitkit_format import read_metadata
 
+    from ..weights.hub import fetch, is_remote
+
     if not weights or not str(weights).endswith(".safetensors"):
         return {}
-    rec = ((read_metadata(Path(weights)) or {}).get("data")) or {}
+    rec = ((read_metadata(fetch(str(weights)) if is_remote(str(weights)) else Path(weights)) or {}).get("data")) or {}
     here, there = Path(data), Path(rec.get("path", ""))
     if rec.get("resolved") and here.exists():  # a local path: the same place, whichever the working directory
         same = Path(rec["resolved"]) == here.resolve()
@@ -231,7 +233,7 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
     try:
         check_rgb_model(model)
     except ValueError as e:
-        raise DataError(f"--weights {weights}: {e}") from None
+        raise DataError(f"--weights {weights}: {e}" if weights else str(e)) from None
     model = model.eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -257,7 +259,9 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
     what = ds.val_name
     if split and what == "all":  # these are the run's training images (it validated elsewhere, or not at all)
         log.warning("%s is the data %s was trained on (%s): these are training images", data, weights,
-                    f"it validated on {split['val']}" if split.get("val") else "without a held-out part")
+                    f"it validated on {split['val']}" if split.get("val") else
+                    f"--val-split 0: its held-out {split['val_split']:.0%} among them" if split.get("val_split") else
+                    "without a held-out part")
     log.info("evaluating on %s: %s", describe(ds), what)
     workers = workers if workers is not None else 0 if in_memory(ds.val) else min(4, os.cpu_count() or 1)
     loader = eval_loader(ds.val, eval_transform(model.preprocess, model.cfg.img_size), batch_size, workers)

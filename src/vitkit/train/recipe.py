@@ -331,6 +331,9 @@ def validate(r: dict, resuming: bool = False) -> None:
                 else:
                     base = read_metadata(Path(m["weights"]))["config"] if own else {}
                     ViTConfig.from_dict({**base, **fields, "num_classes": 2})
+                    if base.get("in_chans", 3) != 3:
+                        problems.append(f"model.weights {m['weights']}: the model takes {base['in_chans']}-channel "
+                                        f"input, and images are read as RGB (3 channels)")
                     problems += [f"model.{k} {fields[k]}: model.weights {m['weights']} holds a model with {k} "
                                  f"{base[k]}, and a vitkit checkpoint brings its architecture (drop model.{k})"
                                  for k in _SHAPE_FIELDS if own and k in fields and k in base and
@@ -362,7 +365,7 @@ def validate(r: dict, resuming: bool = False) -> None:
 
 # what a checkpoint's weights are shaped by: a recipe cannot change these for a vitkit checkpoint's model
 _SHAPE_FIELDS = ("patch_size", "width", "depth", "num_heads", "mlp_dim", "conv_stem", "conv_stem_pool",
-                 "hybrid_layers", "hybrid_width", "class_token", "distilled", "in_chans", "qkv_bias")
+                 "hybrid_layers", "hybrid_width", "class_token", "distilled", "qkv_bias")
 
 
 def _same_kind(v):

@@ -8,6 +8,7 @@ transformers keeps q, k and v as separate Linear layers (vitkit: one qkv), calls
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -97,8 +98,9 @@ def _labels(config: dict) -> list[str] | None:
 
 def _preprocess(folder: Path) -> dict:
     """mean/std, interpolation and crop from preprocessor_config.json (0.5/0.5 without one). Sizes as
-    transformers reads them: a number is a square (older files, e.g. DeiT's "size": 256, "crop_size": 224), or
-    {"height", "width"} (both sides resized: "squash") or {"shortest_edge"} (the short side, aspect kept)."""
+    transformers reads them: a number is a square for ViT's and DeiT's processors (older files, e.g. DeiT's "size":
+    256, "crop_size": 224), the short side for the others; {"height", "width"} resizes both sides ("squash"),
+    {"shortest_edge"} the short side, keeping the aspect."""
     pre = dict(_STATS)
     path = folder / "preprocessor_config.json"
     if not path.exists():
@@ -108,15 +110,16 @@ def _preprocess(folder: Path) -> dict:
         if not isinstance(p, dict):
             raise ValueError(f"a JSON {type(p).__name__}, not an object")
         pre.update(mean=_three(p.get("image_mean", pre["mean"])), std=_three(p.get("image_std", pre["std"])))
-        size, crop = _size(p.get("size")), _size(p.get("crop_size"))
+        kind = p.get("image_processor_type") or p.get("feature_extractor_type") or "ViTImageProcessor"
+        size, crop = _size(p.get("size"), square=kind.startswith(_SQUARE)), _size(p.get("crop_size"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable ({e})") from None
     resample = p.get("resample")
-    if resample is not None:
-        if resample not in _PIL_RESAMPLE:
-            raise CheckpointError(f"{path}: resample {resample!r} is not supported (vitkit resizes with PIL's "
-                                  f"nearest 0, bilinear 2 or bicubic 3)")
+    if resample in _PIL_RESAMPLE:
         pre["interpolation"] = _PIL_RESAMPLE[resample]
+    elif resample is not None:  # lanczos, box, hamming: the nearest of the three vitkit resizes with
+        pre["interpolation"] = "bicubic" if resample == 1 else "bilinear"
+        logging.getLogger("vitkit").warning("%s: resample %r resized as %s", path, resample, pre["interpolation"])
     if p.get("do_center_crop") and crop and "height" in crop:
         if "shortest_edge" in size:  # the short side, then a center crop: timm's and torchvision's way
             pre.update(crop_pct=crop["height"] / size["shortest_edge"], crop_mode="center")
@@ -125,11 +128,15 @@ def _preprocess(folder: Path) -> dict:
     return pre
 
 
-def _size(value) -> dict:
+_SQUARE = ("ViTImageProcessor", "ViTFeatureExtractor", "DeiTImageProcessor", "DeiTFeatureExtractor")  # (the
+# hybrid's ViTHybrid/BitImageProcessor reads a number as the short side)
+
+
+def _size(value, square: bool = True) -> dict:
     if value is None:
         return {}
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return {"height": value, "width": value}
+        return {"height": value, "width": value} if square else {"shortest_edge": value}
     if isinstance(value, dict) and all(isinstance(v, int) and v > 0 for v in value.values() if v is not None):
         return {k: v for k, v in value.items() if v is not None}
     raise ValueError(f"size {value!r} is neither a positive number nor a dict of them")
