@@ -429,3 +429,20 @@ def test_predict_skips_hidden_files_and_macos_debris_in_folders(ckpt, photo, tmp
         (folder / junk).write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     assert main(["predict", str(folder), "--weights", str(ckpt), "--json"]) == 0
     assert [json.loads(line)["path"] for line in capsys.readouterr().out.splitlines()] == [str(folder / "a.png")]
+
+
+def test_a_tiff_whose_decoder_raises_something_else_is_one_line(ckpt, photo, tmp_path, capsys):
+    """A TIFF whose next-page offset points past its end: PIL raises TypeError ("Missing dimensions")."""
+    import io
+    import struct
+
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 24)).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack("<I", data[4:8])[0]
+    end = ifd + 2 + 12 * struct.unpack("<H", data[ifd:ifd + 2])[0]
+    data[end:end + 4] = struct.pack("<I", len(data) + 1000)
+    (tmp_path / "scan.tif").write_bytes(bytes(data))
+    assert main(["predict", str(tmp_path / "scan.tif"), str(photo), "--weights", str(ckpt)]) == 1
+    assert error_lines(capsys, "predict")[0].endswith("scan.tif: corrupt or truncated image (TypeError: Missing "
+                                                       "dimensions)")

@@ -1271,3 +1271,42 @@ def test_a_run_without_a_budget_resumed_with_one_goes_on_along_its_schedule(tmp_
     events.Reload()
     lrs = {e.step: e.value for e in events.Scalars("train/lr")}
     assert lrs[45] < 0.9 * 0.003 and all(lrs[k + 1] <= lrs[k] * (1 + 1e-6) for k in range(45, max(lrs))), lrs
+
+
+def test_shard_readers_draw_their_own_augmentations(tmp_path):
+    """Readers with shards of their own numbered their samples alike and seeded each draw by that number: the
+    n-th sample of every rank got the same crop/flip/RandAugment."""
+    stream = open_data(digit_shards(tmp_path, 4, 30)).train
+    draws = [x for rank in range(2) for x, _ in stream.configure(lambda im: torch.rand(1).item(), 7, 1, rank=rank,
+                                                                   world=2)]
+    assert len(draws) == 120 and len(set(draws)) == 120
+
+
+def test_bad_shard_samples_are_skipped_and_listed(tmp_path):
+    """An out-of-range label (unchecked with data.epoch_size), an image over the pixel limit and a damaged one
+    were tracebacks mid-training."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    from vitkit.data.datasets import collate
+    from vitkit.data.images import MAX_PIXELS
+
+    def png(img):
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        return buf.getvalue()
+
+    good = png(Image.new("RGB", (8, 8), "red"))
+    side = int(MAX_PIXELS ** 0.5) + 100
+    with wds.TarWriter(str(tmp_path / "s-000.tar")) as sink:
+        for key, image, label in [("a", good, 0), ("b", good, 1), ("c", good, 5),
+                                  ("d", png(Image.new("1", (side, side))), 1), ("e", good[:-30], 0)]:
+            sink.write({"__key__": key, "png": image, "cls": label})
+    (tmp_path / "classes.txt").write_text("zero\none\n")
+    data = open_data(str(tmp_path / "s-{000..000}.tar"), shards={"epoch_size": 5})
+    _, labels, skipped = collate(list(data.train.configure(lambda im: torch.zeros(3, 8, 8))))
+    assert labels.tolist() == [0, 1] and len(skipped) == 3
+    assert "s-000.tar:c: label 5 is not one of the 2 classes (0..1)" in skipped[0]
+    assert "s-000.tar:d: image too large" in skipped[1] and "s-000.tar:e: corrupt or truncated image" in skipped[2]

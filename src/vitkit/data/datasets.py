@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Subset, get_worker_info
 from torchvision import tv_tensors
 
 from ..files import replacing
-from .images import IMAGE_SUFFIXES, ImageError, _to_rgb, is_junk, load_image
+from .images import IMAGE_SUFFIXES, ImageError, decode, is_junk, load_image
 
 log = logging.getLogger("vitkit")
 BUILTIN = ("digits", "cifar10", "cifar100")
@@ -383,8 +383,6 @@ def _folder(root: Path, preload, cache_dir: str | None, like: list[str] | None =
 
 def _any_opens(paths: list[Path]) -> bool:
     """Whether one of the files opens as an image (the header only: cheap even for ImageNet's 1000 classes)."""
-    from PIL import Image
-
     for p in paths:
         try:
             with Image.open(p):
@@ -407,8 +405,6 @@ def _shown(path: Path, shown_as: tuple[str, str] | None) -> str:
 
 
 def _small(paths: list[Path]) -> bool:
-    from PIL import Image
-
     for p in paths[:8]:  # the first readable one decides
         try:
             with Image.open(p) as im:
@@ -568,13 +564,17 @@ def _shards(spec: str, val: str | None, opts: dict, evaluate_only: bool) -> Data
         if val_labels and val_labels[-1] >= len(val_names):
             raise DataError(f"{val}: label {val_labels[-1]} in the shards, but {len(val_names)} classes "
                             f"({val_names_file if val_names is not class_names else 'those of the training data'})")
+    stream.num_classes = len(class_names)  # (counted labels are checked above; with data.epoch_size, read ones)
     held = ShardStream(val_urls, sum(val_sizes), shuffle_buffer=0, shard_sizes=val_sizes) if val else None
+    if held is not None:
+        held.num_classes = len(val_names)
     if val and val_names is not class_names:  # matched by name, as a folder's classes are
         held = _relabel(held, val_names, class_names, val)
     data = Data(stream, held, class_names, spec, {"path": spec, "val_split": 0.0, "split_seed": 0,
                                                   **({"val": val} if val else {})}, val_name=val or "")
     if evaluate_only:
         data.train, data.val = None, held or ShardStream(urls, count, shuffle_buffer=0, shard_sizes=sizes)
+        data.val.num_classes = data.val.num_classes or len(class_names)
         data.val_name = val or "all"
     return data
 
@@ -625,6 +625,7 @@ class ShardStream(IterableDataset):
         self.urls, self.size, self.shuffle_buffer = urls, size, shuffle_buffer
         self.shard_sizes = dict(zip(urls, shard_sizes)) if shard_sizes else {}  # unknown: taken as equal
         self.label_map: torch.Tensor | None = None  # labels renumbered into a checkpoint's classes
+        self.num_classes: int | None = None  # labels outside 0..num_classes-1 are skipped as bad samples
         self.transform, self.seed, self.epoch, self.rank, self.world, self.repeat = None, None, 0, 0, 1, False
         self.batch = 1
 
@@ -664,7 +665,7 @@ class ShardStream(IterableDataset):
             j = n // self.batch
             if not by_shard and (j % self.world != self.rank or j // self.world % nworkers != wid):
                 continue
-            yield self._decode(sample, n)
+            yield self._decode(sample, (part, n) if by_shard else (n,))  # each sample its own random draws
 
     def _share(self, urls: list[str], parts: int) -> list[set[str]] | None:
         """Shards per reader, dealt largest first to the reader with the fewest samples so far. None when the
@@ -680,7 +681,7 @@ class ShardStream(IterableDataset):
             mine[i].add(u)
         return mine if min(loads) >= 0.8 * max(loads) else None
 
-    def _decode(self, sample: dict, n: int):
+    def _decode(self, sample: dict, n: tuple[int, ...]):
         key = next((k for k in sample if k.lower() in {s[1:] for s in IMAGE_SUFFIXES}), None)
         where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         try:
@@ -691,17 +692,16 @@ class ShardStream(IterableDataset):
             if not sample[key]:
                 raise ImageError(f"{where}: empty file")
             label = int(sample["cls"])
+            if self.num_classes is not None and not 0 <= label < self.num_classes:
+                raise ImageError(f"{where}: label {label} is not one of the {self.num_classes} classes "
+                                 f"(0..{self.num_classes - 1})")
             label = label if self.label_map is None else int(self.label_map[label])
-            with Image.open(io.BytesIO(sample[key])) as im:
-                im.load()
-                img = _to_rgb(im)[0]
-        except (ImageError, KeyError, ValueError, OSError) as e:
-            why = "not an image (unrecognised format)" if isinstance(e, UnidentifiedImageError) else \
-                f"corrupt or truncated image ({e})"
-            return None, str(e) if isinstance(e, ImageError) else f"{where}: {why}"
+            img = decode(io.BytesIO(sample[key]), where)[0]
+        except ValueError as e:  # ImageError, or a .cls that is not a number
+            return None, str(e) if isinstance(e, ImageError) else f"{where}: .cls is not a class number ({e})"
         if self.seed is None:
             return self.transform(img), label
-        with seeded(self.seed, self.epoch, n):
+        with seeded(self.seed, self.epoch, *n):
             return self.transform(img), label
 
 

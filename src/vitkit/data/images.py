@@ -55,23 +55,29 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> tuple[Image.I
             source = path
     except OSError as e:  # a name too long, a permission denied: the file cannot even be looked at
         raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+    return decode(source, str(path), limit)
+
+
+def decode(source, name: str, limit: int = MAX_PIXELS) -> tuple[Image.Image, str | None]:
+    """An image file (a path or a file object) as 8-bit RGB and load_image's note; ImageError naming `name` for
+    anything that is not a readable image within `limit` pixels."""
     old_limit = Image.MAX_IMAGE_PIXELS
     try:
         Image.MAX_IMAGE_PIXELS = limit
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # PIL's notes on damaged metadata: errors are said below
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as img:
                 img.load()
-                rgb, note = _to_rgb(img)
+                return _to_rgb(img)
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image (unrecognised format)") from None
+        raise ImageError(f"{name}: not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{path}: image too large (over {limit:,} pixels, decompression-bomb limit)") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
-        raise ImageError(f"{path}: corrupt or truncated image ({e})") from None
+        raise ImageError(f"{name}: image too large (over {limit:,} pixels, decompression-bomb limit)") from None
+    except Exception as e:  # truncated or corrupt data: PIL's decoders raise many kinds (a TIFF: TypeError)
+        raise ImageError(f"{name}: corrupt or truncated image ({type(e).__name__}: {e})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = old_limit
-    return rgb, note
 
 
 def _standard_input() -> io.BytesIO:
