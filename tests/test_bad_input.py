@@ -443,3 +443,26 @@ def test_same_size_on_resume_non_rgb_checkpoints_and_eval_messages(tmp_path, cap
                                                                                                       "train")
     with pytest.raises(DataError, match=r"^the model takes 1-channel input"):
         vitkit.evaluate_model(gray, "digits")
+
+
+def test_data_changed_under_a_run_is_noticed_by_eval_and_resume(tmp_path, capsys, caplog):
+    """One image added (eval) or two renamed (resume, as many images): the held-out split was drawn again from the
+    new file list, silently (eval scored training images as held-out; the resume went on on another split)."""
+    from train_utils import digit_images
+
+    files = digit_images(tmp_path / "ds", ["1", "2"], per_class=10)
+    recipe = str(write_recipe(tmp_path / "r.yaml", data={"path": str(tmp_path / "ds"), "batch_size": 4},
+                              train={"epochs": 1}))
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", recipe, "--out", str(run)]) == 0
+    with caplog.at_level("WARNING", logger="vitkit"):
+        vitkit.evaluate_model(run / "best.safetensors", str(tmp_path / "ds"))
+    assert "changed since" not in caplog.text
+    files["1"][0].rename(files["1"][0].with_name("renamed-a.png"))
+    files["2"][0].rename(files["2"][0].with_name("renamed-b.png"))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 2
+    assert "the data changed since the run started (as many images, but other files" in one_line_error(capsys, "train")
+    with caplog.at_level("WARNING", logger="vitkit"):
+        vitkit.evaluate_model(run / "best.safetensors", str(tmp_path / "ds"))
+    assert "changed since" in caplog.text and "so these may include images it trained on" in caplog.text

@@ -220,6 +220,8 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
                         spec, val_split, "es" if len(gone) > 1 else "", listed)
         train, held = Subset(train, train_idx.tolist()), Subset(train, val_idx.tolist())
         split["val_split"] = val_split
+        if held_files := fingerprint(held):  # eval and --resume check that they draw this split again
+            split["held_out"] = held_files
         held_name = f"held-out {val_split:.0%} (seed {split_seed})"
     if evaluate_only:  # evaluate the held-out part if there is one, else everything
         return Data(None, train if held is None else held, class_names, name, split, skipped, held_name)
@@ -371,6 +373,7 @@ def _folder(root: Path, preload, cache_dir: str | None, like: list[str] | None =
     paths = [f for files in per_class.values() for f in files]
     labels = [index[c] for c, files in per_class.items() for _ in files]
     files_ds = _labelled(FileImages(paths, labels, shown_as), like or classes)
+    files_ds.names = [p.relative_to(root).as_posix() for p in paths]  # which files: see fingerprint
     if preload is True or (preload == "auto" and _small(paths)):
         if (decoded := _preload(files_ds, root, where, cache_dir)) is not None:
             return decoded
@@ -456,8 +459,10 @@ def _preload(files: FileImages, root: Path, where: str, cache_dir: str | None) -
             if x is not None:
                 images.append(x), keep.append(index[:, 0])
                 one_size &= bool(index[:, 1].all())
-        d = {"images": torch.cat(images), "labels": files.labels[torch.cat(keep)], "skipped": skipped} if one_size \
-            else {"several_sizes": True}
+        kept = torch.cat(keep)
+        d = {"images": torch.cat(images), "labels": files.labels[kept], "skipped": skipped,
+             "names": [p.relative_to(root).as_posix() for p in (files.paths[i] for i in kept.tolist())]} \
+            if one_size else {"several_sizes": True}
         with replacing(cache) as tmp:
             torch.save(d, tmp)
     if "several_sizes" in d:
@@ -466,7 +471,9 @@ def _preload(files: FileImages, root: Path, where: str, cache_dir: str | None) -
     if unreadable:  # as unusable as an empty class folder
         raise DataError(_no_readable([_shown(root / files.class_names[i], files.shown_as) for i in unreadable]))
     shown = [m.replace(*files.shown_as, 1) for m in d["skipped"]] if files.shown_as else list(d["skipped"])
-    return _labelled(TensorImages(d["images"], d["labels"]), files.class_names), shown
+    decoded = _labelled(TensorImages(d["images"], d["labels"]), files.class_names)
+    decoded.names = d.get("names")  # (caches written before names were kept: None)
+    return decoded, shown
 
 
 def _try(files: FileImages, i: int):
@@ -474,6 +481,18 @@ def _try(files: FileImages, i: int):
         return files[i][0]
     except ImageError:
         return None
+
+
+def fingerprint(ds: Dataset | None) -> str | None:
+    """Which image files `ds` (or a Subset's part of it) holds, as a short hash of their names; None where files
+    are not named (the builtins, shards). A held-out split drawn again from changed data differs."""
+    indices = None
+    if isinstance(ds, Subset):
+        indices, ds = ds.indices, ds.dataset
+    if (names := getattr(ds, "names", None)) is None:
+        return None
+    chosen = sorted(names[i] for i in indices) if indices is not None else sorted(names)
+    return hashlib.blake2b("\n".join(chosen).encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
 
 
 def _present(ds: Dataset, names: list[str]) -> list[str]:

@@ -255,6 +255,11 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
                             f"the data {len(ds.class_names)}; cannot match them")
         log.warning("the checkpoint names no classes: matching the data's %d classes by position", len(ds.class_names))
         names = ds.class_names
+    same_split = (val_split, split_seed) == (split.get("val_split"), split.get("split_seed"))
+    if same_split and split.get("held_out") and ds.split.get("held_out") not in (None, split["held_out"]):
+        log.warning("%s changed since %s was trained (files added, removed or renamed): its held-out %.0f%% is drawn "
+                    "from other files now, so these may include images it trained on", data, weights,
+                    100 * split["val_split"])
     ds = relabel(ds, names)
     what = ds.val_name
     if split and what == "all":  # these are the run's training images (it validated elsewhere, or not at all)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data.augment import BatchShiftFlip, batch_mixer, train_transform
-from ..data.datasets import BUILTIN, ShardStream, Transformed, collate, describe, is_shards, open_data
+from ..data.datasets import BUILTIN, ShardStream, Transformed, collate, describe, fingerprint, is_shards, open_data
 from ..data.images import eval_transform
 from ..files import replacing
 from ..models.registry import build_config
@@ -367,6 +367,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                      shards={"epoch_size": D["epoch_size"], "shuffle_buffer": D["shuffle_buffer"]})
     names = data.class_names
     sizes = [len(ds) if ds is not None else 0 for ds in (data.train, data.val)]
+    files = [fingerprint(ds) for ds in (data.train, data.val)]  # which images: as many others would also move
     if state is not None and state["class_names"] != names:
         raise RecipeError(f"--resume: the data's classes {names[:5]}... differ from the run's "
                           f"{state['class_names'][:5]}...")
@@ -374,6 +375,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         raise RecipeError(f"--resume: the data changed since the run started ({state['data_sizes'][0]} training and "
                           f"{state['data_sizes'][1]} validation images then, {sizes[0]} and {sizes[1]} now); start a "
                           f"new run from it with --weights {run_dir / LAST}")
+    if state is not None and state.get("data_files", files) != files:  # as many images, other ones
+        raise RecipeError(f"--resume: the data changed since the run started (as many images, but other files: "
+                          f"added, removed or renamed); start a new run from it with --weights {run_dir / LAST}")
     accum = O["accum_steps"]
     micro, rest = divmod(D["batch_size"], d.world * accum)
     if rest or not micro:
@@ -619,7 +623,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         training_state = {"step": step, "total_steps": total, "model": model_sd, "optimizer": optim_sd,
                           "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
                           "rng": rngs, "best_top1": best, "elapsed": clock(), "epoch_stats": stats,
-                          "skipped": sorted(everywhere), "class_names": names, "data_sizes": sizes,
+                          "skipped": sorted(everywhere), "class_names": names, "data_sizes": sizes, "data_files": files,
                           "world": d.world, "recipe": r, "resumed": history, "cwd": started_in,
                           "warm_start": list(warm_start) if warm_start else None, "fitted": fitted or budget is None,
                           "ramp_seconds": ramp_before + time.time() - train_t0,
