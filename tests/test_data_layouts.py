@@ -273,3 +273,30 @@ def test_eval_needs_only_the_classes_it_has_images_of(tmp_path):
     digit_images(tmp_path / "d" / "val", ["3"], per_class=1)
     with pytest.raises(DataError, match=r"classes \['3'\] are not among the 2 classes"):
         E.evaluate_model(model, str(tmp_path / "d"), workers=0)
+
+
+def test_an_image_too_elongated_to_resize_is_skipped_in_evaluation(tmp_path):
+    """A 60000x1 PNG is a few hundred bytes; resized to a 224 px model's short side it would be 13 million pixels
+    wide (about 16 GB as the transform's float tensor): skipped and listed, as predict does."""
+    from PIL import Image
+
+    from vitkit.models.vit import ViT, ViTConfig
+
+    digit_images(tmp_path / "d", ["1", "2"], per_class=3)
+    for c in ("1", "2"):  # images of several sizes: read one by one, not preloaded
+        Image.new("RGB", (12, 9), "white").save(tmp_path / "d" / c / "wide.png")
+    Image.new("RGB", (60000, 1), "white").save(tmp_path / "d" / "1" / "thin.png")
+    model = ViT(ViTConfig(img_size=224, patch_size=32, width=16, depth=1, num_heads=2, mlp_dim=16, num_classes=2))
+    model.class_names = ["1", "2"]
+    model.preprocess.update(crop_pct=0.875)
+    result = E.evaluate_model(model, str(tmp_path / "d"), workers=0)
+    assert result.n == 8 and len(result.skipped) == 1
+    assert result.skipped[0].startswith(f"{tmp_path / 'd' / '1' / 'thin.png'}: 60000x1 is too elongated")
+
+
+def test_shard_class_names_that_are_not_utf8_are_one_line(tmp_path):
+    png = (next(iter(digit_images(tmp_path / "img", ["1"], per_class=1).values()))[0]).read_bytes()
+    _shard(tmp_path / "s-000.tar", [("a.png", png), ("a.cls", b"0"), ("b.png", png), ("b.cls", b"1")])
+    (tmp_path / "classes.txt").write_bytes("caf\xe9\nth\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"classes\.txt: not UTF-8 text \(invalid continuation byte at byte 3\)"):
+        open_data(str(tmp_path / "s-{000..000}.tar"))

@@ -102,10 +102,23 @@ class Transformed(Dataset):
             img, label = self.base[i]
         except ImageError as e:
             return None, str(e)
-        if self.seed is None:
-            return self.transform(img), label
-        with seeded(self.seed, epoch, i):
-            return self.transform(img), label
+        try:
+            if self.seed is None:
+                return self.transform(img), label
+            with seeded(self.seed, epoch, i):
+                return self.transform(img), label
+        except ImageError as e:  # eval_transform's: too elongated to resize
+            return None, f"{_name_of(self.base, i)}: {e}"
+
+
+def _name_of(ds: Dataset, i: int) -> str:
+    """How messages name item i of a dataset: its file, where it has one."""
+    while isinstance(ds, (Subset, _Relabelled)):
+        i, ds = (ds.indices[i], ds.dataset) if isinstance(ds, Subset) else (i, ds.base)
+    paths, shown_as = getattr(ds, "paths", None), getattr(ds, "shown_as", None)
+    if paths is None:
+        return f"image {i}"
+    return str(paths[i]).replace(*shown_as, 1) if shown_as else str(paths[i])  # in an archive: its place there
 
 
 @contextlib.contextmanager
@@ -555,7 +568,7 @@ def _shards(spec: str, val: str | None, opts: dict, evaluate_only: bool) -> Data
         raise DataError(f"{spec}: no sample has a class label: a WebDataset sample is <key>.jpg (or .png, ...) with "
                         "<key>.cls holding its class index; class names go in classes.txt beside the shards")
     if names_file.is_file():
-        class_names = [s.strip() for s in names_file.read_text().splitlines() if s.strip()]
+        class_names = _class_list(names_file)
         if labels and labels[-1] >= len(class_names):
             raise DataError(f"{spec}: label {labels[-1]} in the shards, but {names_file} names "
                             f"{len(class_names)} classes (labels 0..{len(class_names) - 1})")
@@ -579,7 +592,7 @@ def _shards(spec: str, val: str | None, opts: dict, evaluate_only: bool) -> Data
         val_names_file = Path(val_urls[0]).parent / "classes.txt"
         val_names = class_names  # the validation shards' labels are the training shards' unless they name theirs
         if val_names_file.is_file() and val_names_file.resolve() != names_file.resolve():
-            val_names = [s.strip() for s in val_names_file.read_text().splitlines() if s.strip()]
+            val_names = _class_list(val_names_file)
         if val_labels and val_labels[-1] >= len(val_names):
             raise DataError(f"{val}: label {val_labels[-1]} in the shards, but {len(val_names)} classes "
                             f"({val_names_file if val_names is not class_names else 'those of the training data'})")
@@ -633,6 +646,16 @@ def _count(urls: list[str]) -> tuple[list[int], list[int]]:
                 (e.strerror or str(e))
             raise DataError(f"{u}: not a readable shard ({why})") from None
     return sizes, sorted(labels)
+
+
+def _class_list(path: Path) -> list[str]:
+    """classes.txt beside shards: one class name a line, in label order."""
+    try:
+        return [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 class ShardStream(IterableDataset):

@@ -186,7 +186,7 @@ def check_rgb_model(model) -> None:
                          f"(3 channels)")
 
 
-def check_resized_size(img: Image.Image, preprocess: dict, img_size: tuple[int, int], name: str) -> None:
+def check_resized_size(img: Image.Image, preprocess: dict, img_size: tuple[int, int], name: str | None) -> None:
     """Raise ImageError if resizing the short side to the model's input (`eval_transform`) would make an image
     larger than the decompression-bomb limit: a 400000x1 PNG is a few hundred bytes and under the limit, but
     resized for a 224 px model it would be 89,600,000x224 pixels (60 GB)."""
@@ -197,7 +197,8 @@ def check_resized_size(img: Image.Image, preprocess: dict, img_size: tuple[int, 
     short = math.floor(h / crop_pct)
     long = max(img.size) * short / min(img.size)
     if long * short > MAX_PIXELS:
-        raise ImageError(f"{name}: {img.width}x{img.height} is too elongated: resized for the model (short side "
+        raise ImageError(f"{name + ': ' if name else ''}{img.width}x{img.height} is too elongated: resized for the "
+                         f"model (short side "
                          f"{short} px) it would have {long * short:,.0f} pixels, over the {MAX_PIXELS:,}-pixel "
                          f"decompression-bomb limit")
 
@@ -218,7 +219,13 @@ def eval_transform(preprocess: dict, img_size: tuple[int, int]) -> v2.Compose:
     interp = preprocess.get("interpolation", "bicubic")
     if interp not in _INTERPOLATION:
         raise ValueError(f"unknown interpolation {interp!r} (use one of {sorted(_INTERPOLATION)})")
+    def guard(img):  # a few hundred bytes of PNG must not become gigabytes when resized (ImageError: skipped)
+        if isinstance(img, Image.Image):
+            check_resized_size(img, preprocess, img_size, None)
+        return img
+
     return v2.Compose([  # resize and crop the PIL image, as timm and torchvision do, for identical pixels
+        guard,
         v2.Resize(resize, interpolation=_INTERPOLATION[interp], antialias=True),
         v2.CenterCrop((h, w)),
         v2.ToImage(),
