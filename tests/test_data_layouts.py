@@ -300,3 +300,15 @@ def test_shard_class_names_that_are_not_utf8_are_one_line(tmp_path):
     (tmp_path / "classes.txt").write_bytes("caf\xe9\nth\xe9\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"classes\.txt: not UTF-8 text \(invalid continuation byte at byte 3\)"):
         open_data(str(tmp_path / "s-{000..000}.tar"))
+
+
+def test_shard_sample_names_with_dots_are_one_line(tmp_path):
+    """WebDataset keys end at the first dot: img.000.png and img.001.png ran together into one sample, which was
+    then skipped as "no image in sample" while the count said 2."""
+    png = (next(iter(digit_images(tmp_path / "img", ["1"], per_class=1).values()))[0]).read_bytes()
+    _shard(tmp_path / "s-000.tar", [("img.000.png", png), ("img.000.cls", b"0"),
+                                    ("img.001.png", png), ("img.001.cls", b"1")])
+    with pytest.raises(DataError, match=r"s-000\.tar:img\.000\.cls: a sample name with a dot in it; WebDataset takes "
+                                        r"'img' as its key, so such samples run together \(name them like "
+                                        r"img_000\.cls\)"):
+        open_data(str(tmp_path / "s-{000..000}.tar"))

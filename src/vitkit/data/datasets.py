@@ -631,6 +631,12 @@ def _count(urls: list[str]) -> tuple[list[int], list[int]]:
             with tarfile.open(u) as tar:
                 for m in tar:
                     if m.name.endswith(".cls"):
+                        base = m.name.rsplit("/", 1)[-1]
+                        if base.count(".") > 1:  # WebDataset's key ends at the first dot: these samples would merge
+                            raise DataError(f"{u}:{m.name}: a sample name with a dot in it; WebDataset takes "
+                                            f"{base.split('.')[0]!r} as its key, so such samples run together "
+                                            f"(name them like {base.split('.')[0]}_{'_'.join(base.split('.')[1:-1])}"
+                                            f".cls)")
                         raw = tar.extractfile(m).read()
                         try:
                             label = int(raw)
