@@ -466,3 +466,21 @@ def test_data_changed_under_a_run_is_noticed_by_eval_and_resume(tmp_path, capsys
     with caplog.at_level("WARNING", logger="vitkit"):
         vitkit.evaluate_model(run / "best.safetensors", str(tmp_path / "ds"))
     assert "changed since" in caplog.text and "so these may include images it trained on" in caplog.text
+
+
+def test_a_resume_whose_files_were_not_known_is_not_refused(tmp_path, capsys):
+    """A state (or preload cache) from an older version knows no file names: not a change of data."""
+    import torch
+
+    from train_utils import digit_images
+
+    digit_images(tmp_path / "ds", ["1", "2"], per_class=10)
+    recipe = str(write_recipe(tmp_path / "r.yaml", data={"path": str(tmp_path / "ds"), "batch_size": 4},
+                              train={"epochs": 1}))
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", recipe, "--out", str(run)]) == 0
+    state = torch.load(run / "state.pt", weights_only=True)
+    assert all(state["data_files"])
+    state["data_files"] = [None, None]
+    torch.save(state, run / "state.pt")
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0

@@ -404,6 +404,7 @@ def test_a_vitkit_checkpoint_with_bad_metadata_is_one_line(ckpt, photo, tmp_path
     ({"model_type": "vit"}, None, "num_attention_heads None is not a positive number"),
     ({"model_type": "vit", "num_attention_heads": 2, "image_size": "big"}, None, "image_size 'big' is not a positive"),
     ({"model_type": "vit", "num_attention_heads": 2}, {"size": "large"}, "unreadable (size 'large' is neither"),
+    ({"model_type": "vit", "num_attention_heads": 2}, {"resample": 7}, "resample 7 is not one of PIL's resampling"),
     ({"model_type": "vit", "num_attention_heads": 2}, {"image_mean": [0.5]}, "image_mean/image_std [0.5]: not three"),
 ])
 def test_a_transformers_folder_with_bad_json_is_one_line(ckpt, photo, tmp_path, capsys, config, preprocessor,

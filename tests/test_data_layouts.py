@@ -312,3 +312,36 @@ def test_shard_sample_names_with_dots_are_one_line(tmp_path):
                                         r"'img' as its key, so such samples run together \(name them like "
                                         r"img_000\.cls\)"):
         open_data(str(tmp_path / "s-{000..000}.tar"))
+
+
+def test_eval_transform_pickles_for_spawned_loader_workers():
+    import pickle
+
+    from vitkit.data.images import eval_transform
+
+    pre = {"mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.875}
+    again = pickle.loads(pickle.dumps(eval_transform(pre, (32, 32))))
+    from PIL import Image
+
+    assert again(Image.new("RGB", (40, 30), "red")).shape == (3, 32, 32)
+
+
+def test_shards_evaluation_skips_an_elongated_sample_and_needs_only_the_classes_they_hold(tmp_path):
+    from PIL import Image
+
+    from vitkit.models.vit import ViT, ViTConfig
+
+    def png(img):
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        return buf.getvalue()
+
+    good = png(Image.new("RGB", (40, 40), "red"))
+    _shard(tmp_path / "v-000.tar", [("a.png", good), ("a.cls", b"0"), ("b.png", good), ("b.cls", b"1"),
+                                    ("c.png", png(Image.new("RGB", (400000, 1)))), ("c.cls", b"0")])
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n")  # c: no sample of it
+    model = ViT(ViTConfig(img_size=32, patch_size=16, width=16, depth=1, num_heads=2, mlp_dim=16, num_classes=2))
+    model.class_names = ["b", "a"]
+    model.preprocess.update(crop_pct=0.875)
+    result = E.evaluate_model(model, str(tmp_path / "v-{000..000}.tar"), workers=0)
+    assert result.n == 2 and len(result.skipped) == 1 and "v-000.tar:c: 400000x1 is too elongated" in result.skipped[0]

@@ -474,7 +474,7 @@ def _preload(files: FileImages, root: Path, where: str, cache_dir: str | None) -
                 one_size &= bool(index[:, 1].all())
         kept = torch.cat(keep)
         d = {"images": torch.cat(images), "labels": files.labels[kept], "skipped": skipped,
-             "names": [p.relative_to(root).as_posix() for p in (files.paths[i] for i in kept.tolist())]} \
+             "names": "\0".join(files.names[i] for i in kept.tolist())} \
             if one_size else {"several_sizes": True}
         with replacing(cache) as tmp:
             torch.save(d, tmp)
@@ -485,7 +485,8 @@ def _preload(files: FileImages, root: Path, where: str, cache_dir: str | None) -
         raise DataError(_no_readable([_shown(root / files.class_names[i], files.shown_as) for i in unreadable]))
     shown = [m.replace(*files.shown_as, 1) for m in d["skipped"]] if files.shown_as else list(d["skipped"])
     decoded = _labelled(TensorImages(d["images"], d["labels"]), files.class_names)
-    decoded.names = d.get("names")  # (caches written before names were kept: None)
+    # one string (a list of 50,000 names loads 20x slower); caches written before names were kept: None
+    decoded.names = d["names"].split("\0") if isinstance(d.get("names"), str) else None
     return decoded, shown
 
 
@@ -514,6 +515,8 @@ def _present(ds: Dataset, names: list[str]) -> list[str]:
         labels = torch.as_tensor(ds.dataset.labels)[torch.as_tensor(ds.indices, dtype=torch.long)]
     elif hasattr(ds, "labels"):
         labels = torch.as_tensor(ds.labels)
+    elif isinstance(ds, ShardStream) and ds.labels_seen is not None:
+        labels = torch.as_tensor(ds.labels_seen, dtype=torch.long)
     else:
         return names
     return [names[i] for i in labels.unique().tolist()]
@@ -596,17 +599,19 @@ def _shards(spec: str, val: str | None, opts: dict, evaluate_only: bool) -> Data
         if val_labels and val_labels[-1] >= len(val_names):
             raise DataError(f"{val}: label {val_labels[-1]} in the shards, but {len(val_names)} classes "
                             f"({val_names_file if val_names is not class_names else 'those of the training data'})")
-    stream.num_classes = len(class_names)  # (counted labels are checked above; with data.epoch_size, read ones)
+    stream.num_classes, stream.labels_seen = len(class_names), labels  # (counted labels are checked above; with
+    # data.epoch_size, read ones)
     held = ShardStream(val_urls, sum(val_sizes), shuffle_buffer=0, shard_sizes=val_sizes) if val else None
     if held is not None:
-        held.num_classes = len(val_names)
+        held.num_classes, held.labels_seen = len(val_names), val_labels
     if val and val_names is not class_names:  # matched by name, as a folder's classes are
         held = _relabel(held, val_names, class_names, val)
     data = Data(stream, held, class_names, spec, {"path": spec, "val_split": 0.0, "split_seed": 0,
                                                   **({"val": val} if val else {})}, val_name=val or "")
     if evaluate_only:
         data.train, data.val = None, held or ShardStream(urls, count, shuffle_buffer=0, shard_sizes=sizes)
-        data.val.num_classes = data.val.num_classes or len(class_names)
+        if data.val.num_classes is None:
+            data.val.num_classes, data.val.labels_seen = len(class_names), labels
         data.val_name = val or "all"
     return data
 
@@ -674,6 +679,7 @@ class ShardStream(IterableDataset):
         self.shard_sizes = dict(zip(urls, shard_sizes)) if shard_sizes else {}  # unknown: taken as equal
         self.label_map: torch.Tensor | None = None  # labels renumbered into a checkpoint's classes
         self.num_classes: int | None = None  # labels outside 0..num_classes-1 are skipped as bad samples
+        self.labels_seen: list[int] | None = None  # the labels the shards hold, where they were counted
         self.transform, self.seed, self.epoch, self.rank, self.world, self.repeat = None, None, 0, 0, 1, False
         self.batch = 1
 
@@ -747,10 +753,13 @@ class ShardStream(IterableDataset):
             img = decode(io.BytesIO(sample[key]), where)[0]
         except ValueError as e:  # ImageError, or a .cls that is not a number
             return None, str(e) if isinstance(e, ImageError) else f"{where}: .cls is not a class number ({e})"
-        if self.seed is None:
-            return self.transform(img), label
-        with seeded(self.seed, self.epoch, *n):
-            return self.transform(img), label
+        try:
+            if self.seed is None:
+                return self.transform(img), label
+            with seeded(self.seed, self.epoch, *n):
+                return self.transform(img), label
+        except ImageError as e:  # eval_transform's: too elongated to resize
+            return None, f"{where}: {e}"
 
 
 def in_memory(ds: Dataset) -> bool:

@@ -207,6 +207,19 @@ _INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": Interpolatio
                   "nearest": InterpolationMode.NEAREST}
 
 
+class _SizeGuard:
+    """ImageError (the image is skipped) where resizing would make gigabytes of a few hundred bytes of PNG. A class,
+    not a closure: loader workers started by spawn (macOS, Windows) receive the transform pickled."""
+
+    def __init__(self, preprocess: dict, img_size: tuple[int, int]):
+        self.preprocess, self.img_size = dict(preprocess), img_size
+
+    def __call__(self, img):
+        if isinstance(img, Image.Image):
+            check_resized_size(img, self.preprocess, self.img_size, None)
+        return img
+
+
 def eval_transform(preprocess: dict, img_size: tuple[int, int]) -> v2.Compose:
     """Resize so that a crop_pct center crop has img_size, crop, scale to [0, 1], normalise.
 
@@ -219,13 +232,8 @@ def eval_transform(preprocess: dict, img_size: tuple[int, int]) -> v2.Compose:
     interp = preprocess.get("interpolation", "bicubic")
     if interp not in _INTERPOLATION:
         raise ValueError(f"unknown interpolation {interp!r} (use one of {sorted(_INTERPOLATION)})")
-    def guard(img):  # a few hundred bytes of PNG must not become gigabytes when resized (ImageError: skipped)
-        if isinstance(img, Image.Image):
-            check_resized_size(img, preprocess, img_size, None)
-        return img
-
     return v2.Compose([  # resize and crop the PIL image, as timm and torchvision do, for identical pixels
-        guard,
+        _SizeGuard(preprocess, img_size),
         v2.Resize(resize, interpolation=_INTERPOLATION[interp], antialias=True),
         v2.CenterCrop((h, w)),
         v2.ToImage(),

@@ -375,7 +375,8 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         raise RecipeError(f"--resume: the data changed since the run started ({state['data_sizes'][0]} training and "
                           f"{state['data_sizes'][1]} validation images then, {sizes[0]} and {sizes[1]} now); start a "
                           f"new run from it with --weights {run_dir / LAST}")
-    if state is not None and state.get("data_files", files) != files:  # as many images, other ones
+    if state is not None and any(a and b and a != b for a, b in zip(state.get("data_files", files), files)):
+        # as many images, other ones (None: not known, e.g. from a preload cache of an older version)
         raise RecipeError(f"--resume: the data changed since the run started (as many images, but other files: "
                           f"added, removed or renamed); start a new run from it with --weights {run_dir / LAST}")
     accum = O["accum_steps"]

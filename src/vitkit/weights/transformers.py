@@ -110,16 +110,18 @@ def _preprocess(folder: Path) -> dict:
         if not isinstance(p, dict):
             raise ValueError(f"a JSON {type(p).__name__}, not an object")
         pre.update(mean=_three(p.get("image_mean", pre["mean"])), std=_three(p.get("image_std", pre["std"])))
-        kind = p.get("image_processor_type") or p.get("feature_extractor_type") or "ViTImageProcessor"
+        kind = str(p.get("image_processor_type") or p.get("feature_extractor_type") or "ViTImageProcessor")
         size, crop = _size(p.get("size"), square=kind.startswith(_SQUARE)), _size(p.get("crop_size"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable ({e})") from None
     resample = p.get("resample")
     if resample in _PIL_RESAMPLE:
         pre["interpolation"] = _PIL_RESAMPLE[resample]
-    elif resample is not None:  # lanczos, box, hamming: the nearest of the three vitkit resizes with
+    elif resample in (1, 4, 5):  # lanczos, box, hamming: the nearest of the three vitkit resizes with
         pre["interpolation"] = "bicubic" if resample == 1 else "bilinear"
         logging.getLogger("vitkit").warning("%s: resample %r resized as %s", path, resample, pre["interpolation"])
+    elif resample is not None:
+        raise CheckpointError(f"{path}: resample {resample!r} is not one of PIL's resampling filters (0-5)")
     if p.get("do_center_crop") and crop and "height" in crop:
         if "shortest_edge" in size:  # the short side, then a center crop: timm's and torchvision's way
             pre.update(crop_pct=crop["height"] / size["shortest_edge"], crop_mode="center")
