@@ -271,3 +271,29 @@ def test_going_back_in_a_run_without_recipe_yaml_or_through_a_link(tmp_path, cap
     assert main(["train", "--resume", str(run / "state.pt")]) == 2
     assert f"--resume {run / 'state.pt'}: no such file; --resume {run / 'state.prev.pt'} continues" in \
         capsys.readouterr().err
+
+
+def test_accumulation_weighs_every_readable_image_alike(tmp_path):
+    """With unreadable images, each micro-batch's mean loss counted the same whatever images it had left: the
+    step's update changed with optim.accum_steps (0.14-0.44 relative error with 10 of 12 images readable)."""
+    from safetensors.torch import load_file
+
+    from train_utils import digit_images, write_recipe
+    from vitkit.cli import main
+
+    files = digit_images(tmp_path / "ds", ["1", "2", "3"], per_class=4)
+    for f in (files["1"][0], files["2"][1]):
+        f.write_bytes(b"not an image at all")
+    updates = []
+    for accum in (1, 3, 4):
+        recipe = write_recipe(tmp_path / f"r{accum}.yaml", data={"path": str(tmp_path / "ds"), "batch_size": 12,
+                                                                 "val_split": 0.0, "preload": False},
+                              optim={"name": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0,
+                                     "accum_steps": accum, "clip_grad_norm": None},
+                              schedule={"name": "constant", "warmup_steps": 0, "warmup_fraction": 0.0},
+                              train={"epochs": 1})
+        assert main(["train", "--recipe", str(recipe), "--out", str(tmp_path / f"run{accum}")]) == 0
+        updates.append(load_file(str(tmp_path / f"run{accum}" / "last.safetensors")))
+    for other in updates[1:]:
+        for k, v in updates[0].items():
+            assert torch.allclose(other[k], v, atol=1e-6, rtol=1e-5), k

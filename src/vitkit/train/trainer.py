@@ -149,7 +149,8 @@ def warmup_by_clock(step: int, seconds: float, seconds_to_train: float, s: dict,
 
 
 def ema_model(model: torch.nn.Module, decay: float):
-    """Exponential moving average of the weights; the decay ramps up as (1+n)/(10+n) early in training."""
+    """Exponential moving average of the weights; the decay is min(decay, (1+n)/(10+n)) at update n: a cap reached
+    after about (10 decay - 1)/(1 - decay) updates (9,000 for 0.999)."""
     from torch.optim.swa_utils import AveragedModel
 
     def update(averaged, current, n):  # called once per (device, dtype) group
@@ -651,6 +652,11 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
     def gradients(group: list) -> tuple[torch.Tensor, bool]:
         """Forward and backward over the step's micro-batches, gradients clipped: (mean loss, non-finite?)."""
         step_loss = torch.zeros((), dtype=torch.float64, device=d.device)
+        # every readable image weighs the same in the step, as in one big batch: a micro-batch (or a rank) that lost
+        # unreadable images weighs less. With every image read, each weighs 1 (exactly: the same math as before)
+        readable = sum(len(y) for x, y, _ in group if x is not None)
+        total = int(d.sum(torch.tensor([readable], device=d.device)).item()) if d.world > 1 else readable
+        full = max(total, 1) / (accum * d.world)  # images per micro-batch, on average over the step
         for i, (x, y, bad) in enumerate(group):
             skipped.update(bad)
             sync = i == accum - 1 or not hasattr(wrapped, "no_sync")  # DDP: all-reduce on the last one only
@@ -670,8 +676,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                 with autocast(d.device, amp):
                     logits = step_model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=A["label_smoothing"])
-                scaler.scale(loss / accum).backward()
-            step_loss += loss.detach() / accum
+                weighted = loss * (len(hard) / full)
+                scaler.scale(weighted / accum).backward()
+            step_loss += weighted.detach() / accum
             epoch_stats[0] += loss.detach().double() * len(hard)  # on the device: no GPU sync per micro-batch
             epoch_stats[1] += (logits.argmax(1) == hard).sum()
             epoch_stats[2] += len(hard)
