@@ -163,7 +163,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     from ..predict import add_tta_argument
 
     p.add_argument("--data", required=True,
-                   help="ImageFolder dir (its val/ if it has train/+val/, else all of it), .tar(.gz), digits, "
+                   help="ImageFolder dir (its val/ or valid/, else its test/, else all of it), .tar(.gz), digits, "
                         "cifar10, cifar100, or WebDataset shards")
     add_model_arguments(p)
     p.add_argument("--val-split", type=float,
@@ -175,7 +175,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                                                 "memory, else up to 4)")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto")
     p.add_argument("--data-root", help="where torchvision's CIFAR lives (downloaded there when online)")
-    p.add_argument("--out", default=".", help="folder for confusion.png (default: current folder)")
+    p.add_argument("--out", default=".", help="folder for confusion.png and confusion.csv (default: current folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, n, per_class, ...)")
     add_tta_argument(p)
 
