@@ -447,3 +447,9 @@ def test_a_tiff_whose_decoder_raises_something_else_is_one_line(ckpt, photo, tmp
     assert main(["predict", str(tmp_path / "scan.tif"), str(photo), "--weights", str(ckpt)]) == 1
     assert error_lines(capsys, "predict")[0].endswith("scan.tif: corrupt or truncated image (TypeError: Missing "
                                                        "dimensions)")
+
+
+def test_quiet_goes_before_or_after_the_command(capsys):
+    for args in (["-q", "models", "--filter", "tiny"], ["models", "--filter", "tiny", "-q"]):
+        assert main(args) == 0
+        assert "vit_tiny_patch16_224" in capsys.readouterr().out

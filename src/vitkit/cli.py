@@ -159,10 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vitkit", description="Vision Transformers in PyTorch")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    after = argparse.ArgumentParser(add_help=False)  # -q after the command too (set only when given there)
+    after.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors on stderr")
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[after])
         if name == chosen:  # import only the command being run: `vitkit predict` never loads the trainer
             mod = importlib.import_module(module)
             getattr(mod, f"add_{name}_arguments")(p)
