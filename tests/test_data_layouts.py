@@ -229,42 +229,39 @@ def test_one_shard_without_a_brace_range_gets_a_hint_with_its_own_name(tmp_path)
         open_data(str(tmp_path / "val-000003.tar"), evaluate_only=True, cache_dir=str(tmp_path / "cache"))
 
 
-def test_eval_of_the_training_data_of_a_run_that_validated_elsewhere_warns(tmp_path, monkeypatch, caplog):
-    digit_images(tmp_path / "tr", ["1", "2"], per_class=4)
-    digit_images(tmp_path / "va", ["1", "2"], per_class=2, offset=4)
-    split = open_data(str(tmp_path / "tr"), val=str(tmp_path / "va")).split
-    assert split["val"] == str(tmp_path / "va")
-    monkeypatch.setattr("vitkit.weights.vitkit_format.read_metadata", lambda path: {"data": split})
+def two_class_model(names=("1", "2"), img_size=8, patch_size=4, **preprocess):
+    """An untrained 1-block ViT with two named classes: enough to evaluate."""
     from vitkit.models.vit import ViT, ViTConfig
 
-    model = ViT(ViTConfig(img_size=8, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=16, num_classes=2))
-    model.class_names = ["1", "2"]
-    result = E.evaluate_model(model, str(tmp_path / "tr"), weights=str(tmp_path / "run" / "best.safetensors"),
-                              workers=0)
-    assert result.n == 8 and "these are training images" in caplog.text
+    model = ViT(ViTConfig(img_size=img_size, patch_size=patch_size, width=16, depth=1, num_heads=2, mlp_dim=16,
+                          num_classes=2))
+    model.class_names = list(names)
+    model.preprocess.update(preprocess)
+    return model
 
 
-def test_eval_of_the_training_data_of_a_run_without_a_held_out_part_warns(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("validated, expected", [
+    ("elsewhere", "these are training images"),
+    (None, "(without a held-out part): these are training images"),
+])
+def test_eval_of_the_training_data_of_a_run_warns(tmp_path, monkeypatch, caplog, validated, expected):
+    """The run validated on other data, or on none: its own data is its training images."""
     digit_images(tmp_path / "tr", ["1", "2"], per_class=4)
-    split = open_data(str(tmp_path / "tr")).split
+    if validated:
+        digit_images(tmp_path / "va", ["1", "2"], per_class=2, offset=4)
+    split = open_data(str(tmp_path / "tr"), val=str(tmp_path / "va") if validated else None).split
+    assert split.get("val") == (str(tmp_path / "va") if validated else None)
     monkeypatch.setattr("vitkit.weights.vitkit_format.read_metadata", lambda path: {"data": split})
-    from vitkit.models.vit import ViT, ViTConfig
-
-    model = ViT(ViTConfig(img_size=8, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=16, num_classes=2))
-    model.class_names = ["1", "2"]
-    result = E.evaluate_model(model, str(tmp_path / "tr"), weights=str(tmp_path / "run" / "best.safetensors"),
-                              workers=0)
-    assert result.n == 8 and "(without a held-out part): these are training images" in caplog.text
+    result = E.evaluate_model(two_class_model(), str(tmp_path / "tr"),
+                              weights=str(tmp_path / "run" / "best.safetensors"), workers=0)
+    assert result.n == 8 and expected in caplog.text
 
 
 def test_eval_needs_only_the_classes_it_has_images_of(tmp_path):
     """train/ has a class the checkpoint lacks, val/ has no images of it: the evaluation was refused."""
     digit_images(tmp_path / "d" / "train", ["1", "2", "3"], per_class=2)
     digit_images(tmp_path / "d" / "val", ["1", "2"], per_class=3, offset=2)
-    from vitkit.models.vit import ViT, ViTConfig
-
-    model = ViT(ViTConfig(img_size=8, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=16, num_classes=2))
-    model.class_names = ["2", "1"]  # and in another order than the folders'
+    model = two_class_model(["2", "1"])  # and in another order than the folders'
     with torch.no_grad():
         model.head.bias.copy_(torch.tensor([0.0, 5.0]))  # always "1"
     result = E.evaluate_model(model, str(tmp_path / "d"), workers=0)
@@ -280,15 +277,11 @@ def test_an_image_too_elongated_to_resize_is_skipped_in_evaluation(tmp_path):
     wide (about 16 GB as the transform's float tensor): skipped and listed, as predict does."""
     from PIL import Image
 
-    from vitkit.models.vit import ViT, ViTConfig
-
     digit_images(tmp_path / "d", ["1", "2"], per_class=3)
     for c in ("1", "2"):  # images of several sizes: read one by one, not preloaded
         Image.new("RGB", (12, 9), "white").save(tmp_path / "d" / c / "wide.png")
     Image.new("RGB", (60000, 1), "white").save(tmp_path / "d" / "1" / "thin.png")
-    model = ViT(ViTConfig(img_size=224, patch_size=32, width=16, depth=1, num_heads=2, mlp_dim=16, num_classes=2))
-    model.class_names = ["1", "2"]
-    model.preprocess.update(crop_pct=0.875)
+    model = two_class_model(img_size=224, patch_size=32, crop_pct=0.875)
     result = E.evaluate_model(model, str(tmp_path / "d"), workers=0)
     assert result.n == 8 and len(result.skipped) == 1
     assert result.skipped[0].startswith(f"{tmp_path / 'd' / '1' / 'thin.png'}: 60000x1 is too elongated")
@@ -329,8 +322,6 @@ def test_eval_transform_pickles_for_spawned_loader_workers():
 def test_shards_evaluation_skips_an_elongated_sample_and_needs_only_the_classes_they_hold(tmp_path):
     from PIL import Image
 
-    from vitkit.models.vit import ViT, ViTConfig
-
     def png(img):
         buf = io.BytesIO()
         img.save(buf, "PNG")
@@ -340,8 +331,6 @@ def test_shards_evaluation_skips_an_elongated_sample_and_needs_only_the_classes_
     _shard(tmp_path / "v-000.tar", [("a.png", good), ("a.cls", b"0"), ("b.png", good), ("b.cls", b"1"),
                                     ("c.png", png(Image.new("RGB", (400000, 1)))), ("c.cls", b"0")])
     (tmp_path / "classes.txt").write_text("a\nb\nc\n")  # c: no sample of it
-    model = ViT(ViTConfig(img_size=32, patch_size=16, width=16, depth=1, num_heads=2, mlp_dim=16, num_classes=2))
-    model.class_names = ["b", "a"]
-    model.preprocess.update(crop_pct=0.875)
+    model = two_class_model(["b", "a"], img_size=32, patch_size=16, crop_pct=0.875)
     result = E.evaluate_model(model, str(tmp_path / "v-{000..000}.tar"), workers=0)
     assert result.n == 2 and len(result.skipped) == 1 and "v-000.tar:c: 400000x1 is too elongated" in result.skipped[0]

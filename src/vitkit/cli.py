@@ -102,6 +102,11 @@ def _is_vitkit_checkpoint(spec: str) -> bool:
         and is_vitkit_checkpoint(fetch(spec))
 
 
+def model_source(args: argparse.Namespace, weights_flag: str = "--weights") -> str:
+    """How messages name the model a command was given: by --model, else by its checkpoint."""
+    return f"--model {args.model}" if args.model else f"{weights_flag} {args.weights}"
+
+
 def model_from_args(args: argparse.Namespace, weights_flag: str = "--weights", reads_images: bool = True,
                     **overrides):
     """--model/--weights (and --device, where the command has it) -> an eval-mode model. A vitkit checkpoint
@@ -127,7 +132,7 @@ def model_from_args(args: argparse.Namespace, weights_flag: str = "--weights", r
             device = resolve_device(args.device)
         except ValueError as e:
             raise UserError(f"--device {e}") from None
-    source = f"--model {args.model}" if args.model else f"{weights_flag} {args.weights}"  # for messages
+    source = model_source(args, weights_flag)
     try:
         model = create_model(args.model, weights=args.weights, **overrides) if args.model else \
             load_model(args.weights, **overrides)

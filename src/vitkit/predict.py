@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.images import (ImageError, _to_rgb, check_resized_size, check_rgb_model, eval_transform, iter_image_paths,
-                          load_image)
+from .data.images import ImageError, _to_rgb, check_rgb_model, eval_transform, iter_image_paths, load_image
 
 log = logging.getLogger("vitkit")
 
@@ -89,12 +88,13 @@ def classify(model, images: Iterable[str | Path | Image.Image], top_k: int = 5, 
 
     batch = []
     for item in _expand(images, on_error):
+        name = None if isinstance(item, Image.Image) else str(item)
         try:
-            if isinstance(item, Image.Image):
-                (img, note), name = _pil_to_rgb(item), None
-            else:
-                (img, note), name = load_image(item), str(item)
-            check_resized_size(img, model.preprocess, model.cfg.img_size, name or "PIL image")
+            img, note = _pil_to_rgb(item) if name is None else load_image(item)
+            try:
+                x = transform(img)
+            except ImageError as e:  # eval_transform's guard: too elongated to resize for the model
+                raise ImageError(f"{name or 'PIL image'}: {e}") from None
         except ImageError as e:
             if on_error is None:
                 raise
@@ -102,7 +102,7 @@ def classify(model, images: Iterable[str | Path | Image.Image], top_k: int = 5, 
             continue
         if note:
             log.info("%s: %s", name or "PIL image", note)
-        batch.append((name, transform(img)))
+        batch.append((name, x))
         if len(batch) == batch_size:
             yield from flush(batch)
             batch = []

@@ -186,7 +186,7 @@ def check_rgb_model(model) -> None:
                          f"(3 channels)")
 
 
-def check_resized_size(img: Image.Image, preprocess: dict, img_size: tuple[int, int], name: str | None) -> None:
+def check_resized_size(img: Image.Image, preprocess: dict, img_size: tuple[int, int]) -> None:
     """Raise ImageError if resizing the short side to the model's input (`eval_transform`) would make an image
     larger than the decompression-bomb limit: a 400000x1 PNG is a few hundred bytes and under the limit, but
     resized for a 224 px model it would be 89,600,000x224 pixels (60 GB)."""
@@ -197,8 +197,7 @@ def check_resized_size(img: Image.Image, preprocess: dict, img_size: tuple[int, 
     short = math.floor(h / crop_pct)
     long = max(img.size) * short / min(img.size)
     if long * short > MAX_PIXELS:
-        raise ImageError(f"{name + ': ' if name else ''}{img.width}x{img.height} is too elongated: resized for the "
-                         f"model (short side "
+        raise ImageError(f"{img.width}x{img.height} is too elongated: resized for the model (short side "
                          f"{short} px) it would have {long * short:,.0f} pixels, over the {MAX_PIXELS:,}-pixel "
                          f"decompression-bomb limit")
 
@@ -216,7 +215,7 @@ class _SizeGuard:
 
     def __call__(self, img):
         if isinstance(img, Image.Image):
-            check_resized_size(img, self.preprocess, self.img_size, None)
+            check_resized_size(img, self.preprocess, self.img_size)
         return img
 
 

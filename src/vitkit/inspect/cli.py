@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..cli import UserError, add_model_arguments, check_writable, failure_summary, model_from_args, user_errors
+from ..cli import (UserError, add_model_arguments, check_writable, failure_summary, model_from_args, model_source,
+                   user_errors)
 from ..data.images import IMAGE_SUFFIXES, ImageError, iter_image_paths, load_image
 from ..predict import class_names
 from .attention import METHODS, check_index, prepare, row_description, to_image_size, token_map
@@ -32,8 +33,7 @@ def _load_model(args: argparse.Namespace):
     with _value_errors_as_user_errors(f"--model {args.model}: " if args.model else ""):
         model = model_from_args(args)
     if not model.blocks:
-        raise UserError(f"{f'--model {args.model}' if args.model else f'--weights {args.weights}'}: the model has no "
-                        f"transformer blocks, so no attention to show")
+        raise UserError(f"{model_source(args)}: the model has no transformer blocks, so no attention to show")
     return model
 
 

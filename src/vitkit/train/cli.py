@@ -107,7 +107,9 @@ def _resolve(args: argparse.Namespace, overrides: dict) -> tuple[dict, Path, dic
         recipe = R.load(None, overrides, base=saved, resuming=True)
         fixed = [f"model.{k}" for k in saved["model"] if k != "weights"] + \
             [f"data.{k}" for k in ("path", "val", "val_split", "split_seed", "batch_size")] + ["optim.name"]
-        changed = [key for key in fixed if _same(key, _at(recipe, key)) != _same(key, _at(saved, key))]
+        size = "model.img_size"
+        changed = [key for key in fixed if R.comparable(_at(recipe, key), key == size) !=
+                   R.comparable(_at(saved, key), key == size)]
         if changed:  # the state holds this model (and this optimizer's moments), trained on this split with steps
             # of this size
             raise R.RecipeError(f"--resume {run}: {', '.join(changed)} cannot change in a run "
@@ -131,13 +133,6 @@ def _resolve(args: argparse.Namespace, overrides: dict) -> tuple[dict, Path, dic
         raise R.RecipeError(f"--out {run}: a folder with other files in it, not a run directory; pick a new or "
                             "empty one")
     return recipe, run, None
-
-
-def _same(key: str, value):
-    """A recipe value as compared across a resume: a size N is NxN, lists and tuples alike."""
-    if key == "model.img_size" and isinstance(value, int):
-        return [value, value]
-    return list(value) if isinstance(value, tuple) else value
 
 
 def _run_recipe(run: Path, state: dict) -> dict:

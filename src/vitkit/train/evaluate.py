@@ -182,13 +182,13 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 def recorded_split(weights: str | None, data: str) -> dict:
     """The held-out split a vitkit training run recorded in its checkpoint, if DATA is that run's data."""
-    from ..weights.vitkit_format import read_metadata
-
     from ..weights.hub import fetch, is_remote
+    from ..weights.vitkit_format import read_metadata
 
     if not weights or not str(weights).endswith(".safetensors"):
         return {}
-    rec = ((read_metadata(fetch(str(weights)) if is_remote(str(weights)) else Path(weights)) or {}).get("data")) or {}
+    local = fetch(str(weights)) if is_remote(str(weights)) else Path(weights)  # a URL's download (cached)
+    rec = ((read_metadata(local) or {}).get("data")) or {}
     here, there = Path(data), Path(rec.get("path", ""))
     if rec.get("resolved") and here.exists():  # a local path: the same place, whichever the working directory
         same = Path(rec["resolved"]) == here.resolve()

@@ -337,7 +337,7 @@ def validate(r: dict, resuming: bool = False) -> None:
                     problems += [f"model.{k} {fields[k]}: model.weights {m['weights']} holds a model with {k} "
                                  f"{base[k]}, and a vitkit checkpoint brings its architecture (drop model.{k})"
                                  for k in _SHAPE_FIELDS if own and k in fields and k in base and
-                                 _same_kind(fields[k]) != _same_kind(base[k])]
+                                 comparable(fields[k]) != comparable(base[k])]
             except CheckpointError as e:
                 problems.append(f"model.weights {e}")
             except (ValueError, TypeError) as e:
@@ -368,8 +368,11 @@ _SHAPE_FIELDS = ("patch_size", "width", "depth", "num_heads", "mlp_dim", "conv_s
                  "hybrid_layers", "hybrid_width", "class_token", "distilled", "qkv_bias")
 
 
-def _same_kind(v):
-    return tuple(v) if isinstance(v, list) else v  # JSON and YAML give lists for tuples
+def comparable(value, size: bool = False):
+    """A value as compared with a saved one: JSON and YAML give lists for tuples; an image size N is (N, N)."""
+    if size and isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    return tuple(value) if isinstance(value, list) else value
 
 
 def model_fields(m: dict) -> dict:
