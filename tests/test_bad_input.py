@@ -55,6 +55,9 @@ def checkpoint(tmp_path) -> Path:
     (["--set", "optim.name=sgd", "--set", "optim.nesterov=true", "--set", "optim.momentum=0"],
      "optim.nesterov needs optim.momentum > 0"),
     (["--set", "train.attention=efficient", "--device", "cpu"], "train.attention efficient is a CUDA kernel; on cpu"),
+    (["--set", "model.stem_init=whiten"], "model.stem_init whiten needs a model with a conv_stem"),
+    (["--set", "model.stem_init=whiten", "--weights", "m.safetensors"],
+     "model.stem_init whiten initialises a new model; model.weights (--weights) m.safetensors brings its own"),
 ])
 def test_bad_train_input_one_line_before_any_work(tmp_path, capsys, args, expected):
     (tmp_path / "bin.yaml").write_bytes(bytes(range(128, 256)) * 3)

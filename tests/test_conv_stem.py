@@ -1,4 +1,5 @@
 """ViTConfig.conv_stem: a small 3x3 conv + BatchNorm + GELU stem in place of the patchify (hybrid for small images)."""
+import numpy as np
 import pytest
 import torch
 
@@ -111,3 +112,24 @@ def test_evaluation_runs_a_loaded_stem_model_channels_last_and_leaves_a_given_mo
     assert loaded.n == given.n == forced.n == 1797
     assert loaded.top1 == given.top1 == forced.top1 and torch.equal(loaded.confusion, forced.confusion)
     assert loaded.loss == pytest.approx(forced.loss, rel=1e-5)
+
+
+def test_whitening_makes_the_first_filters_the_patch_principal_components():
+    torch.manual_seed(0)
+    stem = vitkit.ViT(ViTConfig(patch_size=1, conv_stem=(8, 16), **TINY)).patch_embed.backbone
+    default_norm = stem[0].conv.weight.flatten(1).norm(dim=1).mean().item()
+    # smooth, channel-correlated images: the leading components are well separated
+    x = torch.nn.functional.interpolate(torch.randn(40, 3, 4, 4), size=12, mode="bilinear") + 0.1 * torch.randn(40, 3, 12, 12)
+    x[:, 1] += 0.8 * x[:, 0]
+    stem.whiten_(x)
+    # reference: numpy's eigenvectors of the second-moment matrix of every 3x3 patch (channel, row, column order)
+    patches = np.lib.stride_tricks.sliding_window_view(x.numpy(), (3, 3), axis=(2, 3))  # n, c, 10, 10, 3, 3
+    patches = patches.transpose(0, 2, 3, 1, 4, 5).reshape(-1, 27).astype(np.float64)
+    values, vectors = np.linalg.eigh(patches.T @ patches / len(patches))
+    values, top = values[::-1], vectors[:, ::-1][:, :4].T
+    assert np.all(values[:4] / values[1:5] > 1.05)  # distinct: each component is defined up to its sign
+    w = stem[0].conv.weight.detach().flatten(1).numpy()
+    np.testing.assert_allclose(np.linalg.norm(w, axis=1), default_norm, rtol=1e-5)
+    np.testing.assert_allclose(np.abs(w[:4] / default_norm @ top.T), np.eye(4), atol=1e-4)
+    np.testing.assert_array_equal(w[4:], -w[:4])  # each with both signs: GELU keeps either half
+    assert stem(x).shape == (40, 16, 6, 6)

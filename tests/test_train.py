@@ -1310,3 +1310,22 @@ def test_bad_shard_samples_are_skipped_and_listed(tmp_path):
     assert labels.tolist() == [0, 1] and len(skipped) == 3
     assert "s-000.tar:c: label 5 is not one of the 2 classes (0..1)" in skipped[0]
     assert "s-000.tar:d: image too large" in skipped[1] and "s-000.tar:e: corrupt or truncated image" in skipped[2]
+
+
+def test_stem_init_whiten_starts_from_the_training_patches_principal_components(tmp_path):
+    """model.stem_init whiten: the first conv's filters come in +/- pairs of orthogonal directions (the first
+    component is the patches' brightness); the default initialisation has neither property."""
+    model = {"conv_stem": [8, 16], "patch_size": 1, "img_size": 8}
+    first = {}
+    for init in (None, "whiten"):  # a learning rate so small that the step leaves the initialisation as it was
+        train_ok("--recipe", str(write_recipe(tmp_path / "r.yaml", model={**model, "stem_init": init},
+                                              optim={"lr": 1e-12})),
+                 "--set", "train.max_steps=1", "--out", str(tmp_path / str(init)))
+        w = vitkit.load_model(tmp_path / str(init) / "last.safetensors").state_dict()
+        first[init] = w["patch_embed.backbone.0.conv.weight"].flatten(1).double()
+    w = first["whiten"]
+    torch.testing.assert_close(w[4:], -w[:4], rtol=0, atol=1e-9)
+    unit = w[:4] / w[:4].norm(dim=1, keepdim=True)
+    torch.testing.assert_close(unit @ unit.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-6)
+    assert (unit[0] > 0).all() or (unit[0] < 0).all()  # the brightness filter: one sign on every pixel
+    assert not torch.allclose(first[None][4:], -first[None][:4], atol=1e-3)

@@ -110,6 +110,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Callable]]] = {
         # evaluation resize: "center" (short side, then center crop: timm, torchvision) or "squash" (both sides
         # to the input size: the official ViT code's and transformers' evaluation)
         "crop_mode": (None, _choice("center", "squash", optional=True)),
+        # a new model's first conv_stem layer from the training images' patch principal components (airbench)
+        "stem_init": (None, _choice("whiten", optional=True)),
     },
     "data": {
         "path": (None, _text(optional=False)),  # folder, .tar(.gz), digits, cifar10, cifar100, shards-{..}.tar
@@ -313,6 +315,9 @@ def validate(r: dict, resuming: bool = False) -> None:
         elif not m["name"] and not m["weights"] and missing:
             problems.append(f"model: give model.name (see `vitkit models`), model.weights, or the fields "
                             f"{', '.join('model.' + k for k in missing)}")
+        elif m["weights"] and m["stem_init"]:
+            problems.append(f"model.stem_init {m['stem_init']} initialises a new model; model.weights "
+                            f"{m['weights']} brings its own (drop one of them)")
         elif m["weights"] and not Path(m["weights"]).exists():
             problems.append(f"model.weights {m['weights']}: no such file")
         else:  # the architecture must be buildable: the name's or the checkpoint's, with the recipe's fields

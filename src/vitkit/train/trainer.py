@@ -33,6 +33,7 @@ from ..data.augment import BatchShiftFlip, batch_mixer, train_transform
 from ..data.datasets import BUILTIN, ShardStream, Transformed, collate, describe, fingerprint, is_shards, open_data
 from ..data.images import eval_transform
 from ..files import replacing
+from ..models.convstem import ConvStem
 from ..models.registry import build_config
 from ..models.vit import ViT, ViTConfig
 from .distributed import Dist, full_state, load_full_state, wrap
@@ -95,6 +96,15 @@ def build_model(m: dict, class_names: list[str]) -> ViT:
     model.preprocess.update(preprocess)
     model.class_names = list(class_names)
     return model.train()
+
+
+def whiten_stem(model: ViT, train, seed: int, n: int = 1000) -> None:
+    """model.stem_init whiten: the first conv_stem layer from n training images drawn with the run's seed."""
+    images = Transformed(train, eval_transform(model.preprocess, model.cfg.img_size))
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    x, _, _ = collate([images[i] for i in pick])
+    if x is not None:  # else (every one unreadable) the default initialisation; training reports them
+        model.patch_embed.backbone.whiten_(x.to(next(model.parameters()).device))
 
 
 def make_optimizer(model: torch.nn.Module, o: dict) -> torch.optim.Optimizer:
@@ -416,6 +426,13 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             raise
         problem = (f"model: too large to build here ({str(e).splitlines()[0][:200]}); check model.img_size "
                    "(--img-size) and the model's size")
+    if model is not None and M["stem_init"] and not resume:  # a resume has its weights
+        if not isinstance(getattr(model.patch_embed, "backbone", None), ConvStem):
+            problem = f"model.stem_init {M['stem_init']} needs a model with a conv_stem"
+        elif stream:
+            problem = f"model.stem_init {M['stem_init']} needs indexable training data, not WebDataset shards"
+        else:
+            whiten_stem(model, data.train, T["seed"])
     if model is not None:
         img_size = model.cfg.img_size
         amp = training_precision(d.device, T["amp"])
