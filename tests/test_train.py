@@ -1329,3 +1329,14 @@ def test_stem_init_whiten_starts_from_the_training_patches_principal_components(
     torch.testing.assert_close(unit @ unit.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-6)
     assert (unit[0] > 0).all() or (unit[0] < 0).all()  # the brightness filter: one sign on every pixel
     assert not torch.allclose(first[None][4:], -first[None][:4], atol=1e-3)
+
+
+def test_stem_init_whiten_on_shards_is_one_line_before_any_work(tmp_path, capsys):
+    """A stream cannot be sampled up front: one line, before the run directory is made."""
+    recipe = write_recipe(tmp_path / "r.yaml", model={"conv_stem": [8, 16], "patch_size": 1, "stem_init": "whiten"},
+                          data={"path": digit_shards(tmp_path, 2, 40), "val_split": 0.0})
+    capsys.readouterr()
+    assert main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.stem_init whiten needs indexable training data, not WebDataset shards" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
