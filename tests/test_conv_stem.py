@@ -133,3 +133,27 @@ def test_whitening_makes_the_first_filters_the_patch_principal_components():
     np.testing.assert_allclose(np.abs(w[:4] / default_norm @ top.T), np.eye(4), atol=1e-4)
     np.testing.assert_array_equal(w[4:], -w[:4])  # each with both signs: GELU keeps either half
     assert stem(x).shape == (40, 16, 6, 6)
+
+
+def test_whitening_reads_a_bounded_number_of_patches():
+    """About a million 3x3 patches: 1,000 images at 32 px, 20 at 224 px (not 1,000 of those: gigabytes)."""
+    from vitkit.train.trainer import whiten_stem
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, size):
+            self.size, self.read = size, 0
+
+        def __len__(self):
+            return 5000
+
+        def __getitem__(self, i):
+            self.read += 1
+            return torch.randint(0, 256, (3, self.size, self.size), dtype=torch.uint8), 0
+
+    for size, expected in ((32, 1000), (224, 20)):
+        model = vitkit.ViT(ViTConfig(**{**TINY, "img_size": size}, patch_size=4, conv_stem=(8, 16)))
+        model.preprocess.update(crop_pct=1.0)
+        before = model.patch_embed.backbone[0].conv.weight.clone()
+        images = Images(size)
+        assert whiten_stem(model, images, seed=0) == expected == images.read
+        assert not torch.equal(model.patch_embed.backbone[0].conv.weight, before)

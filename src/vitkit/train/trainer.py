@@ -98,13 +98,17 @@ def build_model(m: dict, class_names: list[str]) -> ViT:
     return model.train()
 
 
-def whiten_stem(model: ViT, train, seed: int, n: int = 1000) -> None:
-    """model.stem_init whiten: the first conv_stem layer from n training images drawn with the run's seed."""
+def whiten_stem(model: ViT, train, seed: int, most: int = 1000, patches: int = 1_000_000) -> int:
+    """model.stem_init whiten: the first conv_stem layer from training images drawn with the run's seed: `most`,
+    fewer where they hold more than about `patches` 3x3 patches (at 224 px 20, not gigabytes); how many."""
+    h, w = model.cfg.img_size
+    n = min(len(train), most, max(16, patches // ((h - 2) * (w - 2))))
     images = Transformed(train, eval_transform(model.preprocess, model.cfg.img_size))
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     x, _, _ = collate([images[i] for i in pick])
     if x is not None:  # else (every one unreadable) the default initialisation; training reports them
         model.patch_embed.backbone.whiten_(x.to(next(model.parameters()).device))
+    return n
 
 
 def make_optimizer(model: torch.nn.Module, o: dict) -> torch.optim.Optimizer:
