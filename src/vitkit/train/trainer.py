@@ -102,7 +102,7 @@ def whiten_stem(model: ViT, train, seed: int, most: int = 1000, patches: int = 1
     """model.stem_init whiten: the first conv_stem layer from training images drawn with the run's seed: `most`,
     fewer where they hold more than about `patches` 3x3 patches (at 224 px 20, not gigabytes); how many."""
     h, w = model.cfg.img_size
-    n = min(len(train), most, max(16, patches // ((h - 2) * (w - 2))))
+    n = min(len(train), most, max(1, patches // ((h - 2) * (w - 2))))  # 1 image of 1024 px: 1M patches
     images = Transformed(train, eval_transform(model.preprocess, model.cfg.img_size))
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     x, _, _ = collate([images[i] for i in pick])
