@@ -19,7 +19,7 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 : >"$OUT/summary.txt"; : >"$OUT/checks.log"
 
-check() {  # check NAME SECONDS COMMAND...: run it with a time limit, log to $OUT/NAME.log, one summary line
+check() {  # check NAME SECONDS FUNCTION: run it with a time limit, its output to checks.log, one summary line
   local name=$1 limit=$2; shift 2
   [ -n "$QUICK" ] && limit=$((limit * 3))  # a CPU walks through the checks slowly
   local t0=$SECONDS
@@ -46,7 +46,7 @@ print(f"torch {torch.__version__}, timm {timm.__version__}, {name}, bf16 {bf16}"
 PY
 }
 
-# the README's main job on the device: train, evaluate the held-out split, predict
+# the README's main job on the device: train on digits, evaluate the held-out split
 digits() {
   vitkit train --data digits --recipe recipes/digits.yaml --device "$DEVICE" --out "$W/digits" &&
     evaluate --data digits --weights "$W/digits/best.safetensors" --device "$DEVICE" --out "$W/digits"
@@ -54,8 +54,8 @@ digits() {
 
 # the CIFAR-10 recipe under a short time budget (bf16 where the GPU has it), then its held-out accuracy
 cifar() {
-    vitkit train --data .gpu/train.tar.gz --recipe recipes/cifar10.yaml --time-budget "$([ -n "$QUICK" ] && echo 0.5 || echo 2)" \
-      --device "$DEVICE" --out "$W/cifar" &&
+  vitkit train --data .gpu/train.tar.gz --recipe recipes/cifar10.yaml --device "$DEVICE" --out "$W/cifar" \
+      --time-budget "$([ -n "$QUICK" ] && echo 0.5 || echo 2)" &&
     cp "$W/cifar/metrics.csv" "$OUT/cifar-metrics.csv" && cp "$W"/cifar/*.png "$OUT/" &&
     evaluate --data .gpu/train.tar.gz --weights "$W/cifar/last.safetensors" --device "$DEVICE" --tta flip --out "$W/cifar-eval"
 }
@@ -65,7 +65,7 @@ zoo() {
   evaluate --data .gpu/train.tar.gz --weights zoo/cifar10-vit.safetensors --device "$DEVICE" --amp none --out "$W/zoo-eval"
 }
 
-# kill -9 mid-epoch, resume: bit-identical on CPU; on a GPU the test says whether it is, and by how much not
+# kill -9 mid-epoch, then resume: bit-identical on CPU; this shows whether it is on the GPU too
 resume() {
   "$PY" -m pytest -x -q -p no:cacheprovider tests/test_train_resume.py
 }
