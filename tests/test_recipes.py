@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import vitkit
@@ -30,6 +31,14 @@ def test_randaugment_magnitude_is_on_deits_0_to_10_scale():
 def test_other_vit_fields_are_checked_up_front(key, value):
     with pytest.raises(R.RecipeError, match=key.replace(".", r"\.")):
         R.load(RECIPES / "digits.yaml", {key: value})
+
+
+@pytest.mark.parametrize("value", ["[]", "[[16]]", "[[0, 0.1]]", "[[16, -0.1]]", "[[16, 0.1], [16, 0.05]]",
+                                   "[[16, 'fast']]", "0", "{16: 0.1}"])
+def test_lr_is_a_number_or_epochs_lr_pairs(value):
+    with pytest.raises(R.RecipeError, match=r"optim\.lr"):
+        R.load(RECIPES / "digits.yaml", {"optim.lr": yaml.safe_load(value)})
+    assert R.load(RECIPES / "digits.yaml", {"optim.lr": [[40, 0.05], [16, 0.1]]})["optim"]["lr"] == [[40, 0.05], [16, 0.1]]
 
 
 def test_distillation_token_gets_no_weight_decay():

@@ -1257,6 +1257,45 @@ def test_a_budget_run_that_reaches_its_step_limit_unfitted_still_ends_at_min_lr(
     assert lrs == pytest.approx([lr_at(i, 22, r["schedule"], 0.003) for i in range(22)], rel=1e-6)  # as without one
 
 
+def test_peak_lr_by_planned_epochs():
+    """optim.lr as [epochs, lr] pairs: the power law through the two around the run's length, flat beyond."""
+    from vitkit.train.trainer import peak_lr
+
+    pairs = [[40, 0.05], [16, 0.1]]  # any order
+    assert [peak_lr(pairs, e) for e in (1, 16, 40, 200)] == pytest.approx([0.1, 0.1, 0.05, 0.05])
+    assert peak_lr(pairs, 25.3) == pytest.approx(0.1 * 0.5 ** (np.log(25.3 / 16) / np.log(40 / 16)))
+    assert peak_lr(pairs, np.sqrt(16 * 40)) == pytest.approx(np.sqrt(0.1 * 0.05))  # the geometric middle
+    three = [[10, 1.0], [20, 0.5], [40, 0.4]]
+    assert [peak_lr(three, e) for e in (15, 30)] == pytest.approx([2 ** -np.log2(1.5), 0.5 * 0.8 ** np.log2(1.5)])
+    assert peak_lr([[10, 0.3]], 99) == 0.3 and peak_lr(0.3, 99) == 0.3
+
+
+@pytest.mark.parametrize("budget", [False, True])
+def test_a_run_takes_the_peak_lr_of_its_planned_length(tmp_path, budget, caplog):
+    """2 epochs of 22 steps with peaks tuned at 1 and 4 epochs: 0.006 * (1/4) ** (1/2) = 0.003, the geometric
+    middle. Under a time budget with room for all 4 epochs of train.epochs, the fit plans 4: 0.0015."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", optim={"lr": [[1, 0.006], [4, 0.0015]]},
+                          schedule={"warmup_fraction": 0.1}, train={"log_every": 1})
+    with caplog.at_level("INFO", logger="vitkit"):
+        train_ok("--recipe", str(recipe), "--out", str(run),
+                 *(["--epochs", "4", "--time-budget", "10"] if budget else ["--epochs", "2"]))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    r = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert r["optim"]["lr"] == [[1, 0.006], [4, 0.0015]]
+    if budget:
+        assert "-> 88 steps (4.0 epochs), peak lr 0.0015" in caplog.text
+        assert len(lrs) == 88 and max(lrs) == pytest.approx(0.0015) and lrs[30:] == pytest.approx(
+            [lr_at(i, 88, r["schedule"], 0.0015) for i in range(30, 88)], rel=1e-6)
+    else:
+        assert "peak lr 0.003 for 2.0 epochs" in caplog.text
+        assert lrs == pytest.approx([lr_at(i, 44, r["schedule"], 0.003) for i in range(44)], rel=1e-6)
+
+
 def test_a_run_without_a_budget_resumed_with_one_goes_on_along_its_schedule(tmp_path):
     """Its schedule is known (the state says so): the budget refits the decay's end and the learning rate goes on
     from where it was; it used to run a warm-up by the clock of all the earlier training, which was at the peak."""

@@ -33,7 +33,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop gracefully after this long (the schedule is fitted to it), then evaluate and save")
     p.add_argument("--img-size", type=image_size, metavar="N|HxW")
     p.add_argument("--batch-size", type=int, help="global batch (all processes, all accumulation steps)")
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=float, help="peak learning rate, whatever the run's length (a recipe may give "
+                   "[epochs, lr] pairs instead: --set 'optim.lr=[[16, 0.1], [40, 0.05]]')")
     p.add_argument("--val-split", type=float, help="hold out this fraction of the training images")
     p.add_argument("--val-data", help="a separate validation DATA")
     p.add_argument("--seed", type=int)

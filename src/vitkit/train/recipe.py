@@ -85,6 +85,16 @@ def _size(v):
     return _numbers(2, lo=1, optional=False, integer=True)(v)
 
 
+def _lr(v):
+    """A learning rate, or [epochs, lr] pairs: the peak tuned for runs of those lengths (trainer.peak_lr)."""
+    if not isinstance(v, list):
+        return _number(0, lo_open=True)(v)
+    pair = _numbers(2, lo=0)
+    if not v or (bad := next((p for p in v if pair(p) or min(p) == 0), None)) is not None:
+        return f"must be a number > 0 or a list of [epochs, lr] pairs of numbers > 0, not {bad if v else v!r}"
+    return None if len({p[0] for p in v}) == len(v) else f"names the same epochs twice: {v!r}"
+
+
 _opt_int = _number(lo=1, integer=True, optional=True)
 _seed = _number(0, 2**63 - 1, integer=True)  # torch's generators take 64-bit seeds (and a rank is added)
 _rate = _number(0, 1, optional=True, hi_open=True)
@@ -141,7 +151,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Callable]]] = {
     },
     "optim": {
         "name": ("adamw", _choice("adamw", "adam", "sgd")),
-        "lr": (1e-3, _number(0, lo_open=True)),
+        "lr": (1e-3, _lr),  # or [[epochs, lr], ...]: the peak by the run's planned length
         "weight_decay": (0.0, _number(0)),  # not applied to biases, norms, position embeddings, [class] token
         "betas": ([0.9, 0.999], _numbers(2, lo=0.0, hi=0.999999, optional=False)),
         "momentum": (0.9, _number(0, 1, hi_open=True)), "nesterov": (False, _flag()),

@@ -123,13 +123,28 @@ def make_optimizer(model: torch.nn.Module, o: dict) -> torch.optim.Optimizer:
     # kernel (CPU and GPU) does the whole update in one pass. Sharded (DTensor) parameters keep the default.
     fused = all(type(p) is torch.nn.Parameter for p in decay + no_decay) or None
     if o["name"] == "sgd":
-        return torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"], fused=fused)
+        return torch.optim.SGD(groups, lr=peak_lr(o["lr"], 1), momentum=o["momentum"], nesterov=o["nesterov"], fused=fused)
     cls = torch.optim.AdamW if o["name"] == "adamw" else torch.optim.Adam
-    return cls(groups, lr=o["lr"], betas=tuple(o["betas"]), fused=fused)
+    return cls(groups, lr=peak_lr(o["lr"], 1), betas=tuple(o["betas"]), fused=fused)
 
 
 def warmup_length(total: int, s: dict) -> int:
     return min(max(s["warmup_steps"], round(s["warmup_fraction"] * total)), max(total - 1, 0))
+
+
+def peak_lr(lr: float | list, epochs: float) -> float:
+    """optim.lr for a run of `epochs` (its planned length: train.epochs, or what a time budget fits). A list of
+    [epochs, lr] pairs holds peaks tuned for runs of those lengths (a longer run wants a lower one): between two
+    pairs the power law through them (straight on log-log axes), beyond the ends the nearest pair's."""
+    if not isinstance(lr, list):
+        return lr
+    (e0, lr0), *rest = pairs = sorted(lr)
+    epochs = min(max(epochs, e0), pairs[-1][0])
+    for e1, lr1 in rest:
+        if epochs <= e1:
+            return lr0 * (lr1 / lr0) ** (math.log(epochs / e0) / math.log(e1 / e0))
+        e0, lr0 = e1, lr1
+    return lr0  # a single pair
 
 
 def lr_at(step: int, total: int, s: dict, base_lr: float, start: tuple | None = None) -> float:
@@ -526,8 +541,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                         "--time-budget or --epochs" if budget else "--epochs or --set train.max_steps")
         elif total != state["total_steps"] and d.main:  # a longer (or shorter) run: the schedule stretches
             before = state.get("recipe") or r  # the schedule and base learning rate it had
-            now = lr_at(step, total, r["schedule"], O["lr"], warm_start)
-            then = lr_at(step, state["total_steps"], before["schedule"], before["optim"]["lr"], warm_start)
+            now = lr_at(step, total, r["schedule"], peak_lr(O["lr"], total / steps_per_epoch), warm_start)
+            then = lr_at(step, state["total_steps"], before["schedule"],
+                         peak_lr(before["optim"]["lr"], state["total_steps"] / steps_per_epoch), warm_start)
             log.warning("--resume: the schedule now ends at step %d instead of %d%s", total, state["total_steps"],
                         f", so the learning rate at step {step} is {now:.3g} instead of {then:.3g}" if
                         f"{now:.3g}" != f"{then:.3g}" else "")
@@ -546,6 +562,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M",
                  "fp32" if amp == "none" else f"{amp} autocast", total, D["batch_size"], micro, accum,
                  f"resuming at step {step}" if state is not None else f"run dir {run_dir}")
+        if isinstance(O["lr"], list) and budget is None:  # a budget's fit says it once the length is known
+            log.info("peak lr %.3g for %.1f epochs (optim.lr %s)", peak_lr(O["lr"], total / steps_per_epoch),
+                     total / steps_per_epoch, O["lr"])
 
     def clock() -> float:
         return elapsed_before + time.time() - t0
@@ -757,10 +776,12 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                        leave=False, disable=not d.main or None, dynamic_ncols=True)
             stop = stop_after_epoch = nonfinite = False
             for group in batches(epoch, position):
-                lr = lr_at(step, total, r["schedule"], O["lr"], warm_start) if budget is None or fitted else \
+                lr = lr_at(step, total, r["schedule"], peak_lr(O["lr"], total / steps_per_epoch), warm_start) \
+                    if budget is None or fitted else \
                     d.broadcast(warmup_by_clock(  # rank 0's clock: the training seconds of the run, of those it has
                         step, ramp_before + time.time() - train_t0,
-                        budget - (elapsed_before - ramp_before) - (train_t0 - t0), r["schedule"], O["lr"], limit))
+                        budget - (elapsed_before - ramp_before) - (train_t0 - t0), r["schedule"],
+                        peak_lr(O["lr"], limit / steps_per_epoch), limit))
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 step_loss, bad_step = gradients(group)
@@ -796,8 +817,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                     per_step = mean_step(train_s_here + time.time() - epoch_t)
                     (total, warm_start), fitted = fit(per_step), True
                     if probed and d.main:
-                        log.info("time budget: %.2f s/step -> %d steps (%.1f epochs)", per_step, total,
-                                 total / steps_per_epoch)
+                        log.info("time budget: %.2f s/step -> %d steps (%.1f epochs)%s", per_step, total,
+                                 total / steps_per_epoch, f", peak lr {peak_lr(O['lr'], total / steps_per_epoch):.3g}"
+                                 if isinstance(O["lr"], list) else "")
                 mid_save = T["checkpoint_every_steps"] and step % T["checkpoint_every_steps"] == 0 or late
                 if stop_now or time_up or step >= total or step % steps_per_epoch == 0:
                     stop = stop_now and step < total and step % steps_per_epoch  # at an epoch's end: finish it
