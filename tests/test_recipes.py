@@ -38,7 +38,8 @@ def test_other_vit_fields_are_checked_up_front(key, value):
 def test_lr_is_a_number_or_epochs_lr_pairs(value):
     with pytest.raises(R.RecipeError, match=r"optim\.lr"):
         R.load(RECIPES / "digits.yaml", {"optim.lr": yaml.safe_load(value)})
-    assert R.load(RECIPES / "digits.yaml", {"optim.lr": [[40, 0.05], [16, 0.1]]})["optim"]["lr"] == [[40, 0.05], [16, 0.1]]
+    pairs = [[40, 0.05], [16, 0.1]]
+    assert R.load(RECIPES / "digits.yaml", {"optim.lr": pairs})["optim"]["lr"] == pairs
 
 
 def test_distillation_token_gets_no_weight_decay():

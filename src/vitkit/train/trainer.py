@@ -122,10 +122,11 @@ def make_optimizer(model: torch.nn.Module, o: dict) -> torch.optim.Optimizer:
     # torch's default on CPU is a Python loop over the tensors (its foreach kernels are GPU-only); the fused
     # kernel (CPU and GPU) does the whole update in one pass. Sharded (DTensor) parameters keep the default.
     fused = all(type(p) is torch.nn.Parameter for p in decay + no_decay) or None
+    lr = peak_lr(o["lr"], 1)  # a start: the schedule sets the learning rate of every step
     if o["name"] == "sgd":
-        return torch.optim.SGD(groups, lr=peak_lr(o["lr"], 1), momentum=o["momentum"], nesterov=o["nesterov"], fused=fused)
+        return torch.optim.SGD(groups, lr=lr, momentum=o["momentum"], nesterov=o["nesterov"], fused=fused)
     cls = torch.optim.AdamW if o["name"] == "adamw" else torch.optim.Adam
-    return cls(groups, lr=peak_lr(o["lr"], 1), betas=tuple(o["betas"]), fused=fused)
+    return cls(groups, lr=lr, betas=tuple(o["betas"]), fused=fused)
 
 
 def warmup_length(total: int, s: dict) -> int:
