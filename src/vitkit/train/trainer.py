@@ -505,6 +505,10 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
     # where we are: fresh, or exactly where the saved state left off
     step, best, elapsed_before, skipped, history = 0, -1.0, 0.0, set(data.skipped), []
     warm_start = tuple(state["warm_start"]) if state is not None and state.get("warm_start") else None  # lr_at
+
+    def peak(steps: int) -> float:  # optim.lr for a run planned at this many steps
+        return peak_lr(O["lr"], steps / steps_per_epoch)
+
     total = limit = min(T["epochs"] * steps_per_epoch, T["max_steps"] or sys.maxsize)  # a budget fits total <= limit
     budget = T["time_budget"] * 60 if T["time_budget"] else None  # seconds for the whole run, resumed parts too
     epoch_stats = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss sum, correct, images (this epoch)
@@ -542,7 +546,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                         "--time-budget or --epochs" if budget else "--epochs or --set train.max_steps")
         elif total != state["total_steps"] and d.main:  # a longer (or shorter) run: the schedule stretches
             before = state.get("recipe") or r  # the schedule and base learning rate it had
-            now = lr_at(step, total, r["schedule"], peak_lr(O["lr"], total / steps_per_epoch), warm_start)
+            now = lr_at(step, total, r["schedule"], peak(total), warm_start)
             then = lr_at(step, state["total_steps"], before["schedule"],
                          peak_lr(before["optim"]["lr"], state["total_steps"] / steps_per_epoch), warm_start)
             log.warning("--resume: the schedule now ends at step %d instead of %d%s", total, state["total_steps"],
@@ -564,7 +568,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                  "fp32" if amp == "none" else f"{amp} autocast", total, D["batch_size"], micro, accum,
                  f"resuming at step {step}" if state is not None else f"run dir {run_dir}")
         if isinstance(O["lr"], list) and budget is None:  # a budget's fit says it once the length is known
-            log.info("peak lr %.3g for %.1f epochs (optim.lr %s)", peak_lr(O["lr"], total / steps_per_epoch),
+            log.info("peak lr %.3g for %.1f epochs (optim.lr %s)", peak(total),
                      total / steps_per_epoch, O["lr"])
 
     def clock() -> float:
@@ -777,12 +781,11 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                        leave=False, disable=not d.main or None, dynamic_ncols=True)
             stop = stop_after_epoch = nonfinite = False
             for group in batches(epoch, position):
-                lr = lr_at(step, total, r["schedule"], peak_lr(O["lr"], total / steps_per_epoch), warm_start) \
-                    if budget is None or fitted else \
+                lr = lr_at(step, total, r["schedule"], peak(total), warm_start) if budget is None or fitted else \
                     d.broadcast(warmup_by_clock(  # rank 0's clock: the training seconds of the run, of those it has
                         step, ramp_before + time.time() - train_t0,
                         budget - (elapsed_before - ramp_before) - (train_t0 - t0), r["schedule"],
-                        peak_lr(O["lr"], limit / steps_per_epoch), limit))
+                        peak(limit), limit))
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 step_loss, bad_step = gradients(group)
@@ -819,7 +822,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                     (total, warm_start), fitted = fit(per_step), True
                     if probed and d.main:
                         log.info("time budget: %.2f s/step -> %d steps (%.1f epochs)%s", per_step, total,
-                                 total / steps_per_epoch, f", peak lr {peak_lr(O['lr'], total / steps_per_epoch):.3g}"
+                                 total / steps_per_epoch, f", peak lr {peak(total):.3g}"
                                  if isinstance(O["lr"], list) else "")
                 mid_save = T["checkpoint_every_steps"] and step % T["checkpoint_every_steps"] == 0 or late
                 if stop_now or time_up or step >= total or step % steps_per_epoch == 0:
