@@ -3,6 +3,7 @@ reason, exit code 2, before any work, no run directory made and no result lost."
 from __future__ import annotations
 
 import pathlib
+import re
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,30 @@ def test_run_directories_that_would_damage_something_are_refused(tmp_path, capsy
     assert [p.name for p in (tmp_path / "notes").iterdir()] == ["todo.txt"]
 
 
+def test_a_run_whose_state_was_removed_keeps_its_weights(tmp_path, capsys):
+    """Removing state.pt and state.prev.pt (to free space) left a folder with recipe.yaml, which `--out` took for a
+    run stopped before its first checkpoint: a new run wrote over its best.safetensors without a word."""
+    from train_utils import digit_images
+
+    digit_images(tmp_path / "ds", ["1", "2"], per_class=4)
+    recipe = str(write_recipe(tmp_path / "r.yaml", data={"path": str(tmp_path / "ds"), "batch_size": 4},
+                              train={"epochs": 1}))
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", recipe, "--out", str(run)]) == 0
+    for state in ("state.pt", "state.prev.pt"):
+        (run / state).unlink(missing_ok=True)
+    weights = {p.name: p.read_bytes() for p in run.glob("*.safetensors")}
+    assert sorted(weights) == ["best.safetensors", "last.safetensors"]
+    capsys.readouterr()
+    assert main(["train", "--recipe", recipe, "--out", str(run)]) == 2
+    assert f"holds a run's weights (last.safetensors) that this run would replace; pick another --out (--weights " \
+        f"{run / 'last.safetensors'} starts from them)" in one_line_error(capsys, "train")
+    assert main(["train", "--resume", str(run)]) == 2
+    assert f"no state.pt (removed?), only its weights; start a new run from them with --weights " \
+        f"{run / 'last.safetensors'}" in one_line_error(capsys, "train")
+    assert {p.name: p.read_bytes() for p in run.glob("*.safetensors")} == weights
+
+
 def test_resume_refuses_what_it_would_ignore_or_misread(tmp_path, capsys):
     """--weights on --resume was ignored without a word; a run stopped before its first checkpoint was "not a
     run directory"; data that changed under a run (same classes, fewer images) moved every step's place in the
@@ -284,6 +309,12 @@ def test_shard_patterns_and_classes(tmp_path, capsys):
     assert main(["train", "--recipe", recipe, "--data", pattern, "--out", str(tmp_path / "run")]) == 2
     assert "every sample has label 0 (zero); training needs at least two classes" in one_line_error(capsys, "train")
     assert not (tmp_path / "run").exists()
+    # missing shards are named first, not the held-out fraction the recipe asks of them
+    assert main(["train", "--recipe", recipe, "--data", str(one / "none-{0..1}.tar"), "--val-split", "0.2"]) == 2
+    assert "none-{0..1}.tar: 2 of 2 shards missing, e.g." in one_line_error(capsys, "train")
+    assert main(["train", "--recipe", recipe, "--data", pattern, "--val-split", "0.2"]) == 2
+    assert "--val-split (data.val_split) needs an indexed dataset, not a stream of shards" in one_line_error(capsys,
+                                                                                                          "train")
 
 
 def test_held_out_fractions_that_leave_classes_or_everything_out(tmp_path, capsys, caplog):
@@ -436,6 +467,19 @@ def test_same_size_on_resume_non_rgb_checkpoints_and_eval_messages(tmp_path, cap
     with caplog.at_level("WARNING", logger="vitkit"):
         vitkit.evaluate_model(tmp_path / "run" / "best.safetensors", "digits", val_split=0)
     assert "(--val-split 0: its held-out 20% among them): these are training images" in caplog.text
+    caplog.clear()  # another held-out part of the run's data: the images in it the run trained on are counted
+    from vitkit.data.datasets import open_data  # a larger fraction, same seed: the run's 20% and more
+
+    held = {f: len(open_data("digits", val_split=f, evaluate_only=True).val) for f in (0.2, 0.5)}
+    for kw, extra in [({"val_split": 0.1}, 0), ({"val_split": 0.5}, held[0.5] - held[0.2]), ({"split_seed": 1}, None)]:
+        with caplog.at_level("WARNING", logger="vitkit"):
+            result = vitkit.evaluate_model(tmp_path / "run" / "best.safetensors", "digits", **kw)
+        said = re.search(r"(\d+) of these (\d+) images are ones \S+ trained on: it held out 20% with seed 0",
+                         caplog.text)
+        trained = int(said[1]) if said else 0
+        assert trained == extra if extra is not None else 0 < trained < result.n, caplog.text
+        assert said is None or int(said[2]) == result.n
+        caplog.clear()
     gray = ViT(ViTConfig(img_size=8, patch_size=2, width=16, depth=1, num_heads=2, mlp_dim=32, num_classes=10,
                          in_chans=1))
     vitkit.save_model(gray, tmp_path / "gray.safetensors")

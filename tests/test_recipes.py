@@ -42,6 +42,23 @@ def test_lr_is_a_number_or_epochs_lr_pairs(value):
     assert R.load(RECIPES / "digits.yaml", {"optim.lr": pairs})["optim"]["lr"] == pairs
 
 
+def test_whole_numbers_are_taken_where_real_ones_are_expected():
+    """`augment.cutmix: 1` passed the checks and then stopped the first step with torch's Beta sampler's
+    traceback ("dirichlet" not implemented for 'Long'); `1.0` worked."""
+    from vitkit.data.augment import batch_mixer
+
+    r = R.load(RECIPES / "digits.yaml", {"augment.mixup": 2, "augment.cutmix": 1, "optim.weight_decay": 0})
+    assert [type(r[s][k]) for s, k in [("augment", "mixup"), ("augment", "cutmix"), ("optim", "weight_decay"),
+                                       ("train", "epochs")]] == [float, float, float, int]
+    x, y = batch_mixer(r["augment"], 10)(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    assert y.shape == (4, 10) and torch.allclose(y.sum(1), torch.ones(4))
+
+
+def test_a_bad_list_item_is_named_by_its_place():
+    with pytest.raises(R.RecipeError, match=r"model\.std item 3 must be >= 1e-06, not 0"):
+        R.load(RECIPES / "digits.yaml", {"model.std": [1, 1, 0]})
+
+
 def test_distillation_token_gets_no_weight_decay():
     model = vitkit.create_model("deit_tiny_distilled_patch16_224", num_classes=2, img_size=32)
     opt = make_optimizer(model, {**R.defaults()["optim"], "weight_decay": 0.05})

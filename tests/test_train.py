@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -223,13 +224,17 @@ def test_finetune_interpolates_positions_and_zeroes_head(tiny_run, tmp_path, cap
         assert ("head replaced by a zero-initialised one" in caplog.text) != kept  # and the user is told
 
     digit_images(tmp_path / "three", ["0", "1", "2"], per_class=30)
-    recipe_file = write_recipe(tmp_path / "ft.yaml", model={"img_size": 16},
+    recipe_file = write_recipe(tmp_path / "ft.yaml", model={"img_size": [16, 8]},
                                optim={"name": "sgd", "lr": 0.03, "clip_grad_norm": 1.0},
                                data={"path": str(tmp_path / "three"), "val_split": 0.2, "batch_size": 16},
                                train={"epochs": 1, "threads": 1})
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="vitkit")
     train_ok("--recipe", str(recipe_file), "--weights", str(tiny_run / "best.safetensors"), "--out", str(tmp_path / "ft"))
+    assert "position embeddings resampled from 4x4 to 8x4" in caplog.text
+    assert "ViT 32w x 1 @ 16x8px" in caplog.text  # the log said "@ 16px" for a 16x8 input
     tuned = vitkit.load_model(tmp_path / "ft" / "best.safetensors")
-    assert tuned.class_names == ["0", "1", "2"] and tuned.cfg.img_size == (16, 16)
+    assert tuned.class_names == ["0", "1", "2"] and tuned.cfg.img_size == (16, 8)
 
 
 def test_summary_line_of_a_run_shorter_than_an_epoch(tmp_path, capsys):
@@ -718,7 +723,7 @@ def test_webdataset_shards(tmp_path, capsys):
     (["--device", "tpu7"], "train.device (--device) 'tpu7' is not a device name"),
     (["--device", "cuda:99"], "train.device (--device) 'cuda:99': this machine has"),
     (["--data", str(ROOT / "README.md")], "README.md: not a directory or a .tar/.tar.gz archive"),
-    (["--data", "/x/shards-{000..009}.tar", "--val-split", "0.1"], "give held-out shards with --val-data"),
+    (["--data", "/x/shards-{000..009}.tar", "--val-split", "0.1"], "10 of 10 shards missing, e.g. /x/shards-000.tar"),
     (["--val-split", "0.0001"], "digits: a held-out fraction of 0.0001 (--val-split, data.val_split) is no image"),
 ])
 def test_bad_inputs_one_line_error(tmp_path, capsys, args, expected):

@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import pathlib
+import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -288,6 +290,12 @@ def test_pickle_with_objects_is_refused(tmp_path):
     torch.save({"model": sd, "payload": _Payload(marker, os.system)}, path)  # a module torch blocks outright
     error = _error(path, depth=1)
     assert "refused to load: it holds a Python object (posix.system)" in error and "weights_only=False" not in error
+    assert not marker.exists()
+    with open(path, "wb") as f:  # a plain pickle: torch warned about its protocol on stderr before the error
+        pickle.dump({"model": sd, "payload": _Payload(marker, os.system)}, f, protocol=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "a pickle of protocol 4, not written by torch.save" in _error(path, depth=1)
     assert not marker.exists()
 
 

@@ -176,10 +176,7 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
             log.info("%s: no validation (its test split stays unseen; --val-split holds out training images)", spec)
             held = None
     elif is_shards(spec):
-        if val_split and val is None:
-            raise DataError(f"{spec}: --val-split (data.val_split) needs an indexed dataset, not a stream of "
-                            "shards; give held-out shards with --val-data (data.val)")
-        return _shards(spec, val, shards or {}, evaluate_only)
+        return _shards(spec, val, val_split, shards or {}, evaluate_only)
     else:
         folder = Path(spec)
         if not folder.exists():
@@ -557,13 +554,16 @@ def relabel(data: Data, target: list[str]) -> Data:
 
 
 # --- WebDataset shards ----------------------------------------------------------------------------------
-def _shards(spec: str, val: str | None, opts: dict, evaluate_only: bool) -> Data:
+def _shards(spec: str, val: str | None, val_split: float, opts: dict, evaluate_only: bool) -> Data:
     import webdataset as wds
 
     urls = _expand(spec)
     missing = [u for u in urls if "://" not in u and not Path(u).is_file()]
     if missing:
         raise DataError(f"{spec}: {len(missing)} of {len(urls)} shards missing, e.g. {missing[0]}")
+    if val_split and val is None:
+        raise DataError(f"{spec}: --val-split (data.val_split) needs an indexed dataset, not a stream of shards; "
+                        "give held-out shards with --val-data (data.val)")
     names_file = Path(urls[0]).parent / "classes.txt"
     sizes, labels = (None, None) if opts.get("epoch_size") else _count(urls)
     count = opts.get("epoch_size") or sum(sizes)

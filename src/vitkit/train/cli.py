@@ -95,6 +95,9 @@ def _resolve(args: argparse.Namespace, overrides: dict) -> tuple[dict, Path, dic
             if (run / PREV).is_file():
                 raise R.RecipeError(f"--resume {run}: no {STATE} (removed?); --resume {run / PREV} continues from "
                                     "the save before it")
+            if kept := _weights_kept(run):
+                raise R.RecipeError(f"--resume {run}: no {STATE} (removed?), only its weights; start a new run from "
+                                    f"them with --weights {kept} and another --out")
             if (run / "recipe.yaml").is_file():
                 raise R.RecipeError(f"--resume {run}: the run stopped before its first checkpoint (no state.pt); "
                                     f"start it again with --recipe {run / 'recipe.yaml'} --out {run} (its files are "
@@ -126,6 +129,9 @@ def _resolve(args: argparse.Namespace, overrides: dict) -> tuple[dict, Path, dic
         continue_with = run if (run / STATE).exists() else run / PREV
         raise R.RecipeError(f"--out {run} already holds a run; continue it with --resume {continue_with} or pick "
                             "another --out")
+    if kept := _weights_kept(run):  # a run whose state was removed (to free space, say): its weights
+        raise R.RecipeError(f"--out {run} holds a run's weights ({kept.name}) that this run would replace; pick "
+                            f"another --out (--weights {kept} starts from them)")
     for data in (recipe["data"]["path"], recipe["data"]["val"]):
         if data and Path(data).is_dir() and run.resolve().is_relative_to(Path(data).resolve()):
             raise R.RecipeError(f"--out {run} is inside the data folder {data}: the run's files would become "
@@ -134,6 +140,13 @@ def _resolve(args: argparse.Namespace, overrides: dict) -> tuple[dict, Path, dic
         raise R.RecipeError(f"--out {run}: a folder with other files in it, not a run directory; pick a new or "
                             "empty one")
     return recipe, run, None
+
+
+def _weights_kept(run: Path) -> Path | None:
+    """A run directory's exported weights (last.safetensors, else best.safetensors), None if it has none."""
+    from .trainer import BEST, LAST
+
+    return next((run / n for n in (LAST, BEST) if (run / n).exists()), None)
 
 
 def _run_recipe(run: Path, state: dict) -> dict:

@@ -210,7 +210,7 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
     only a model this function loads itself and only if it has a convolutional stem: a model passed in is left
     as it is."""
     from ..api import load_model
-    from ..data.datasets import DataError, describe, in_memory, open_data, relabel
+    from ..data.datasets import DataError, describe, in_memory, open_data, relabel, stratified_split
     from ..data.images import check_rgb_model, eval_transform
     from ..predict import TTA, imagenet_wnids
 
@@ -260,6 +260,12 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
         log.warning("%s changed since %s was trained (files added, removed or renamed): its held-out %.0f%% is drawn "
                     "from other files now, so these may include images it trained on", data, weights,
                     100 * split["val_split"])
+    if not same_split and split.get("val_split") and isinstance(ds.val, Subset):  # another split of the run's data
+        _, run_held = stratified_split(ds.val.dataset.labels, split["val_split"], split["split_seed"])
+        if trained := len(set(ds.val.indices) - set(run_held.tolist())):
+            log.warning("%d of these %d images are ones %s trained on: it held out %.0f%% with seed %d (eval takes "
+                        "that split unless --val-split or --split-seed say otherwise)", trained, len(ds.val),
+                        weights, 100 * split["val_split"], split["split_seed"])
     ds = relabel(ds, names)
     what = ds.val_name
     if split and what == "all":  # these are the run's training images (it validated elsewhere, or not at all)

@@ -41,6 +41,7 @@ def _number(lo=None, hi=None, integer=False, optional=False, lo_open=False, hi_o
         if hi is not None and (v > hi or (hi_open and v == hi)):
             return f"must be {'<' if hi_open else '<='} {hi}, not {v}"
         return None
+    check.real = not integer  # a real number: load() makes 1 1.0 (torch's Beta sampler, for one, takes no int)
     return check
 
 
@@ -72,7 +73,7 @@ def _numbers(length=None, lo=None, hi=None, optional=True, integer=False) -> Cal
             return None
         if not isinstance(v, (list, tuple)) or (length is not None and len(v) != length):
             return f"must be a list of {length or 'some'} numbers, not {v!r}"
-        return next((f"item {x!r} {e}" for x in v if (e := item(x))), None)
+        return next((f"item {i + 1} {e}" for i, x in enumerate(v) if (e := item(x))), None)
     return check
 
 
@@ -279,6 +280,10 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None, base:
         nested.setdefault(section, {})[key] = value
     merge(recipe, nested, "--set")
     validate(recipe, resuming)
+    for section, keys in SCHEMA.items():
+        for key, (_, check) in keys.items():
+            if getattr(check, "real", False) and type(recipe[section][key]) is int:
+                recipe[section][key] = float(recipe[section][key])
     return recipe
 
 

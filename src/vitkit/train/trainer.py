@@ -562,8 +562,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
     # a fresh run in a directory where an earlier attempt died before its first checkpoint drops that attempt's rows
     metrics = held["metrics"] = Metrics(run_dir, d.main, upto_step=step, defer=going_back)
     if d.main:
+        px = f"{img_size[0]}px" if img_size[0] == img_size[1] else f"{img_size[0]}x{img_size[1]}px"
         log.info("%s | %s | %s params | %s | %d steps of %d images (%d per process x %d accumulation) | %s",
-                 describe(data), f"ViT {model.cfg.width}w x {model.cfg.depth} @ {img_size[0]}px",
+                 describe(data), f"ViT {model.cfg.width}w x {model.cfg.depth} @ {px}",
                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M",
                  "fp32" if amp == "none" else f"{amp} autocast", total, D["batch_size"], micro, accum,
                  f"resuming at step {step}" if state is not None else f"run dir {run_dir}")

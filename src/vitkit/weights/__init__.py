@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,12 +42,17 @@ def read_state_dict(path: Path) -> dict:
     if magic != b"PK" and magic[:1] != b"\x80":  # torch.save writes a zip archive (or, before 1.6, a pickle)
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings(record=True) as said:  # torch's note on a pickle protocol it may not read
+            warnings.simplefilter("always")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         text = str(e)
         if refused := re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", text):  # weights_only saw an object
             raise CheckpointError(f"{path}: refused to load: it holds a Python object ({refused[1]}), and only "
                                   f"tensors and plain containers are read (weights_only=True)") from None
+        if protocol := next((m for w in said if (m := re.search(r"pickle protocol (\d+)", str(w.message)))), None):
+            raise CheckpointError(f"{path}: a pickle of protocol {protocol[1]}, not written by torch.save (protocol "
+                                  "2), which weights_only=True does not read; save it with torch.save") from None
         detail = re.search(r"WeightsUnpickler error: \s*(\S.*)", text)
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: "
                               f"{detail[1] if detail else text.splitlines()[0] if text else ''})") from None
