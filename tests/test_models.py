@@ -75,6 +75,8 @@ def test_dynamic_img_size_equals_a_model_built_at_that_size(tmp_path):
         tiny()(x)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         model(torch.randn(1, 3, 70, 64))
+    with pytest.raises(ValueError, match=r"input of shape \(3, 64, 64\): a batch \(B, C, H, W\) is expected; add "):
+        model(torch.randn(3, 64, 64))  # was: "Sizes of tensors must match" from the [class] token's concatenation
 
 
 def test_capture_attention_is_exact_and_leaves_the_model_fused():

@@ -339,9 +339,7 @@ def test_vitkit_checkpoint_round_trip_keeps_class_names_and_preprocess(tmp_path)
     model.class_names = ["cat", "dog", "eel"]
     model.preprocess.update(crop_pct=0.8, interpolation="bilinear")
     loaded = vitkit.load_model(vitkit.save_model(model, tmp_path / "m.safetensors"))
-    def norm(pre):  # JSON gives lists back for the mean/std tuples
-        return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in pre.items()}
-    assert loaded.class_names == ["cat", "dog", "eel"] and norm(loaded.preprocess) == norm(model.preprocess)
+    assert loaded.class_names == ["cat", "dog", "eel"] and loaded.preprocess == model.preprocess  # tuples again
     assert loaded.cfg == model.cfg
 
 

@@ -292,6 +292,9 @@ class ViT(nn.Module):
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Pixels -> (tokens with [class] and position embeddings, patch grid)."""
         r = self.cfg.reduction
+        if x.dim() != 4:  # a single image reached the patches as a batch of 3 and failed at the [class] token
+            raise ValueError(f"input of shape {tuple(x.shape)}: a batch (B, C, H, W) is expected"
+                             + ("; add the batch dimension with x[None]" if x.dim() == 3 else ""))
         if x.shape[-2] % r or x.shape[-1] % r:
             raise ValueError(f"input size {tuple(x.shape[-2:])} is not a multiple of the patch size {r}")
         x = self.patch_embed(x)

@@ -248,8 +248,8 @@ def load_into(model, ckpt: Checkpoint, source: str = "checkpoint", pos_resample:
                               f"model name with {heads} heads or pass num_heads={heads}")
     # assign: a model built on the meta device takes the checkpoint's tensors as they are (no second copy)
     model.load_state_dict({k: v.to(own[k].dtype).contiguous() for k, v in sd.items()}, assign=True)
-    if ckpt.preprocess:
-        model.preprocess.update(ckpt.preprocess)
+    if ckpt.preprocess:  # JSON metadata gives lists: the mean and std are tuples as the model's own defaults
+        model.preprocess.update({k: tuple(v) if isinstance(v, list) else v for k, v in ckpt.preprocess.items()})
     model.pos_resample = dict(ckpt.pos_resample)
     if ckpt.class_names and len(ckpt.class_names) == model.cfg.num_classes:
         model.class_names = list(ckpt.class_names)
