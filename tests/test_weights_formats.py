@@ -77,6 +77,26 @@ def test_convert_cli_then_load_model(tmp_path, fmt, capsys):
     assert_close(logits(model), ref)
 
 
+def test_convert_takes_a_shape_no_name_has(tmp_path, capsys):
+    """A 3-layer transformers ViT: no name has its depth, and the command line had no way to give it."""
+    peer = hf_vit("ViT-Ti/16", depth=3)
+    peer.save_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        ref = peer(pixel_values=images(224)).logits
+    convert = ["convert", str(tmp_path / "hf"), str(tmp_path / "out.safetensors"), "--model", "ViT-Ti/16"]
+    assert main(convert) == 2
+    assert "it holds a model with depth=3: pick a name of that shape, or give them (vitkit convert --set depth=3; " \
+        "create_model(..., depth=3))" in capsys.readouterr().err
+    assert main([*convert, "--set", "depth=3"]) == 0
+    model = vitkit.load_model(tmp_path / "out.safetensors")
+    assert len(model.blocks) == 3
+    assert_close(logits(model), ref)
+    for bad, expected in [("depth", "expected FIELD=VALUE"), ("depht=3", "not a model field (one of"),
+                          ("img_size=32", "use --img-size")]:
+        assert main([*convert, "--force", "--set", bad]) == 2
+        assert f"--set '{bad}': {expected}" in capsys.readouterr().err
+
+
 def test_convert_cli_bad_input_is_one_line(tmp_path, capsys):
     src = tmp_path / "notes.pth"
     src.write_text("not weights\n")
@@ -264,7 +284,7 @@ def test_checkpoint_that_does_not_fit(tmp_path):
     assert "shape mismatch: " in msg and "cls_token: checkpoint (1, 1, 192) vs model (1, 1, 384)" in msg
     assert "(+" in msg and "more)" in msg  # every block parameter differs: the list is cut, and says so
     msg = _error(path, depth=2)
-    assert "missing in checkpoint: blocks.1.norm1.weight" in msg
+    assert "missing in checkpoint: blocks.1.norm1.weight" in msg and "it holds a model with depth=1:" in msg
     tv_path = tmp_path / "tv_b16.pth"
     torch.save(tv_vit("ViT-Ti/16").state_dict(), tv_path)
     assert "patch_embed.proj.weight: checkpoint (192, 3, 16, 16) vs model (192, 3, 32, 32)" in _error(
