@@ -466,6 +466,20 @@ def test_attention_picture_of_a_thin_image_has_a_bounded_size(digits, tmp_path, 
     assert height <= 2100
 
 
+def test_attention_picture_panels_are_one_size(tmp_path, monkeypatch):
+    """The map's colour bar took its width from the middle panel, which came out smaller than the other two."""
+    from vitkit.inspect import cli as inspect_cli
+
+    drawn = []
+    monkeypatch.setattr(inspect_cli, "save_figure", lambda fig, path: drawn.append(fig))
+    inspect_cli.attention_figure(np.zeros((60, 90, 3), np.uint8), np.random.default_rng(0).random((60, 90)), "t",
+                                 tmp_path / "a.png")
+    drawn[0].canvas.draw()
+    boxes = [ax.get_window_extent() for ax in drawn[0].axes[:3]]
+    assert all(abs(b.width - boxes[0].width) < 1 and abs(b.height - boxes[0].height) < 1 for b in boxes), boxes
+    assert len(drawn[0].axes[1].child_axes) == 1  # the colour bar, beside the map
+
+
 def test_failed_inspect_writes_nothing(digits, tmp_path, capsys):
     _, _, _, ckpt, images = digits
     bad, out = tmp_path / "bad.jpg", tmp_path / "fig7"
