@@ -95,6 +95,8 @@ def test_convert_takes_a_shape_no_name_has(tmp_path, capsys):
                           ("img_size=32", "use --img-size")]:
         assert main([*convert, "--force", "--set", bad]) == 2
         assert f"--set '{bad}': {expected}" in capsys.readouterr().err
+    assert main([*convert, "--force", "--set", "depth=abc"]) == 2  # the flag that gave the value takes the blame
+    assert "error: --set depth: depth must be an int, not str 'abc'" in capsys.readouterr().err
 
 
 def test_convert_cli_bad_input_is_one_line(tmp_path, capsys):

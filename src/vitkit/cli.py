@@ -144,6 +144,9 @@ def model_from_args(args: argparse.Namespace, weights_flag: str = "--weights", r
                 value = overrides[key]
                 shown = "x".join(map(str, value)) if isinstance(value, tuple) else value
                 raise UserError(f"{flag} {shown}: {e}") from None
+        for key in getattr(args, "set", None) and overrides or ():  # convert's --set FIELD=VALUE
+            if str(e).startswith(f"{key} ") and key not in _FIELD_FLAGS:
+                raise UserError(f"--set {key}: {e}") from None
         raise UserError(f"{source}: {e}") from None
     except (MemoryError, RuntimeError) as e:  # what check_memory could not foresee
         if not isinstance(e, MemoryError) and "alloc" not in str(e):
