@@ -85,7 +85,7 @@ def test_convert_takes_a_shape_no_name_has(tmp_path, capsys):
         ref = peer(pixel_values=images(224)).logits
     convert = ["convert", str(tmp_path / "hf"), str(tmp_path / "out.safetensors"), "--model", "ViT-Ti/16"]
     assert main(convert) == 2
-    assert "it holds a model with depth=3: pick a name of that shape, or give them (vitkit convert --set depth=3; " \
+    assert "it holds a model with depth=3: pick a name of that shape, or give them (--set depth=3 on the command line; " \
         "create_model(..., depth=3))" in capsys.readouterr().err
     assert main([*convert, "--set", "depth=3"]) == 0
     model = vitkit.load_model(tmp_path / "out.safetensors")
@@ -97,6 +97,17 @@ def test_convert_takes_a_shape_no_name_has(tmp_path, capsys):
         assert f"--set '{bad}': {expected}" in capsys.readouterr().err
     assert main([*convert, "--force", "--set", "depth=abc"]) == 2  # the flag that gave the value takes the blame
     assert "error: --set depth: depth must be an int, not str 'abc'" in capsys.readouterr().err
+    # predict takes the same --set and gives what the converted checkpoint gives
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(photo)
+    outputs = []
+    for weights in (["--weights", str(tmp_path / "hf"), "--model", "ViT-Ti/16", "--set", "depth=3"],
+                    ["--weights", str(tmp_path / "out.safetensors")]):
+        assert main(["predict", str(photo), *weights, "--json", "--device", "cpu"]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    (direct, converted), unpack = outputs, lambda out: [(t["label"], t["prob"]) for t in out["top_k"]]
+    assert [label for label, _ in unpack(direct)] == [label for label, _ in unpack(converted)]
+    assert [p for _, p in unpack(direct)] == pytest.approx([p for _, p in unpack(converted)], abs=1e-6)
 
 
 def test_convert_cli_bad_input_is_one_line(tmp_path, capsys):

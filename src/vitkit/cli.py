@@ -71,6 +71,13 @@ def add_model_arguments(p: argparse.ArgumentParser, weights_required: bool = Tru
     p.add_argument("--img-size", type=image_size, metavar="N|HxW",
                    help="input resolution (position embeddings resampled in 2D); default: the checkpoint's own")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps (default: cuda if there is one)")
+    add_fields_argument(p)
+
+
+def add_fields_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="fields", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a field of the architecture where the checkpoint differs from the --model name's, e.g. "
+                        "--set depth=6 (repeatable; any ViTConfig field)")
 
 
 def image_size(text: str) -> int | tuple[int, int]:
@@ -82,6 +89,31 @@ def image_size(text: str) -> int | tuple[int, int]:
     if len(sides) not in (1, 2):
         raise argparse.ArgumentTypeError(f"{text!r}: give N or HxW, e.g. 384 or 224x320")
     return sides[0] if len(sides) == 1 else tuple(sides)
+
+
+def config_fields(texts: list[str]) -> dict:
+    """--set FIELD=VALUE texts -> ViTConfig overrides (values read as YAML: 6, true, [3, 4, 9])."""
+    import dataclasses
+
+    import yaml
+
+    from .models.vit import ViTConfig
+
+    fields, flagged = {f.name for f in dataclasses.fields(ViTConfig)}, {"num_classes", "img_size"}
+    out = {}
+    for text in texts:
+        key, sep, value = (part.strip() for part in text.partition("="))
+        if not sep or not key or not value:
+            raise UserError(f"--set {text!r}: expected FIELD=VALUE, e.g. depth=6")
+        if key not in fields or key in flagged:
+            raise UserError(f"--set {text!r}: " + (f"use --{key.replace('_', '-')}" if key in flagged else
+                            f"not a model field (one of {', '.join(sorted(fields - flagged))})"))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {text!r}: unreadable value ({e.problem})") from None
+        out[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return out
 
 
 # a ValueError about one of these config fields is about the flag that set it
@@ -124,6 +156,8 @@ def model_from_args(args: argparse.Namespace, weights_flag: str = "--weights", r
                         f"add --model NAME (see `vitkit models`)")
     if getattr(args, "img_size", None) is not None:
         overrides.setdefault("img_size", args.img_size)
+    fields = config_fields(getattr(args, "fields", None) or [])
+    overrides.update(fields)
     device = torch.device("cpu")
     if getattr(args, "device", None) is not None:
         from .train.distributed import resolve_device
@@ -144,8 +178,8 @@ def model_from_args(args: argparse.Namespace, weights_flag: str = "--weights", r
                 value = overrides[key]
                 shown = "x".join(map(str, value)) if isinstance(value, tuple) else value
                 raise UserError(f"{flag} {shown}: {e}") from None
-        for key in getattr(args, "set", None) and overrides or ():  # convert's --set FIELD=VALUE
-            if str(e).startswith(f"{key} ") and key not in _FIELD_FLAGS:
+        for key in fields:
+            if str(e).startswith(f"{key} "):
                 raise UserError(f"--set {key}: {e}") from None
         raise UserError(f"{source}: {e}") from None
     except (MemoryError, RuntimeError) as e:  # what check_memory could not foresee

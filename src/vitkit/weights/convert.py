@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import image_size
+from ..cli import add_fields_argument, image_size
 
 
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,9 +14,7 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img-size", type=image_size, metavar="N|HxW",
                    help="resample position embeddings to this resolution")
     p.add_argument("--class-names", help="text file, one class name per line, stored in the checkpoint")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="a field of the architecture where SRC differs from the --model name's, e.g. --set depth=6 "
-                        "(repeatable; any ViTConfig field)")
+    add_fields_argument(p)
     p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
 
 
@@ -49,7 +47,6 @@ def run_convert(args: argparse.Namespace) -> int:
         raise UserError(f"--num-classes {args.num_classes}: must be 0 (no head) or more")
     args.weights = args.src
     overrides = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size)) if v is not None}
-    overrides.update(_fields(args.set))
     model = model_from_args(args, weights_flag="SRC", reads_images=False, **overrides)
     if names is not None:
         if len(names) != model.cfg.num_classes:
@@ -62,32 +59,6 @@ def run_convert(args: argparse.Namespace) -> int:
     print(f"wrote {args.dst} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{model.cfg.num_classes} classes, {model.cfg.img_size[0]}x{model.cfg.img_size[1]} px)")
     return 0
-
-
-def _fields(texts: list[str]) -> dict:
-    """--set FIELD=VALUE texts -> ViTConfig overrides (values read as YAML: 6, true, [3, 4, 9])."""
-    import dataclasses
-
-    import yaml
-
-    from ..cli import UserError
-    from ..models.vit import ViTConfig
-
-    fields, flagged = {f.name for f in dataclasses.fields(ViTConfig)}, {"num_classes", "img_size"}
-    out = {}
-    for text in texts:
-        key, sep, value = (part.strip() for part in text.partition("="))
-        if not sep or not key or not value:
-            raise UserError(f"--set {text!r}: expected FIELD=VALUE, e.g. depth=6")
-        if key not in fields or key in flagged:
-            raise UserError(f"--set {text!r}: " + (f"use --{key.replace('_', '-')}" if key in flagged else
-                            f"not a model field (one of {', '.join(sorted(fields - flagged))})"))
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise UserError(f"--set {text!r}: unreadable value ({e.problem})") from None
-        out[key] = tuple(parsed) if isinstance(parsed, list) else parsed
-    return out
 
 
 def add_models_arguments(p: argparse.ArgumentParser) -> None:
