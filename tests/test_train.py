@@ -812,6 +812,21 @@ def test_loader_workers_do_not_change_the_result(tmp_path):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_grad_checkpointing_trains_the_same_weights(tmp_path, monkeypatch):
+    """train.grad_checkpointing recomputes activations (the same dropout and stochastic-depth draws) instead of
+    keeping them: the same weights after an epoch."""
+    weights, calls, checkpoint = [], [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **kw: calls.append(1) or checkpoint(*a, **kw))
+    for flag in (False, True):
+        recipe = write_recipe(tmp_path / f"r{flag}.yaml", model={"drop_path": 0.2, "dropout": 0.1},
+                              train={"epochs": 1, "grad_checkpointing": flag})
+        train_ok("--recipe", str(recipe), "--out", str(tmp_path / f"run{flag}"))
+        weights.append(vitkit.load_model(tmp_path / f"run{flag}" / "last.safetensors").state_dict())
+        assert bool(calls) == flag  # every block of every training step, only when asked
+    worst = max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0])
+    assert worst < 1e-6, f"largest difference: {worst:.2e}"
+
+
 def test_gradient_accumulation_equals_the_large_batch(tmp_path):
     """optim.accum_steps=4 (4 micro-batches of 16) takes the same optimizer steps as batches of 64 at once
     (SGD: Adam would magnify the rounding differences in near-zero gradients step after step)."""

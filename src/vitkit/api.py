@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ log = logging.getLogger("vitkit")
 _FROM_CHECKPOINT = ("class_token", "distilled", "pool", "fc_norm", "representation_size", "qkv_bias", "norm_eps")
 
 
-def create_model(name: str, *, weights: str | Path | None = None, num_classes: int | None = None,
+def create_model(name: str, *, weights: str | Path | Mapping | None = None, num_classes: int | None = None,
                  img_size: int | tuple[int, int] | None = None, pos_resample: str | None = None, **overrides) -> ViT:
     """Build a ViT by name ("ViT-B/16", "vit_base_patch16_224", "vit_b_16", ...), optionally with weights.
 
@@ -25,6 +26,8 @@ def create_model(name: str, *, weights: str | Path | None = None, num_classes: i
     replaced by a zero-initialised one), and so is its resolution unless img_size says otherwise (then position
     embeddings are resampled in 2D): a 384 px checkpoint runs at 384 px under a name whose default is 224.
     pos_resample: how ("bicubic", "bilinear", "vit_jax"); by default as the checkpoint's own codebase does it.
+    weights: a file or transformers directory of any supported format, a URL, "hf-hub:ORG/REPO", or a state dict
+    in memory (timm's, torchvision's, ...: `model.state_dict()` of the peer).
     """
     ckpt = read_checkpoint(weights) if weights is not None else None
     facts = {}
@@ -43,7 +46,7 @@ def create_model(name: str, *, weights: str | Path | None = None, num_classes: i
         model = ViT(cfg)
     model.preprocess.update(preprocess)
     if ckpt is not None:
-        _load(model, ckpt, weights, pos_resample)
+        _load(model, ckpt, "the state dict" if isinstance(weights, Mapping) else weights, pos_resample)
     return model.eval()
 
 

@@ -77,12 +77,16 @@ def resolve(name: str) -> tuple[dict, dict]:
     if key:
         cfg, pre = MODELS[key]
         return dict(cfg), dict(pre)
-    m = re.fullmatch(r"(r50\+)?(?:vit-)?(ti|s|b|l|h)/(\d+)(?:@(\d+))?", text)
+    m = re.fullmatch(r"(r50\+)?(?:vit[-_]?)?(ti|s|b|l|h)/(\d+)(?:@(\d+))?", text)
     if m and (not m[1] or m[3] == "16"):  # any paper-style variant, released or not, e.g. "ViT-S/14@336"
         v = {"ti": "Ti"}.get(m[2], m[2].upper())
         size = int(m[4] or (384 if m[1] else 224))  # (the R50 hybrids were released at 384)
         cfg = dict(decode_variant(v, 1), hybrid_layers=(3, 4, 9)) if m[1] else decode_variant(v, int(m[3]))
         return dict(cfg, img_size=size), {**GOOGLE, "crop_pct": 0.9 if size == 224 else 1.0}
+    arch, _, tag = text.removeprefix("timm/").partition(".")
+    if tag and arch in {k.lower() for k in MODELS}:  # timm's "architecture.pretrained_tag" names weights
+        raise ValueError(f"unknown model {name!r}: '.{tag}' names timm's pretrained weights; give the architecture "
+                         f"and the weights: create_model({arch!r}, weights='hf-hub:timm/{arch}.{tag}')")
     close = difflib.get_close_matches(name.lower(), {k.lower(): k for k in MODELS}, n=3, cutoff=0.75)
     lower = {k.lower(): k for k in MODELS}
     hint = f"did you mean {' or '.join(lower[c] for c in close)}? " if close else ""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .convstem import ConvStem, stem_strides
@@ -143,7 +144,7 @@ def resample_pos_embed(pos: torch.Tensor, new_grid: tuple[int, int], old_grid: t
         if side * side != grid.shape[1]:
             raise ValueError(f"cannot infer the grid of {grid.shape[1]} position embeddings; give old_grid")
         old_grid = (side, side)
-    if tuple(old_grid) == tuple(new_grid):
+    if not torch.compiler.is_compiling() and tuple(old_grid) == tuple(new_grid):  # (the same size: exact anyway)
         return pos
     dim = pos.shape[-1]
     grid = grid.reshape(1, *old_grid, dim).permute(0, 3, 1, 2).float()
@@ -254,7 +255,8 @@ class ViT(nn.Module):
         self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.fc_norm else nn.Identity()
         self.pre_logits = nn.Linear(D, cfg.representation_size) if cfg.representation_size else None
         self.head_drop = nn.Dropout(cfg.dropout)
-        self.num_features = cfg.representation_size or D
+        self.num_features, self.embed_dim = cfg.representation_size or D, D
+        self.grad_checkpointing = False
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.head_dist = None if not cfg.distilled else \
             nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
@@ -274,16 +276,45 @@ class ViT(nn.Module):
             if num_classes:
                 nn.init.zeros_(getattr(self, name).weight), nn.init.zeros_(getattr(self, name).bias)
 
+    # timm's names for these, so code written for timm models runs on vitkit's
+    def reset_classifier(self, num_classes: int) -> None:
+        self.reset_head(num_classes)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that take no weight decay besides biases and norms (timm/DeiT's choice)."""
+        return {"pos_embed", "cls_token", "dist_token"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them: less memory, about
+        a third more compute (for L and H, or large batches)."""
+        self.grad_checkpointing = enable
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """model.preprocess as timm's data config (timm.data.resolve_data_config reads it)."""
+        return {**self.preprocess, "input_size": (self.cfg.in_chans, *self.cfg.img_size)}
+
+    def _block(self, blk: Block, x: torch.Tensor, first: int | None = None) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(blk, x, first, use_reentrant=False)
+        return blk(x, first)
+
     # --- tokens -------------------------------------------------------------------------------
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         pos = self.pos_embed
-        if grid != self.cfg.grid:
+        # traced (torch.export / compile) with dynamic_img_size: resampled always, no branch on the input's size
+        # (which would pin the traced graph to one size); at the model's own size that is exact
+        traced = self.cfg.dynamic_img_size and torch.compiler.is_compiling()
+        if traced or grid != self.cfg.grid:
             if not self.cfg.dynamic_img_size:
                 want = self.cfg.img_size
                 raise ValueError(f"input is {grid[0] * self.cfg.reduction}x{grid[1] * self.cfg.reduction} px but the "
                                  f"model expects {want[0]}x{want[1]}; resize it, or create the model with "
                                  f"img_size=... or dynamic_img_size=True")
-            pos = resample_pos_embed(pos, grid, self.cfg.grid, self.num_prefix_tokens)
+            pos = resample_pos_embed(pos, grid, self.cfg.grid, self.num_prefix_tokens, **self.pos_resample)
         prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
         if prefix:
             x = torch.cat([*prefix, x], dim=1)
@@ -292,20 +323,40 @@ class ViT(nn.Module):
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Pixels -> (tokens with [class] and position embeddings, patch grid)."""
         r = self.cfg.reduction
+        symbolic = isinstance(x, torch.fx.Proxy)  # FX tracing (torchvision's create_feature_extractor): no sizes
+        if not symbolic:
+            self._check_input(x)
+            if x.shape[-2] % r or x.shape[-1] % r:
+                raise ValueError(f"input size {tuple(x.shape[-2:])} is not a multiple of the patch size {r}")
+        x = self.patch_embed(x)
+        grid = self.cfg.grid if symbolic else tuple(x.shape[-2:])
+        return self._pos_embed(x.flatten(2).transpose(1, 2), grid), grid
+
+    def _check_input(self, x) -> None:
+        """What torch would report deep inside the patch embedding, said in terms of the model's input."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input: a torch.Tensor (B, C, H, W) is expected, not {type(x).__name__}"
+                            + ("; torch.from_numpy(x) makes one" if type(x).__module__ == "numpy" else ""))
+        c = self.cfg.in_chans
         if x.dim() != 4:  # a single image reached the patches as a batch of 3 and failed at the [class] token
             raise ValueError(f"input of shape {tuple(x.shape)}: a batch (B, C, H, W) is expected"
                              + ("; add the batch dimension with x[None]" if x.dim() == 3 else ""))
-        if x.shape[-2] % r or x.shape[-1] % r:
-            raise ValueError(f"input size {tuple(x.shape[-2:])} is not a multiple of the patch size {r}")
-        x = self.patch_embed(x)
-        grid = tuple(x.shape[-2:])
-        return self._pos_embed(x.flatten(2).transpose(1, 2), grid), grid
+        if x.shape[1] != c:
+            raise ValueError(f"input of shape {tuple(x.shape)}: the model takes {c} channels, (B, {c}, H, W)"
+                             + ("; this looks like (B, H, W, C): x.permute(0, 3, 1, 2)" if x.shape[-1] == c else ""))
+        if not x.is_floating_point():  # e.g. uint8 from torchvision.io.read_image
+            raise TypeError(f"input of dtype {x.dtype}: the model takes float pixels normalised as model.preprocess "
+                            f"says (mean {self.preprocess['mean']}, std {self.preprocess['std']})")
+        own = self.pos_embed.dtype
+        if x.dtype != own and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"input of dtype {x.dtype}, the model's weights {own}: x.to({own}), or run it under "
+                            f"torch.autocast")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> all output tokens (B, prefix + h*w, D), after the final LayerNorm."""
         x, _ = self.embed(x)
         for blk in self.blocks:
-            x = blk(x)
+            x = self._block(blk, x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -320,15 +371,24 @@ class ViT(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cfg.pool != "token" or not self.blocks or self.blocks[-1].attn.probs_sinks:
+        if self.cfg.pool != "token" or not self.blocks or self.blocks[-1].attn.probs_sinks or self._watched(x):
             return self.forward_head(self.forward_features(x))
         # Only the [class] (and distillation) token reaches the head, so the last block needs every token's keys
         # and values but the query, attention output and MLP of those alone: the same logits with ~1/16 fewer
-        # FLOPs at depth 12. forward_features (and capture_attention on the last block) still give every token.
+        # FLOPs at depth 12. forward_features, capture_attention and hooks on the last block see every token.
         x, _ = self.embed(x)
         for blk in self.blocks[:-1]:
-            x = blk(x)
-        return self.forward_head(self.norm(self.blocks[-1](x, first=self.num_prefix_tokens)))
+            x = self._block(blk, x)
+        return self.forward_head(self.norm(self._block(self.blocks[-1], x, self.num_prefix_tokens)))
+
+    def _watched(self, x) -> bool:
+        """Whether a forward hook looks at the last block or the final norm (Grad-CAM, feature taps), or FX traces
+        the model (feature extraction): that expects every token there, as in timm, so the [class]-token-only last
+        block is skipped."""
+        if isinstance(x, torch.fx.Proxy):
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for part in (self.blocks[-1], self.norm)
+                   for m in part.modules())
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
                               return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
@@ -351,12 +411,12 @@ class ViT(nn.Module):
         x, grid = self.embed(x)
         outs = []
         for i, blk in enumerate(self.blocks[: idx[-1] + 1 if intermediates_only or stop_early else depth]):
-            x = blk(x)
+            x = self._block(blk, x)
             if i in idx:
                 y = self.norm(x) if norm else x
                 prefix, y = y[:, : self.num_prefix_tokens], y[:, self.num_prefix_tokens:]
                 if output_fmt == "NCHW":
-                    y = y.transpose(1, 2).reshape(x.shape[0], -1, *grid)
+                    y = y.transpose(1, 2).reshape(*y.shape[::2], *grid)  # (B, D, h, w), an empty batch too
                 outs.append((y, prefix) if return_prefix_tokens else y)
         return outs if intermediates_only else (self.norm(x), outs)
 

@@ -175,6 +175,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Callable]]] = {
         "threads": (None, _number(1, 4096, integer=True, optional=True)),
         "amp": ("auto", _choice("auto", "bf16", "fp16", "none")),  # auto: bf16 where native (GPU, AVX-512 bf16, AMX)
         "channels_last": (False, _flag()), "compile": (False, _flag()),
+        "grad_checkpointing": (False, _flag()),  # recompute activations in the backward pass: less memory (L, H)
         # attention kernel; auto: "math" on a CPU under bf16/fp16 autocast, else torch's choice ("default")
         "attention": ("auto", _choice("auto", "default", "math", "flash", "efficient")),
         "ema_decay": (None, _number(0, 1, optional=True, lo_open=True, hi_open=True)),

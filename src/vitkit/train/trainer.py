@@ -117,7 +117,7 @@ def make_optimizer(model: torch.nn.Module, o: dict) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token", "dist_token") else decay).append(p)
+            (no_decay if p.ndim <= 1 or name in model.no_weight_decay() else decay).append(p)
     groups = [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
     # torch's default on CPU is a Python loop over the tensors (its foreach kernels are GPU-only); the fused
     # kernel (CPU and GPU) does the whole update in one pass. Sharded (DTensor) parameters keep the default.
@@ -460,6 +460,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         kernel = pick_attention(T["attention"], d.device, amp, tokens)  # a RecipeError before any work
         if T["channels_last"]:
             model = model.to(memory_format=torch.channels_last)
+        model.set_grad_checkpointing(T["grad_checkpointing"])
     # the run directory, locked by rank 0 once everything else checked out; every rank learns whether any rank
     # has a problem before the first collective (wrapping the model)
     lock, made = None, not run_dir.exists()

@@ -7,8 +7,10 @@ Every difference between a checkpoint and the model it goes into is settled in `
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,11 +82,17 @@ def unwrap(obj: dict) -> dict:
     return obj
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
+def read_checkpoint(path: str | Path | Mapping) -> Checkpoint:
     """Open a checkpoint of any supported format; the format is detected from the file itself.
-    `hf-hub:ORG/REPO` ids and http(s) URLs are downloaded first (weights/hub.py)."""
+    `hf-hub:ORG/REPO` ids and http(s) URLs are downloaded first (weights/hub.py). A state dict already in memory
+    (timm's, torchvision's, transformers', DeiT's) is read as its file would be."""
     from . import hub, npz, timm, torchvision, transformers, vitkit_format
 
+    if isinstance(path, Mapping):
+        return _from_state_dict(path, "the state dict")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"weights: a file, a transformers directory, a URL, 'hf-hub:ORG/REPO' or a state dict, not "
+                        f"{type(path).__name__} {path!r}"[:300])
     if isinstance(path, str) and hub.is_remote(path):
         path = hub.fetch(path)
     path = Path(path)
@@ -103,13 +111,18 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         return npz.read(path)
     if path.suffix == ".safetensors" and (ckpt := vitkit_format.read(path)) is not None:
         return ckpt
-    raw = read_state_dict(path)
+    return _from_state_dict(read_state_dict(path), path)
+
+
+def _from_state_dict(raw: Mapping, source) -> Checkpoint:
+    from . import timm, torchvision, transformers
+
     tensors = {k: v for k, v in unwrap(raw).items() if isinstance(v, torch.Tensor)}
     for fmt in (torchvision, transformers, timm):
         if fmt.matches(tensors):
             return timm.convert(tensors, deit="model" in raw) if fmt is timm else fmt.convert(tensors)
     sample = ", ".join(list(tensors)[:5]) or "no tensors"
-    raise CheckpointError(f"{path}: not a ViT checkpoint of a known format (keys: {sample})")
+    raise CheckpointError(f"{source}: not a ViT checkpoint of a known format (keys: {sample})")
 
 
 def infer_config(sd: dict[str, torch.Tensor]) -> dict:
@@ -156,6 +169,9 @@ def fit_state_dict(sd: dict[str, torch.Tensor], model, resample: dict | None = N
 
     sd, notes = dict(sd), []
     own = model.state_dict()
+    if "reg_token" in sd:  # else the extra positions read as a grid that cannot be
+        raise CheckpointError(f"reg_token: a model with {sd['reg_token'].shape[1]} register tokens (timm's "
+                              f"reg_tokens), which vitkit's ViT does not have")
     pos, prefix = sd.get("pos_embed"), model.num_prefix_tokens
     stated = tuple(side // model.cfg.reduction for side in old_size) if old_size else None
     if pos is not None and stated and stated[0] * stated[1] != pos.shape[1] - prefix:
@@ -166,6 +182,9 @@ def fit_state_dict(sd: dict[str, torch.Tensor], model, resample: dict | None = N
         if old <= 0:
             raise CheckpointError(f"pos_embed: checkpoint has {pos.shape[1]} positions, model needs {prefix} "
                                   f"prefix tokens")
+        if prefix and not stated and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1] and math.isqrt(old) ** 2 != old:
+            raise CheckpointError(f"pos_embed: {pos.shape[1]} positions for the patches alone, none for the [class] "
+                                  f"token (timm's no_embed_class=True), which vitkit's ViT does not do")
         old_grid = stated or _grid_for(old, model.cfg.grid)
         sd["pos_embed"] = resample_pos_embed(pos, model.cfg.grid, old_grid, prefix, **(resample or {}))
         notes.append(f"position embeddings resampled from {old_grid[0]}x{old_grid[1]} to "
@@ -256,7 +275,7 @@ def load_into(model, ckpt: Checkpoint, source: str = "checkpoint", pos_resample:
     model.load_state_dict({k: v.to(own[k].dtype).contiguous() for k, v in sd.items()}, assign=True)
     if ckpt.preprocess:  # JSON metadata gives lists: the mean and std are tuples as the model's own defaults
         model.preprocess.update({k: tuple(v) if isinstance(v, list) else v for k, v in ckpt.preprocess.items()})
-    model.pos_resample = dict(ckpt.pos_resample)
+    model.pos_resample = dict(resample)  # the way chosen: dynamic_img_size and a saved copy resample alike
     if ckpt.class_names and len(ckpt.class_names) == model.cfg.num_classes:
         model.class_names = list(ckpt.class_names)
     return notes
