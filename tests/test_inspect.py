@@ -400,8 +400,8 @@ def test_attention_command(digits, tmp_path, capsys):
         [f"vitkit attention: error: {bad}: not an image (unrecognised format)"]
     written = sorted(p.name for p in out.iterdir())
     assert written == ["digit0_rollout.png", "digit1_rollout.png"]
-    prob, label = model(vitkit.inspect.attention.prepare(model, Image.open(images[0]))[0]).softmax(-1).max(-1)
-    assert f"predicted: {label.item()} ({prob.item():.1%})" in captured.out
+    top, = next(vitkit.classify(model, [images[0]], top_k=1))["top_k"]  # as `vitkit predict` says
+    assert f"predicted: {top['label']} ({top['prob']:.1%})" in captured.out
     for name in written:
         assert_picture(out / name, (1000, 300))
     # one image to one file; existing files are kept unless --force
@@ -779,3 +779,79 @@ def test_a_one_patch_grid_draws_without_warnings(tmp_path, recwarn):
     figure7.write_figure7(model, tmp_path, [Image.new("RGB", (8, 8), "red")], "one image")
     assert not [w for w in recwarn if "ylim" in str(w.message)]
     assert all((tmp_path / name).exists() for name in figure7.FIGURES)
+
+
+# --- probe findings: names, titles, reruns, large photos, the label -------------------------------------------
+def test_output_names_never_collide_and_a_rerun_skips_its_own_maps(ckpt, tmp_path, monkeypatch):
+    path, _ = ckpt
+    for folder, name in (("d1", "a.png"), ("d3", "a-2.png"), ("d2", "a.png")):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(photo(11, (40, 30))).save(tmp_path / folder / name)
+    seen = _captured_figures(monkeypatch)
+    inputs = [str(tmp_path / "d1/a.png"), str(tmp_path / "d3/a-2.png"), str(tmp_path / "d2/a.png")]
+    assert vitkit_main(["attention", *inputs, "--weights", str(path), "-o", str(tmp_path / "maps")]) == 0
+    assert [s[2].name for s in seen] == ["a_rollout.png", "a-2_rollout.png", "a-3_rollout.png"]  # was a-2 twice
+    seen.clear()  # maps written into the folder being walked are not read back as inputs by the next run
+    args = ["attention", str(tmp_path / "d1"), "--weights", str(path), "-o", str(tmp_path / "d1/maps")]
+    assert vitkit_main(args) == 0 and vitkit_main([*args, "--force"]) == 0
+    assert [s[2].name for s in seen] == ["a_rollout.png", "a_rollout.png"]
+
+
+def test_titles_are_literal_and_one_bad_output_name_stops_nothing(tmp_path, capsys):
+    """'$5 and $6' in a file or class name was read as matplotlib maths: a traceback that stopped the batch."""
+    model = tiny_vit()
+    model.class_names = [f"price_${i}_to_${i + 1}" for i in range(5)]
+    path = vitkit.save_model(model, tmp_path / "m.safetensors")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("cost_$5_and_$6.png", "x" * 250 + ".png", "z.png"):
+        Image.fromarray(photo(12, (40, 30))).save(folder / name)
+    assert vitkit_main(["attention", str(folder), "--weights", str(path), "-o", str(tmp_path / "maps")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "cannot write (File name too long)" in err[0] and err[1].endswith("1 of 3 images failed")
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["cost_$5_and_$6_rollout.png", "z_rollout.png"]
+
+
+def test_the_label_is_predicts_and_a_large_photo_is_drawn_at_screen_size(ckpt, tmp_path, monkeypatch, capsys):
+    """The map covers the whole image, squeezed to the model's input; the label is the top class `vitkit predict`
+    gives (resized and center-cropped), which differs for a wide photo."""
+    path, model = ckpt
+    img = tmp_path / "wide.png"
+    Image.fromarray(photo(13, (3000, 1000))).save(img)
+    seen = _captured_figures(monkeypatch)
+    assert vitkit_main(["attention", str(img), "--weights", str(path), "-o", str(tmp_path / "maps")]) == 0
+    top, = next(vitkit.classify(model, [img], top_k=1))["top_k"]
+    assert f"(predicted: {top['label']} ({top['prob']:.1%}))" in capsys.readouterr().out
+    image, amap, _ = seen[0]
+    assert image.size == (2048, 683) and amap.shape == (683, 2048)  # not 3000x1000 drawn three times
+
+
+def test_output_a_terminal_cannot_encode_is_escaped(ckpt, tmp_path, monkeypatch):
+    import io
+    import sys
+
+    path, _ = ckpt
+    img = tmp_path / "ünï 猫.png"
+    Image.fromarray(photo(14, (40, 30))).save(img)
+    _captured_figures(monkeypatch)
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert vitkit_main(["attention", str(img), "--weights", str(path), "-o", str(tmp_path / "maps")]) == 0
+    stdout.flush()
+    assert "\\xfcn\\xef \\u732b.png -> " in stdout.buffer.getvalue().decode("ascii")  # was a UnicodeEncodeError
+
+
+def test_python_api_takes_folders_and_refuses_raw_pixel_tensors(ckpt, tmp_path):
+    _, model = ckpt
+    for i in range(2):
+        Image.fromarray(photo(15 + i, (40, 30))).save(tmp_path / f"{i}.png")
+    one = figure7.attention_distances(model, str(tmp_path / "0.png"))  # one path, not its characters
+    both = figure7.attention_distances(model, [tmp_path])  # a folder, walked as on the command line
+    assert one[1] == 1 and both[1] == 2 and not np.allclose(one[0], both[0])
+    failed = []
+    assert figure7.attention_distances(model, [Image.new("RGB", (0, 0)), tmp_path / "0.png"], failed.append)[1] == 1
+    assert [str(e) for e in failed] == ["the image is empty (0x0 pixels)"]
+    with pytest.raises(ValueError, match="a torch.uint8 tensor is raw pixels, not a preprocessed image"):
+        attention_map(model, torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8))
+    with pytest.raises(ValueError, match="attention distance is measured at the model's 32x32"):
+        figure7.attention_distances(model, [torch.randn(3, 64, 64)])

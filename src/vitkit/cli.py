@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -212,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
             getattr(mod, f"add_{name}_arguments")(p)
             p.set_defaults(_run=getattr(mod, f"run_{name}"))
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a file name the terminal's encoding lacks is escaped, not a crash
+        with contextlib.suppress(AttributeError, ValueError):  # (a stream replaced by one without reconfigure)
+            stream.reconfigure(errors="backslashreplace")
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return int(args._run(args) or 0)

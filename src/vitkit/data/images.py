@@ -132,12 +132,14 @@ def is_junk(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def iter_image_paths(paths: Iterable[str | Path], on_error=None) -> Iterator[Path]:
+def iter_image_paths(paths: Iterable[str | Path], on_error=None, skip: Path | None = None) -> Iterator[Path]:
     """Files as given (even without an image suffix, so the reader can say what is wrong with them);
     folders walked recursively in sorted order for image files; a glob pattern that is not a file name (a
-    quoted 'photos/*.jpg', or one from Python) expanded, sorted; hidden files and macOS debris in folders skipped.
+    quoted 'photos/*.jpg', or one from Python) expanded, sorted; hidden files and macOS debris in folders skipped,
+    and so is the folder `skip` (where a command writes its pictures: a rerun must not read them as inputs).
     A folder without images or a pattern matching nothing is passed to on_error(ImageError) and skipped; without
     on_error it raises."""
+    skip = skip.resolve() if skip is not None else None
     def fail(message, error=NoImagesError):
         if on_error is None:
             raise error(message)
@@ -151,7 +153,8 @@ def iter_image_paths(paths: Iterable[str | Path], on_error=None) -> Iterator[Pat
             continue
         if is_dir:
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-                           and not any(map(is_junk, f.relative_to(p).parts)))  # as the dataset readers skip them
+                           and not any(map(is_junk, f.relative_to(p).parts))  # as the dataset readers skip them
+                           and not (skip and f.resolve().is_relative_to(skip)))
             if not found:
                 fail(f"{p}: no images found in this folder")
             yield from found
@@ -159,7 +162,7 @@ def iter_image_paths(paths: Iterable[str | Path], on_error=None) -> Iterator[Pat
             found = _unique_files(glob.glob(str(p), recursive=True))
             if not found:
                 fail(f"{p}: no files match this pattern")
-            yield from iter_image_paths(found, on_error)
+            yield from iter_image_paths(found, on_error, skip)
         else:
             yield p
 

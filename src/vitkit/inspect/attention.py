@@ -18,7 +18,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from ..data.images import _to_rgb, check_rgb_model, eval_transform, load_image
+from ..data.images import ImageError, _to_rgb, check_rgb_model, eval_transform, load_image
 from ..models.vit import ViT, capture_attention
 
 METHODS = ("rollout", "last-layer", "head")
@@ -39,7 +39,7 @@ def prepare(model, image) -> tuple[torch.Tensor, tuple[int, int]]:
     if isinstance(image, Image.Image):
         check_rgb_model(model)
         if image.width == 0 or image.height == 0:
-            raise ValueError(f"the image is empty ({image.width}x{image.height} pixels)")
+            raise ImageError(f"the image is empty ({image.width}x{image.height} pixels)")
         size = (image.height, image.width)
         interp = InterpolationMode[model.preprocess.get("interpolation", "bicubic").upper()]
         whole = TF.resize(_to_rgb(image)[0], list(model.cfg.img_size), interpolation=interp, antialias=True)
@@ -53,7 +53,12 @@ def prepare(model, image) -> tuple[torch.Tensor, tuple[int, int]]:
             raise ValueError(f"one image at a time, got a batch of {x.shape[0]}")
         if x.shape[1] != model.cfg.in_chans:
             raise ValueError(f"a tensor of shape {tuple(image.shape)} has {x.shape[1]} channels, the model takes "
-                             f"{model.cfg.in_chans}: give a preprocessed (3, H, W) or (1, 3, H, W) tensor")
+                             f"{model.cfg.in_chans}: give a preprocessed (3, H, W) or (1, 3, H, W) tensor"
+                             + (" (an H, W, 3 image: pass it as a numpy array or PIL image)"
+                                if x.shape[-1] == model.cfg.in_chans else ""))
+        if not x.is_floating_point():  # raw 0-255 pixels read as normalised values: a meaningless map
+            raise ValueError(f"a {x.dtype} tensor is raw pixels, not a preprocessed image: pass the image as a PIL "
+                             f"image or numpy array, or normalise it as model.preprocess says")
         size = tuple(x.shape[-2:])
     else:
         raise TypeError(f"image: expected a path, PIL image, HxWx3 uint8 array or preprocessed tensor, not "

@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 
 from ..cli import (UserError, add_model_arguments, check_writable, failure_summary, model_from_args, model_source,
                    user_errors)
-from ..data.images import IMAGE_SUFFIXES, ImageError, iter_image_paths, load_image
+from ..data.images import IMAGE_SUFFIXES, ImageError, _to_rgb, eval_transform, iter_image_paths, load_image
 from ..predict import class_names
 from .attention import METHODS, check_index, prepare, row_description, to_image_size, token_map
 from .figure7 import FIGURES, MAX_ASPECT, save_figure, write_figure7
@@ -76,26 +77,34 @@ def attention_figure(image, amap: np.ndarray, title: str, path: Path) -> None:
     axes[1].set_title("attention", fontsize=9)
     fig.colorbar(im, cax=axes[1].inset_axes([1.03, 0, 0.04, 1]))  # beside the map: the three panels stay one size
     axes[2].imshow(image, aspect=aspect)
-    axes[2].imshow(amap, cmap="jet", alpha=0.5, vmin=0, vmax=1, aspect=aspect)
+    axes[2].imshow(amap, cmap="inferno", alpha=0.5, vmin=0, vmax=1, aspect=aspect)  # one colour scale: the bar's
     axes[2].set_title("overlay", fontsize=9)
     for ax in axes:
         ax.axis("off")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, parse_math=False)  # file and class names as written: "$5" is no maths
     save_figure(fig, path)
 
 
-def _prediction(model, logits) -> str:
+def _prediction(model, image, whole_logits) -> str:
+    """The top class as `vitkit predict` gives it (resized and center-cropped as the model was evaluated); from
+    the map's own pass over the whole image where the image is too elongated to crop."""
     if not model.cfg.num_classes:
         return "no classifier head"
+    try:
+        x = eval_transform(model.preprocess, model.cfg.img_size)(_to_rgb(image)[0])[None]
+        with torch.no_grad():
+            logits, how = model(x.to(model.pos_embed.device, model.pos_embed.dtype)), ""
+    except ImageError:
+        logits, how = whole_logits, " on the whole image"
     prob, index = logits[0].float().softmax(dim=-1).max(dim=-1)
-    return f"predicted: {class_names(model)[index]} ({prob:.1%})"
+    return f"predicted{how}: {class_names(model)[index]} ({prob:.1%})"
 
 
 def _method_label(args, model) -> tuple[str, str]:
     """(file-name tag, description) of the chosen map."""
     depth = len(model.blocks)
     if args.method == "rollout":
-        return "rollout", f"attention rollout over {depth} layers"
+        return "rollout", f"attention rollout over {depth} layer{'s' * (depth != 1)}"
     if args.method == "last-layer":
         return "last-layer", f"last layer ({depth - 1}), heads averaged"
     layer = depth - 1 if args.layer is None else args.layer % depth
@@ -115,7 +124,7 @@ def run_attention(args: argparse.Namespace) -> int:
     check_writable(out, f"-o {out}", folder=not single_file)
     failed: list = []
     on_error = _report("attention", failed)
-    paths = list(iter_image_paths(args.images, on_error))
+    paths = list(iter_image_paths(args.images, on_error, skip=None if single_file else out))
     if single_file and len(paths) > 1:
         raise UserError(f"-o {out}: {len(paths)} images need an output folder, not one .png file")
     done = 0
@@ -133,14 +142,12 @@ def run_attention(args: argparse.Namespace) -> int:
     targets = [out] if single_file else _output_names(paths, out, tag)
     inputs = {_real(p) for p in paths}
     for path, target in zip(paths, targets):
-        if _real(target) in inputs:  # --force means replacing earlier maps, never an image being read
-            on_error(FileExistsError(f"{target}: is one of the input images; not overwritten (choose another -o)"))
-            continue
-        if target.is_dir():
-            on_error(IsADirectoryError(f"{target}: is a folder, not a .png file"))
-            continue
-        if target.exists() and not args.force:
-            on_error(FileExistsError(f"{target}: exists (use --force to overwrite)"))
+        try:
+            problem = _target_problem(target, inputs, args.force)
+        except OSError as e:  # a name too long for the file system
+            problem = OSError(f"{target}: cannot write ({e.strerror or e})")
+        if problem:
+            on_error(problem)
             continue
         try:
             image, note = load_image(path)
@@ -149,20 +156,41 @@ def run_attention(args: argparse.Namespace) -> int:
             continue
         if note:
             logging.getLogger("vitkit").info("%s: %s", path, note)
-        x, size = prepare(model, image)
+        x, _ = prepare(model, image)
         with _value_errors_as_user_errors():  # memory for the attention kept: the same for every image
             logits, grid = token_map(model, x, args.method, args.layer, args.head)
-        prediction = _prediction(model, logits)
+        prediction = _prediction(model, image, logits)
         title = f"{path.name}: {prediction}\n{description}, {row_description(model)}"
+        shown = _shown(image)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            attention_figure(image, to_image_size(grid, size), title, target)
+            attention_figure(shown, to_image_size(grid, (shown.height, shown.width)), title, target)
         except OSError as e:
             on_error(OSError(f"{target}: cannot write ({e.strerror or e})"))
             continue
         print(f"{path} -> {target} ({prediction})", flush=True)
         done += 1
     return failure_summary("attention", failed, done)
+
+
+def _target_problem(target: Path, inputs: set[str], force: bool) -> Exception | None:
+    if _real(target) in inputs:  # --force means replacing earlier maps, never an image being read
+        return FileExistsError(f"{target}: is one of the input images; not overwritten (choose another -o)")
+    if target.is_dir():
+        return IsADirectoryError(f"{target}: is a folder, not a .png file")
+    if target.exists() and not force:
+        return FileExistsError(f"{target}: exists (use --force to overwrite)")
+    return None
+
+
+def _shown(image, longest: int = 2048):
+    """The image as drawn: a figure 12 inches wide has no use for more pixels, and a 9000 px photo drawn three
+    times at full size takes gigabytes."""
+    if max(image.size) <= longest:
+        return image
+    shown = image.copy()
+    shown.thumbnail((longest, longest))
+    return shown
 
 
 def _real(path: Path) -> str:
@@ -179,14 +207,17 @@ def _output_path(text: str) -> Path:
 
 
 def _output_names(paths: list[Path], folder: Path, tag: str) -> list[Path]:
-    """folder/NAME_TAG.png per image (stdin_TAG.png for "-", the image piped in); a repeated name gets -2, -3..."""
-    seen: dict[str, int] = {}
-    names = []
-    for p in paths:
-        stem = "stdin" if str(p) == "-" else p.stem
-        seen[stem] = seen.get(stem, 0) + 1
-        suffix = f"-{seen[stem]}" if seen[stem] > 1 else ""
-        names.append(folder / f"{stem}{suffix}_{tag}.png")
+    """folder/NAME_TAG.png per image (stdin_TAG.png for "-", the image piped in); a repeated name gets -2, -3...,
+    the first number no other image's name has taken (a.png twice and a-2.png: a, a-3, a-2)."""
+    stems = ["stdin" if str(p) == "-" else p.stem for p in paths]
+    own, used, names = set(stems), set(), []
+    for stem in stems:
+        name, n = stem, 1
+        while name in used or (n > 1 and name in own):
+            n += 1
+            name = f"{stem}-{n}"
+        used.add(name)
+        names.append(folder / f"{name}_{tag}.png")
     return names
 
 
@@ -220,5 +251,5 @@ def run_inspect(args: argparse.Namespace) -> int:
     except OSError as e:  # images are read as ImageErrors: an OSError here is about writing the output
         raise UserError(f"-o {out}: cannot write ({e.strerror or e})") from None
     dist = summary["attention_distance"]
-    print(f"wrote {', '.join(str(out / f) for f in FIGURES)} (attention distance over {dist['images']} images)")
+    print(f"wrote {', '.join(str(out / f) for f in FIGURES)} (attention distance over {dist['images']} image{'s' * (dist['images'] != 1)})")
     return failure_summary("inspect", failed)

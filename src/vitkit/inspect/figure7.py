@@ -7,6 +7,7 @@ they come before anything is written), draws them with matplotlib (Agg) and retu
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -180,8 +181,13 @@ def default_images() -> tuple[list, str]:
 
 def attention_distances(model, images: Iterable, on_error: Callable[[Exception], None] | None = None,
                         batch_size: int = 8) -> tuple[np.ndarray, int]:
-    """Mean attention distance (layers, heads) in pixels, averaged over the images that could be read."""
+    """Mean attention distance (layers, heads) in pixels, averaged over the images that could be read. images:
+    what `prepare` takes, one or many; a path may be a folder or a glob pattern, as on the command line."""
     grid, prefix, pixels = model.cfg.grid, model.num_prefix_tokens, model.cfg.reduction
+    if isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor)):
+        images = [images]  # one image, not its characters or rows
+    images = (item for entry in images for item in
+              (iter_image_paths([entry], on_error) if isinstance(entry, (str, Path)) else [entry]))
     total, count, batch = 0.0, 0, []
 
     from ..api import available_memory
@@ -198,7 +204,11 @@ def attention_distances(model, images: Iterable, on_error: Callable[[Exception],
 
     for image in images:
         try:
-            batch.append(prepare(model, image)[0])
+            x = prepare(model, image)[0]
+            if tuple(x.shape[-2:]) != model.cfg.img_size:  # (only a preprocessed tensor can be another size)
+                raise ValueError(f"a preprocessed tensor of {x.shape[-2]}x{x.shape[-1]} px: attention distance is "
+                                 f"measured at the model's {model.cfg.img_size[0]}x{model.cfg.img_size[1]}")
+            batch.append(x)
         except ImageError as e:
             if on_error is None:
                 raise
@@ -237,10 +247,13 @@ def distance_figure(model, path: Path, dist: np.ndarray, count: int, source: str
 
 # --- common --------------------------------------------------------------------------------------------
 def save_figure(fig, path: Path, dpi: int = DPI) -> None:
-    """The figure as a picture in the format of path's suffix, replacing an earlier file only once complete."""
-    fig.tight_layout()
-    with replacing(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format=Path(path).suffix.lstrip(".").lower() or "png")
+    """The figure as a picture in the format of path's suffix, replacing an earlier file only once complete.
+    A character the font lacks (a CJK file name in a title) is drawn as a box without matplotlib's warnings."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.tight_layout()
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=Path(path).suffix.lstrip(".").lower() or "png")
 
 
 def _round(a: np.ndarray, digits: int = 4) -> list:
