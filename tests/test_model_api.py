@@ -143,3 +143,14 @@ def test_names_with_spaces_and_timm_pretrained_tags():
                                          r"and the weights: create_model\('vit_small_patch16_224', "
                                          r"weights='hf-hub:timm/vit_small_patch16_224.augreg_in21k'\)"):
         vitkit.create_model("timm/vit_small_patch16_224.augreg_in21k")
+
+
+def test_resample_arguments_are_checked():
+    from vitkit.models import resample_pos_embed
+
+    pos = torch.randn(1, 1 + 16, 8)
+    assert torch.equal(resample_pos_embed(pos, 6), resample_pos_embed(pos, (6, 6)))  # an int is a square grid
+    with pytest.raises(ValueError, match=r"position embeddings of shape \(17, 8\): \(1, prefix \+ h\*w, D\)"):
+        resample_pos_embed(pos[0], (6, 6))  # was: "cannot infer the grid of 7 position embeddings"
+    with pytest.raises(ValueError, match="pos_resample 'bilinear': it says how weights being loaded are resampled"):
+        vitkit.create_model("ViT-Ti/16", pos_resample="bilinear")  # was silently ignored

@@ -29,6 +29,8 @@ def create_model(name: str, *, weights: str | Path | Mapping | None = None, num_
     weights: a file or transformers directory of any supported format, a URL, "hf-hub:ORG/REPO", or a state dict
     in memory (timm's, torchvision's, ...: `model.state_dict()` of the peer).
     """
+    if pos_resample is not None and weights is None:
+        raise ValueError(f"pos_resample {pos_resample!r}: it says how weights being loaded are resampled; give weights")
     ckpt = read_checkpoint(weights) if weights is not None else None
     facts = {}
     if ckpt is not None:

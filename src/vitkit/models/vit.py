@@ -138,6 +138,9 @@ def resample_pos_embed(pos: torch.Tensor, new_grid: tuple[int, int], old_grid: t
     Bicubic with antialiasing (only matters when shrinking) as timm does; same as transformers when growing.
     Checkpoint readers pass their codebase's own choice (e.g. torchvision: align_corners=True).
     """
+    if pos.ndim != 3:
+        raise ValueError(f"position embeddings of shape {tuple(pos.shape)}: (1, prefix + h*w, D) is expected")
+    new_grid = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid
     prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
     if old_grid is None:
         side = math.isqrt(grid.shape[1])

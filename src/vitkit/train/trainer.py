@@ -74,8 +74,8 @@ def build_model(m: dict, class_names: list[str]) -> ViT:
             log.warning("%s: a vitkit checkpoint, built as it says (model.name %s not used)", m["weights"], m["name"])
         model = load_model(m["weights"], pos_resample=m["pos_resample"], **{**fields, "num_classes": k})
     elif m["name"]:
-        model = create_model(m["name"], weights=m["weights"], pos_resample=m["pos_resample"],
-                             **{**fields, "num_classes": k})
+        model = create_model(m["name"], weights=m["weights"],  # (a recipe's pos_resample waits for weights)
+                             pos_resample=m["pos_resample"] if m["weights"] else None, **{**fields, "num_classes": k})
     elif m["weights"]:
         raise RecipeError(f"model.weights {m['weights']}: not a vitkit checkpoint, so set model.name too")
     else:
