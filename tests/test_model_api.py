@@ -154,3 +154,20 @@ def test_resample_arguments_are_checked():
         resample_pos_embed(pos[0], (6, 6))  # was: "cannot infer the grid of 7 position embeddings"
     with pytest.raises(ValueError, match="pos_resample 'bilinear': it says how weights being loaded are resampled"):
         vitkit.create_model("ViT-Ti/16", pos_resample="bilinear")  # was silently ignored
+
+
+def test_a_folder_in_the_way_of_a_checkpoint_is_an_os_error(tmp_path):
+    """The trainer says an OSError while saving in one line ("cannot write the checkpoint ..."); a folder made where
+    last.safetensors goes was a ValueError, and a traceback on rank 0."""
+    (tmp_path / "last.safetensors").mkdir()
+    with pytest.raises(IsADirectoryError, match="last.safetensors is a directory, not a .safetensors file"):
+        vitkit.save_model(tiny(), tmp_path / "last.safetensors")
+
+
+def test_python_dash_m_vitkit_cli_runs_the_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "vitkit.cli", "models", "--filter", "ViT-Ti/16"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "ViT-Ti/16" in done.stdout, done.stderr  # was: nothing at all, exit code 0

@@ -178,3 +178,45 @@ def test_sigterm_under_torchrun_then_resume_continues_exactly(tmp_path):
     rows, ref_rows = read_metrics(run / "metrics.csv"), read_metrics(tmp_path / "ref" / "metrics.csv")
     for key in ("step", "train_loss", "train_acc", "val_top1"):
         assert [r[key] for r in rows] == pytest.approx([r[key] for r in ref_rows], rel=1e-9), key
+
+
+def test_a_process_lost_mid_run_is_one_line(tmp_path):
+    """Rank 1 killed (the OOM killer, say): rank 0 loses its connection in the next collective and says so in one
+    line with how to go on, instead of gloo's traceback."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import torch.nn.functional as F\n"
+        "    real, calls = F.cross_entropy, []\n"
+        "    def cross_entropy(*args, **kwargs):\n"
+        "        calls.append(1)\n"
+        "        if len(calls) == 5:\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "        return real(*args, **kwargs)\n"
+        "    F.cross_entropy = cross_entropy\n")
+    recipe = write_recipe(tmp_path / "r.yaml", train={"epochs": 3, "threads": 1, "amp": "none"})
+    done = torchrun("train", "--recipe", str(recipe), "--out", str(tmp_path / "run"), path=str(tmp_path), timeout=120)
+    assert done.returncode != 0
+    assert "[rank0]" not in done.stderr, done.stderr[-3000:]  # no worker traceback (torchrun has its own report)
+    said = [line for line in done.stderr.splitlines() if "vitkit train: rank 0 lost another process" in line]
+    assert len(said) == 1 and f"--resume {tmp_path / 'run'}" in said[0], done.stderr[-3000:]
+
+
+def test_fine_tuning_notes_and_the_recipe_are_said_once_and_eval_refuses_torchrun(tmp_path):
+    """Rank 0 alone says what every rank would; a micro-batch of one image raises no DDP stride warning."""
+    import vitkit
+
+    ckpt = vitkit.save_model(vitkit.ViT(vitkit.ViTConfig(patch_size=2, img_size=8, width=32, depth=1, num_heads=2,
+                                                         mlp_dim=64, num_classes=3)), tmp_path / "m.safetensors")
+    recipe = write_recipe(tmp_path / "r.yaml", model={"pool": "token", "class_token": True, "fc_norm": False},
+                          data={"batch_size": 2}, train={"max_steps": 2, "threads": 1})
+    args = ["train", "--recipe", str(recipe), "--weights", str(ckpt), "--img-size", "16", "--out", str(tmp_path / "run")]
+    printed = torchrun(*args, "--print-recipe")
+    assert printed.returncode == 0 and printed.stdout.count("optim:") == 1, printed.stdout
+    done = torchrun(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("position embeddings resampled from 4x4 to 8x8") == 1, done.stderr[-3000:]
+    assert done.stderr.count("head replaced") == 1 and "Grad strides" not in done.stderr, done.stderr[-3000:]
+    scored = torchrun("eval", "--data", "digits", "--weights", str(tmp_path / "run" / "last.safetensors"))
+    assert scored.returncode != 0
+    assert scored.stderr.count("vitkit eval: error: vitkit eval runs in one process: start it without torchrun") == 1

@@ -40,9 +40,9 @@ def assert_same_run(run, reference):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def start(recipe, run) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vitkit", "train", "--recipe", str(recipe), "--out", str(run)],
-                            cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start(recipe, run, *args, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vitkit", "train", "--recipe", str(recipe), "--out", str(run), *args],
+                            cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
 
 
 def saved_step(run) -> int:
@@ -86,5 +86,25 @@ def test_sigterm_saves_then_resume_is_bit_identical(reference, tmp_path):
     step = saved_step(run)
     assert 0 < step < 2 * STEPS_PER_EPOCH and (run / "last.safetensors").is_file()
     resumed = run_vitkit("train", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(run, ref)
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_still_saves(reference, tmp_path):
+    """torchrun, Slurm, docker stop and Ctrl-C signal the whole process group. Loader workers were in it, died first,
+    and failed the loader with a traceback before anything was saved; now they leave the group."""
+    import os
+
+    recipe, ref = reference
+    run = tmp_path / "group"
+    proc = start(recipe, run, "--workers", "1", start_new_session=True)
+    while saved_step(run) < 5 and proc.poll() is None:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    assert 5 <= saved_step(run) < 2 * STEPS_PER_EPOCH
+    resumed = run_vitkit("train", "--resume", str(run))  # loader workers change nothing: the same run
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(run, ref)

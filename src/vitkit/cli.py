@@ -68,7 +68,7 @@ def add_model_arguments(p: argparse.ArgumentParser, weights_required: bool = Tru
     p.add_argument("--model", help="model name (vitkit models); not needed for a vitkit checkpoint")
     p.add_argument("--weights", required=weights_required,
                    help="checkpoint: vitkit .safetensors, Google .npz, timm/DeiT/torchvision .pth/.bin/.safetensors, "
-                        "or a transformers directory")
+                        "or a transformers directory; hf-hub:ORG/REPO and https:// URLs are downloaded once")
     p.add_argument("--img-size", type=image_size, metavar="N|HxW",
                    help="input resolution (position embeddings resampled in 2D); default: the checkpoint's own")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps (default: cuda if there is one)")
@@ -234,3 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vitkit {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+if __name__ == "__main__":  # python -m vitkit.cli (and torchrun -m vitkit.cli) as python -m vitkit
+    sys.exit(main())

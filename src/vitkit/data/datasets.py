@@ -134,6 +134,15 @@ def seeded(*key: int):
         gen.set_state(saved)
 
 
+def worker_init(_: int) -> None:
+    """DataLoader worker_init_fn: the worker leaves its parent's process group. A signal sent to the whole group
+    (Ctrl-C in a terminal, torchrun, Slurm, docker stop) then reaches the training process alone, which saves and
+    ends its workers itself; a worker the signal killed first failed the loader, and the save with it. (A worker
+    still ends with its parent: torch's workers watch it.)"""
+    with contextlib.suppress(OSError):  # already a group leader (a spawn start method may make it one)
+        os.setpgid(0, 0)
+
+
 def collate(items: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str]]:
     """(images, labels, messages of skipped images)."""
     good = [(x, y) for x, y in items if x is not None]
@@ -462,7 +471,7 @@ def _preload(files: FileImages, root: Path, where: str, cache_dir: str | None) -
             raise DataError(f"{where}: none of the {len(files)} image files is readable")
         raw = FileImages(files.paths, files.labels.tolist())  # messages name the files as found here
         loader = torch.utils.data.DataLoader(_Decode(raw, size), batch_size=500, collate_fn=collate,
-                                             num_workers=min(4, os.cpu_count() or 1))
+                                             num_workers=min(4, os.cpu_count() or 1), worker_init_fn=worker_init)
         images, keep, skipped, one_size = [], [], [], True
         for x, index, bad in loader:
             skipped += bad

@@ -251,5 +251,6 @@ def run_inspect(args: argparse.Namespace) -> int:
     except OSError as e:  # images are read as ImageErrors: an OSError here is about writing the output
         raise UserError(f"-o {out}: cannot write ({e.strerror or e})") from None
     dist = summary["attention_distance"]
-    print(f"wrote {', '.join(str(out / f) for f in FIGURES)} (attention distance over {dist['images']} image{'s' * (dist['images'] != 1)})")
+    n = dist["images"]
+    print(f"wrote {', '.join(str(out / f) for f in FIGURES)} (attention distance over {n} image{'s' * (n != 1)})")
     return failure_summary("inspect", failed)

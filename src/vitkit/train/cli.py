@@ -24,7 +24,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="recipe YAML (recipes/*.yaml; values not in it take the defaults), or a "
                    "checkpoint `vitkit train` wrote: train again with the recipe stored in it")
     p.add_argument("--model", help="model name (`vitkit models`), e.g. ViT-B/16")
-    p.add_argument("--weights", help="start from this checkpoint (fine-tuning)")
+    p.add_argument("--weights", help="start from this checkpoint (fine-tuning): any format `vitkit predict` reads, "
+                                     "hf-hub:ORG/REPO or an https:// URL")
     p.add_argument("--out", help="run directory (default runs/<data>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly where its last checkpoint left off "
                    "(RUN_DIR/state.prev.pt: where the save before it left off)")
@@ -177,20 +178,34 @@ def run_train(args: argparse.Namespace) -> int:
     from . import recipe as R
     from .trainer import TrainingError
 
+    rank, run = int(os.environ.get("RANK", 0)), None
+    logger, level = logging.getLogger("vitkit"), logging.getLogger("vitkit").level
+    if rank:  # rank 0 says what every rank would (notes on the weights, the data); errors stay on
+        logger.setLevel(logging.ERROR)
     try:
         recipe, run, state = resolve_recipe(args)
         if args.print_recipe:
-            print(R.to_yaml(recipe), end="")
+            if not rank:
+                print(R.to_yaml(recipe), end="")
             return 0
         code = _train(recipe, run, state)
     except (R.RecipeError, DataError) as e:
-        if int(os.environ.get("RANK", 0)):  # under torchrun every rank finds it: rank 0 says it
+        if rank:  # under torchrun every rank finds it: rank 0 says it
             return 2
         raise UserError(str(e)) from None
     except TrainingError as e:
-        if not int(os.environ.get("RANK", 0)):  # every rank stops on it (they agree on it): rank 0 says it
-            logging.getLogger("vitkit").error("vitkit train: %s", e)
+        if not rank:  # every rank stops on it (they agree on it): rank 0 says it
+            logger.error("vitkit train: %s", e)
         return 1
+    except RuntimeError as e:  # a process of the run gone (killed, out of memory): the others lose its connection
+        if int(os.environ.get("WORLD_SIZE", 1)) == 1 or not _peer_lost(e):
+            raise
+        logger.error(
+            "vitkit train: rank %d lost another process of the run (%s); the last save is kept: start the run again "
+            "with --resume %s", rank, str(e).splitlines()[0][:160], run)
+        return 1
+    finally:
+        logger.setLevel(level)  # (main() in a test or a notebook: the next command logs as before)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: the run is over, written and closed. Leave now:
         # gloo's threads can abort the interpreter's own teardown (SIGABRT after both ranks had destroyed their
         # process group: 1 in 35 two-process FSDP runs), and torchrun would report the finished run as failed
@@ -198,6 +213,13 @@ def run_train(args: argparse.Namespace) -> int:
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _peer_lost(e: RuntimeError) -> bool:
+    import torch.distributed
+
+    return isinstance(e, torch.distributed.DistError) or any(
+        text in str(e) for text in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
 def train_model(recipe: str | Path | None = None, *, out: str | Path | None = None,

@@ -3,6 +3,7 @@ only rank 0 writes files."""
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +142,9 @@ def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
 
+    # a micro-batch of one image gives the [class] token's gradient as a strided view (the expand's backward is
+    # then a no-op): DDP copies those 192-odd numbers into its bucket, and says so on every rank
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 

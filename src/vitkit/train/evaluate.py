@@ -93,13 +93,13 @@ def autocast(device: torch.device, amp: str):
 
 def eval_loader(dataset, transform, batch_size: int, workers: int, rank: int = 0, world: int = 1) -> DataLoader:
     """In order, each rank taking every world-th image (no padding, so nothing is counted twice)."""
-    from ..data.datasets import ShardStream, Transformed, collate
+    from ..data.datasets import ShardStream, Transformed, collate, worker_init
 
     if isinstance(dataset, ShardStream):
         ds = dataset.configure(transform, rank=rank, world=world, batch=batch_size)
     else:
         ds = Transformed(Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset, transform)
-    return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate, worker_init_fn=worker_init)
 
 
 @torch.no_grad()
@@ -296,6 +296,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from .cli import keep_freed_memory
     from .report import plot_confusion, shown, write_confusion
 
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # every rank would score all of it and write the same files
+        if int(os.environ.get("RANK", 0)):
+            return 2
+        raise UserError("vitkit eval runs in one process: start it without torchrun")
     out = Path(args.out)  # checked before any work: an evaluation whose results cannot be written is lost time
     check_writable(out, f"--out {out}: cannot write confusion.png there", folder=True)
     model = model_from_args(args)

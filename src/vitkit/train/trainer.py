@@ -30,7 +30,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data.augment import BatchShiftFlip, batch_mixer, train_transform
-from ..data.datasets import BUILTIN, ShardStream, Transformed, collate, describe, fingerprint, is_shards, open_data
+from ..data.datasets import (BUILTIN, ShardStream, Transformed, collate, describe, fingerprint, is_shards, open_data,
+                             worker_init)
 from ..data.images import eval_transform
 from ..files import replacing
 from ..models.convstem import ConvStem
@@ -413,8 +414,11 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
     accum = O["accum_steps"]
     micro, rest = divmod(D["batch_size"], d.world * accum)
     if rest or not micro:
-        raise RecipeError(f"data.batch_size {D['batch_size']} is not divisible by {d.world} processes x "
-                          f"{accum} accumulation steps")
+        fits = [n for n in range(1, D["batch_size"] // accum + 1) if D["batch_size"] % (n * accum) == 0]
+        raise RecipeError(f"data.batch_size (--batch-size) {D['batch_size']} is not divisible by {d.world} "
+                          f"process{'es' * (d.world != 1)} x {accum} accumulation step{'s' * (accum != 1)}"
+                          + (f"; this run's batch divides among {', '.join(map(str, fits[:12]))} processes"
+                             if state is not None else ""))
     stream = isinstance(data.train, ShardStream)
     n_train = len(data.train)
     steps_per_epoch = n_train // D["batch_size"]
@@ -556,7 +560,8 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         if state["world"] == d.world:
             set_rng_state(state["rng"][d.rank], d.device)
         elif d.main:
-            log.warning("resuming with %d processes instead of %d: random draws will differ", d.world, state["world"])
+            log.warning("resuming with %d process%s instead of %d: random draws will differ", d.world,
+                        "es" * (d.world != 1), state["world"])
     elif d.main:
         with replacing(run_dir / RECIPE) as tmp:  # a restart with --recipe RUN/recipe.yaml reads the one it replaces
             tmp.write_text(to_yaml(r))
@@ -581,7 +586,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         if stream:
             ds = data.train.configure(train_tf, T["seed"], epoch, d.rank, d.world, repeat=True, batch=micro)
             loader = iter(DataLoader(ds, batch_size=micro, num_workers=D["num_workers"], collate_fn=collate,
-                                     generator=torch.Generator().manual_seed(T["seed"])))
+                                     worker_init_fn=worker_init, generator=torch.Generator().manual_seed(T["seed"])))
             for _ in range(position * accum):  # a stream can only be skipped by reading it
                 next(loader)
         else:
@@ -598,6 +603,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                                   sampler=sampler, drop_last=True, num_workers=D["num_workers"],
                                   collate_fn=batched.collate if batched else collate,
                                   persistent_workers=D["num_workers"] > 0, pin_memory=d.device.type == "cuda",
+                                  worker_init_fn=worker_init,
                                   generator=torch.Generator().manual_seed(T["seed"]))  # keeps global RNG untouched
 
     def save(weights: bool, val=None, improved: bool = False) -> None:

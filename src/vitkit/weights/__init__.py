@@ -258,8 +258,8 @@ def load_into(model, ckpt: Checkpoint, source: str = "checkpoint", pos_resample:
         shape = ("depth", "mlp_dim", "patch_size") if ckpt.config.get("width") == model.cfg.width else ()
         if differ := [f"{k}={ckpt.config[k]}" for k in shape if ckpt.config.get(k, getattr(model.cfg, k)) !=
                       getattr(model.cfg, k)]:
-            parts.append(f"it holds a model with {', '.join(differ)}: pick a name of that shape, or give them "
-                         f"(--set {' --set '.join(differ)} on the command line; create_model(..., {', '.join(differ)}))")
+            parts.append(f"it holds a model with {', '.join(differ)}: pick a name of that shape, or give them (--set "
+                         f"{' --set '.join(differ)} on the command line; create_model(..., {', '.join(differ)}))")
         raise CheckpointError(f"{source} does not fit {model.cfg.width}-wide, {len(model.blocks)}-block model: "
                               + " | ".join(parts))
     nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]

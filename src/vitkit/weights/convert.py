@@ -7,7 +7,7 @@ from ..cli import add_fields_argument, image_size
 
 
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="checkpoint of any supported format")
+    p.add_argument("src", help="checkpoint of any supported format, hf-hub:ORG/REPO or an https:// URL")
     p.add_argument("dst", help="output .safetensors (vitkit format)")
     p.add_argument("--model", help="model name; not needed if SRC is already a vitkit checkpoint")
     p.add_argument("--num-classes", type=int, help="replace the head by a new zero-initialised one")

@@ -2,6 +2,7 @@
 model (architecture, classes, preprocessing), so `vitkit.load_model(path)` needs no other argument."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -18,9 +19,10 @@ def save(model, path: str | Path, extra: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    if path.suffix != ".safetensors" or path.is_dir():
-        raise ValueError(f"{path}: a vitkit checkpoint is a .safetensors file" +
-                         (", and this is a directory" if path.is_dir() else ""))
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: a vitkit checkpoint is a .safetensors file")
+    if path.is_dir():  # something in the way on disk (as a read-only folder would be): an OSError
+        raise IsADirectoryError(errno.EISDIR, f"{path} is a directory, not a .safetensors file", str(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file in the way, a read-only file system, a name too long
