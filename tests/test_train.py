@@ -242,6 +242,11 @@ def test_summary_line_of_a_run_shorter_than_an_epoch(tmp_path, capsys):
              str(tmp_path / "run"))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
     assert len(lines) == 1 and lines[0].startswith("epoch   0.2/0.2  loss"), lines  # 4 of 22 steps
+    capsys.readouterr()
+    train_ok("--recipe", str(write_recipe(tmp_path / "r.yaml")), "--set", "train.max_steps=1", "--set",
+             "data.batch_size=8", "--out", str(tmp_path / "run1"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert lines[0].startswith("epoch 0.006/0.006  loss"), lines  # 1 of 179 steps (was 0.0/0.0)
 
 
 def test_budget_fit_adds_no_step_when_no_time_is_left():

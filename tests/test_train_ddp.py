@@ -171,6 +171,7 @@ def test_sigterm_under_torchrun_then_resume_continues_exactly(tmp_path):
     else:
         pytest.fail("could not stop the run inside its first epoch")
     assert err.count("stopped by SIGTERM") == 1, err[-3000:]
+    assert f"everything is saved: torchrun --nproc_per_node 2 -m vitkit train --resume {run}" in err  # as it ran
     resumed = torchrun("train", "--resume", str(run))
     assert resumed.returncode == 0 and f"resuming at step {step}" in resumed.stderr, resumed.stderr[-3000:]
     a, b = load_file(run / "last.safetensors"), load_file(tmp_path / "ref" / "last.safetensors")

@@ -698,8 +698,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
 
     def stopped(caught: list, step: int) -> int:
         if d.main:
-            log.warning("stopped by %s at step %d; everything is saved: vitkit train --resume %s",
-                        signal.Signals(caught[0]).name if caught else "a signal on another rank", step, run_dir)
+            log.warning("stopped by %s at step %d; everything is saved: %svitkit train --resume %s",
+                        signal.Signals(caught[0]).name if caught else "a signal on another rank", step,
+                        f"torchrun --nproc_per_node {d.world} -m " if d.world > 1 else "", run_dir)
         return 128 + (caught[0] if caught else 0)
 
     def gradients(group: list) -> tuple[torch.Tensor, bool]:
@@ -892,10 +893,11 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                             val_top5=val.top5 if val else "", images_per_s=rate, elapsed_s=clock())
                 shown = (f"  val {val.top1:6.2%} (top-5 {val.top5:.2%}, loss {val.loss:.3f}){' *' if improved else ''}"
                          if val else "")
-                planned = f"{total / steps_per_epoch:.{0 if total % steps_per_epoch == 0 else 1}f}"
+                digits = 1 if 10 * total >= steps_per_epoch else 3  # 3 steps of a 390-step epoch: 0.008, not 0.0
+                planned = f"{total / steps_per_epoch:.{0 if total % steps_per_epoch == 0 else digits}f}"
                 left = budget - clock() if budget else (total - step) * (time.time() - t0) / max(steps_here, 1)
-                print(f"epoch {step / steps_per_epoch:5.1f}/{planned}  loss {loss_avg:.4f}  "
-                      f"acc {acc:6.2%}{shown}  lr {lr:.2e}  {rate:,.0f} img/s  {_hms(clock())}"
+                print(f"epoch {step / steps_per_epoch:5.{digits}f}/{planned}  loss {loss_avg:.4f}  "
+                      f"acc {acc:6.2%}{shown}  lr {lr:.2e}  {rate:,.{0 if rate >= 10 else 2}f} img/s  {_hms(clock())}"
                       + (f" ({_hms(left)} left)" if step < total and not time_up else ""), flush=True)
             t_save = time.time()
             save(weights=True, val=val, improved=improved)  # after the row: a resume drops rows past its state
