@@ -132,6 +132,13 @@ def is_junk(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
+def _within(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder)
+    except (OSError, RuntimeError):  # a symlink loop: read, and said to be unreadable, as before
+        return False
+
+
 def iter_image_paths(paths: Iterable[str | Path], on_error=None, skip: Path | None = None) -> Iterator[Path]:
     """Files as given (even without an image suffix, so the reader can say what is wrong with them);
     folders walked recursively in sorted order for image files; a glob pattern that is not a file name (a
@@ -140,6 +147,7 @@ def iter_image_paths(paths: Iterable[str | Path], on_error=None, skip: Path | No
     A folder without images or a pattern matching nothing is passed to on_error(ImageError) and skipped; without
     on_error it raises."""
     skip = skip.resolve() if skip is not None else None
+
     def fail(message, error=NoImagesError):
         if on_error is None:
             raise error(message)
@@ -154,7 +162,7 @@ def iter_image_paths(paths: Iterable[str | Path], on_error=None, skip: Path | No
         if is_dir:
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
                            and not any(map(is_junk, f.relative_to(p).parts))  # as the dataset readers skip them
-                           and not (skip and f.resolve().is_relative_to(skip)))
+                           and not (skip and _within(f, skip)))
             if not found:
                 fail(f"{p}: no images found in this folder")
             yield from found
