@@ -275,7 +275,9 @@ def test_time_budget_stops_gracefully(tmp_path):
     events.Reload()
     lrs = [e.value for e in events.Scalars("train/lr")]
     peak = 0.003
-    assert len(lrs) == state["step"] and max(lrs) <= peak * (1 + 1e-6) and lrs[-1] < 0.01 * peak
+    # the decay ends with the budget: near zero at the last step (a few % of the peak where the clock jittered in
+    # the last epoch; without the fit it would be near the peak, 1000 epochs from the end)
+    assert len(lrs) == state["step"] and max(lrs) <= peak * (1 + 1e-6) and lrs[-1] < 0.05 * peak
     # before any fit (the first epoch's 22 steps, the 23-step probe): the epoch cap's warm-up, 1100 steps, gave
     # step 21 about 2% of the peak; by the clock it gets a share of the warm-up's seconds, more on a slower machine
     assert lrs[20] > 0.05 * peak and all(b > a for a, b in zip(lrs[:20], lrs[1:21])), lrs[:21]
