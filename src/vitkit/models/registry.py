@@ -72,8 +72,8 @@ def resolve(name: str) -> tuple[dict, dict]:
     too: "R50+ViT-B/16@224") -> (config, preprocess)."""
     if not isinstance(name, str):
         raise TypeError(f"a model name is a str such as 'ViT-B/16', not {type(name).__name__} {name!r}")
-    text = name.lower().replace(" ", "")
-    key = {k.lower(): k for k in MODELS}.get(text)
+    text, lower = name.lower().replace(" ", ""), {k.lower(): k for k in MODELS}
+    key = lower.get(text)
     if key:
         cfg, pre = MODELS[key]
         return dict(cfg), dict(pre)
@@ -84,11 +84,10 @@ def resolve(name: str) -> tuple[dict, dict]:
         cfg = dict(decode_variant(v, 1), hybrid_layers=(3, 4, 9)) if m[1] else decode_variant(v, int(m[3]))
         return dict(cfg, img_size=size), {**GOOGLE, "crop_pct": 0.9 if size == 224 else 1.0}
     arch, _, tag = text.removeprefix("timm/").partition(".")
-    if tag and arch in {k.lower() for k in MODELS}:  # timm's "architecture.pretrained_tag" names weights
+    if tag and arch in lower:  # timm's "architecture.pretrained_tag" names weights
         raise ValueError(f"unknown model {name!r}: '.{tag}' names timm's pretrained weights; give the architecture "
                          f"and the weights: create_model({arch!r}, weights='hf-hub:timm/{arch}.{tag}')")
-    close = difflib.get_close_matches(name.lower(), {k.lower(): k for k in MODELS}, n=3, cutoff=0.75)
-    lower = {k.lower(): k for k in MODELS}
+    close = difflib.get_close_matches(name.lower(), lower, n=3, cutoff=0.75)
     hint = f"did you mean {' or '.join(lower[c] for c in close)}? " if close else ""
     raise ValueError(f"unknown model {name!r}; {hint}`vitkit models` lists the names (e.g. ViT-B/16, "
                      f"vit_base_patch16_224, vit_b_16)")

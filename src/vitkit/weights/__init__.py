@@ -86,7 +86,7 @@ def read_checkpoint(path: str | Path | Mapping) -> Checkpoint:
     """Open a checkpoint of any supported format; the format is detected from the file itself.
     `hf-hub:ORG/REPO` ids and http(s) URLs are downloaded first (weights/hub.py). A state dict already in memory
     (timm's, torchvision's, transformers', DeiT's) is read as its file would be."""
-    from . import hub, npz, timm, torchvision, transformers, vitkit_format
+    from . import hub, npz, transformers, vitkit_format
 
     if isinstance(path, Mapping):
         return _from_state_dict(path, "the state dict")
