@@ -101,7 +101,7 @@ def predict_peak_memory_mb() -> float:
         if not images:
             from PIL import Image
             images = [Path(tmp) / f"{i}.png" for i in range(16)]
-            for p in images:
+            for i, p in enumerate(images):
                 Image.new("RGB", (500, 375), (i * 10, 80, 160)).save(p)
         child = subprocess.Popen([sys.executable, "-m", "vitkit", "predict", *map(str, images), "--weights",
                                   str(ckpt), "--batch-size", "8"], stdout=subprocess.DEVNULL)

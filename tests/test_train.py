@@ -402,20 +402,20 @@ def test_a_full_disk_while_exporting_the_weights_gives_up_the_previous_state_too
 
 def test_previous_state_without_hard_links(tmp_path, monkeypatch):
     """On a file system without hard links the previous state is a copy."""
-    from vitkit.train import trainer
+    from vitkit.train import rundir
 
     (tmp_path / "state.pt").write_bytes(b"step 1")
-    trainer.keep_previous(tmp_path)  # a hard link
+    rundir.keep_previous(tmp_path)  # a hard link
     assert (tmp_path / "state.prev.pt").read_bytes() == b"step 1"
     assert os.stat(tmp_path / "state.prev.pt").st_ino == os.stat(tmp_path / "state.pt").st_ino
 
     def no_links(src, dst):
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(trainer.os, "link", no_links)
+    monkeypatch.setattr(rundir.os, "link", no_links)
     os.unlink(tmp_path / "state.pt")
     (tmp_path / "state.pt").write_bytes(b"step 2")
-    trainer.keep_previous(tmp_path)
+    rundir.keep_previous(tmp_path)
     assert (tmp_path / "state.prev.pt").read_bytes() == b"step 2" and sorted(os.listdir(tmp_path)) == \
         ["state.prev.pt", "state.pt"]  # no temporary file left
 

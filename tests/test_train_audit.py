@@ -232,6 +232,8 @@ def test_a_full_disk_under_torch_save_is_an_oserror(tmp_path, monkeypatch):
     import errno
     import io
 
+    from vitkit.train import rundir
+
     class Full(io.FileIO):
         written = 0
 
@@ -242,10 +244,10 @@ def test_a_full_disk_under_torch_save_is_an_oserror(tmp_path, monkeypatch):
             return super().write(b)
 
     real_open = builtins.open
-    monkeypatch.setattr(trainer, "open", lambda p, mode="r", *a, **k: Full(p, "wb") if mode == "wb"
+    monkeypatch.setattr(rundir, "open", lambda p, mode="r", *a, **k: Full(p, "wb") if mode == "wb"
                         else real_open(p, mode, *a, **k), raising=False)
     with pytest.raises(OSError) as e:
-        trainer.atomic_save({"x": torch.zeros(100_000)}, tmp_path / "state.pt")
+        rundir.atomic_save({"x": torch.zeros(100_000)}, tmp_path / "state.pt")
     assert e.value.errno == errno.ENOSPC and os.listdir(tmp_path) == []
 
 

@@ -564,8 +564,6 @@ def relabel(data: Data, target: list[str]) -> Data:
 
 # --- WebDataset shards ----------------------------------------------------------------------------------
 def _shards(spec: str, val: str | None, val_split: float, opts: dict, evaluate_only: bool) -> Data:
-    import webdataset as wds
-
     urls = _expand(spec)
     missing = [u for u in urls if "://" not in u and not Path(u).is_file()]
     if missing:

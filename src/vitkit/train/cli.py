@@ -74,7 +74,7 @@ def resolve_recipe(args: argparse.Namespace, values: dict | None = None) -> tupl
 
 def _resolve(args: argparse.Namespace, overrides: dict) -> tuple[dict, Path, dict | None]:
     from . import recipe as R
-    from .trainer import PREV, STATE, read_state
+    from .rundir import PREV, STATE, read_state
 
     if args.resume:
         run, name = Path(args.resume), STATE
@@ -145,7 +145,7 @@ def _resolve(args: argparse.Namespace, overrides: dict) -> tuple[dict, Path, dic
 
 def _weights_kept(run: Path) -> Path | None:
     """A run directory's exported weights (last.safetensors, else best.safetensors), None if it has none."""
-    from .trainer import BEST, LAST
+    from .rundir import BEST, LAST
 
     return next((run / n for n in (LAST, BEST) if (run / n).exists()), None)
 
