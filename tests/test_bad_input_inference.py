@@ -302,10 +302,12 @@ def test_predict_reads_an_image_piped_to_standard_input(ckpt, photo):
     assert got["path"] == "-" and got["top_k"] == expected["top_k"]
     # nothing piped, or "-" twice (the first one read it): one line, the other inputs classified
     code, results, err = predict("-", str(photo), stdin=subprocess.DEVNULL)
-    assert code == 1 and [r["top_k"] for r in results] == [expected["top_k"]]
+    assert code == 1 and [r.get("top_k") for r in results] == [None, expected["top_k"]]
+    assert results[0] == {"path": "-", "input": 0, "error": "-: no image on standard input"}
     assert "vitkit predict: error: -: no image on standard input" in err.splitlines(), err
     code, results, err = predict("-", "-", input=photo.read_bytes())
-    assert code == 1 and len(results) == 1 and "-: no image on standard input" in err, err
+    assert code == 1 and ["top_k" in r for r in results] == [True, False], err
+    assert "-: no image on standard input" in err, err
 
     # attention takes it too, named stdin_<method>.png (not a file name that starts like an option)
     maps = photo.parent / "maps"

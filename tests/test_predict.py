@@ -138,9 +138,12 @@ def test_cli_bad_inputs_reported_and_others_classified(tiny_ckpt, image_zoo):
     d, good, bad = image_zoo
     r = vitkit_cli("predict", *good, *bad, "--weights", path, "--json", "--top-k", "2")
     assert r.returncode == 1
-    lines = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [line["path"] for line in lines] == [str(p) for p in good]
+    records = [json.loads(line) for line in r.stdout.splitlines()]  # one per input, in input order
+    assert [line["path"] for line in records] == [str(p) for p in [*good, *bad]]
+    assert [line["input"] for line in records] == list(range(len(good) + len(bad)))
+    lines = records[:len(good)]
     assert all(len(line["top_k"]) == 2 for line in lines)
+    assert [line["error"].split(":")[0] for line in records[len(good):]] == [str(p) for p in bad]
     errors = [line for line in r.stderr.splitlines() if ": error: " in line]
     assert len(errors) == len(bad), r.stderr
     reasons = {"truncated.jpg": "truncated", "corrupt.png": "corrupt", "empty.jpg": "empty",
@@ -192,8 +195,10 @@ def test_cli_expands_quoted_glob_patterns(tiny_ckpt, tmp_path):
         Image.fromarray(photo()).save(tmp_path / name)
     r = vitkit_cli("predict", tmp_path / "*.png", tmp_path / "nothing-*.jpg", "--weights", path, "--json")
     assert r.returncode == 1
-    paths = [json.loads(line)["path"] for line in r.stdout.splitlines()]
-    assert paths == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]  # expanded, sorted; c.jpg not matched
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(r["path"], r["input"], "top_k" in r) for r in records] == [  # expanded, sorted; c.jpg not matched
+        (str(tmp_path / "a.png"), 0, True), (str(tmp_path / "b.png"), 0, True),
+        (str(tmp_path / "nothing-*.jpg"), 1, False)]
     errors = [line for line in r.stderr.splitlines() if ": error: " in line]
     assert errors == [f"vitkit predict: error: {tmp_path / 'nothing-*.jpg'}: no files match this pattern"]
 
@@ -219,7 +224,7 @@ def test_classify_converts_pil_images_like_files(tiny_ckpt, image_zoo, tmp_path,
     files = [sixteen, tmp_path / "half-transparent.png"]
     caplog.set_level(logging.INFO, logger="vitkit")
     from_pil = list(vitkit.classify(model, [Image.open(f) for f in files], top_k=10))
-    assert "PIL image: I;16 image scaled to 8 bits" in caplog.text
+    assert "images[0] (PngImageFile): I;16 image scaled to 8 bits" in caplog.text
     assert "vitkit predict" not in capsys.readouterr().err  # API notes go to the logger only
     from_files = list(vitkit.classify(model, files, top_k=10))
     for a, b in zip(from_pil, from_files):
@@ -387,3 +392,112 @@ def test_classify_with_a_non_square_model_matches_a_direct_forward(tmp_path):
         probs = model(x[None]).softmax(-1)[0]
     got = next(vitkit.classify(model, [img], top_k=5))["top_k"]
     np.testing.assert_allclose([t["prob"] for t in got], probs.sort(descending=True).values.numpy(), atol=1e-6)
+
+
+def test_classify_runs_a_training_model_in_eval_mode_and_leaves_it_as_it_was(tmp_path):
+    """A model mid-fine-tuning: dropout off and BatchNorm's running statistics used, not updated (the zoo model's
+    conv stem has BatchNorm: in train mode one call changed them for good)."""
+    model = vitkit.load_model(Path(__file__).resolve().parents[1] / "zoo" / "cifar10-vit.safetensors")
+    model.cfg.dropout = 0.0
+    Image.fromarray(photo(5, (48, 40))).save(tmp_path / "a.png")
+    expected = list(vitkit.classify(model, tmp_path / "a.png"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    model.patch_embed.eval()  # a mixed mode, as a frozen stem would be
+    assert list(vitkit.classify(model, tmp_path / "a.png")) == expected
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training and model.blocks[0].training and not model.patch_embed.training
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stores its pixels sideways with an EXIF orientation: read upright, as transformers does."""
+    upright = Image.fromarray(photo(6, (60, 80)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    upright.rotate(90, expand=True).save(tmp_path / "turned.png", exif=exif.tobytes())
+    img, _ = load_image(tmp_path / "turned.png")
+    np.testing.assert_array_equal(np.asarray(img), np.asarray(upright))
+
+
+def test_a_closed_pil_image_is_an_image_error(tiny_ckpt, tmp_path):
+    _, model = tiny_ckpt
+    Image.fromarray(photo()).save(tmp_path / "a.png")
+    with Image.open(tmp_path / "a.png") as im:
+        pass
+    with pytest.raises(ImageError, match=r"images\[0\] \(PngImageFile\): its pixels cannot be read .*load\(\)"):
+        list(vitkit.classify(model, im))
+
+
+def test_urls_are_downloaded_and_failures_are_one_line(tiny_ckpt, tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    path, model = tiny_ckpt
+    Image.fromarray(photo(7)).save(tmp_path / "cat.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/cat.png"
+        errors = []
+        got = list(vitkit.classify(model, [url, url.replace("cat", "dog"), "ftp://x/y.png"], on_error=errors.append))
+        assert [(r["path"], r["input"]) for r in got] == [(url, 0)]
+        assert got[0]["top_k"] == next(iter(vitkit.classify(model, tmp_path / "cat.png")))["top_k"]
+        assert [str(e) for e in errors] == [f"{url.replace('cat', 'dog')}: download failed (HTTP 404 File not found)",
+                                            "ftp://x/y.png: only http(s) URLs are downloaded"]
+        r = vitkit_cli("predict", url, "--weights", path, "--top-k", "1")  # the URL printed as given
+        assert r.returncode == 0 and r.stdout.startswith(f"{url}: "), r.stderr
+    finally:
+        server.shutdown()
+
+
+def test_folders_are_walked_through_symlinks_for_every_format_pil_reads(tmp_path):
+    from vitkit.data.images import iter_image_paths
+
+    (tmp_path / "elsewhere").mkdir()
+    for name in ("a.jfif", "b.qoi", "c.pnm"):
+        Image.fromarray(photo()).save(tmp_path / "elsewhere" / name, format={"jfif": "JPEG"}.get(name[-4:]))
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "photos" / "loop").symlink_to(tmp_path / "photos")  # walked once, not forever
+    (tmp_path / "photos" / "notes.pdf").write_text("not walked")
+    found = list(iter_image_paths([tmp_path / "photos"]))
+    assert [p.relative_to(tmp_path / "photos").as_posix() for p in found] == \
+        ["linked/a.jfif", "linked/b.qoi", "linked/c.pnm"]
+    assert all(load_image(p)[0].size == (80, 60) for p in found)
+
+
+def test_images_in_memory_are_told_apart_by_position(tiny_ckpt):
+    _, model = tiny_ckpt
+    errors = []
+    got = list(vitkit.classify(model, [Image.fromarray(photo()), Image.new("RGB", (0, 5)), photo()],
+                               on_error=errors.append))
+    assert [(r["path"], r["input"]) for r in got] == [(None, 0), (None, 2)]
+    assert [(str(e), e.input) for e in errors] == [("images[1] (Image): empty (0x5 pixels)", 1)]
+
+
+def test_image_arrays_of_other_dtypes_are_scaled(tiny_ckpt):
+    _, model = tiny_ckpt
+    pixels = photo()
+
+    def top(image):
+        return next(iter(vitkit.classify(model, image, top_k=3)))["top_k"]
+
+    expected = top(pixels)
+    assert top(pixels / 255.0) == expected  # floats in [0, 1]
+    assert top(pixels.astype(np.uint16) * 257) == expected  # 16 bits
+    assert top(pixels.astype(np.int64)) == expected  # ints within 0-255
+    with pytest.raises(ValueError, match=r"images\[0\]: a float64 array .* floats in \[0, 1\] \(these are 0.0 to 2"):
+        top(pixels.astype(float))
+    with pytest.raises(ValueError, match=r"looks like \(C, H, W\): a.transpose\(1, 2, 0\)"):
+        top(pixels.transpose(2, 0, 1).copy())
+
+
+def test_classify_checks_its_arguments_at_the_call(tiny_ckpt):
+    _, model = tiny_ckpt
+    for kwargs, message in [({"top_k": 0}, "top_k must be a positive integer"),
+                            ({"tta": "flips"}, "tta='flips': expected one of none, flip")]:
+        with pytest.raises(ValueError, match=message):
+            vitkit.classify(model, "missing.png", **kwargs)  # not only once the results are read

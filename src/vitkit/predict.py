@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.images import ImageError, _to_rgb, check_rgb_model, eval_transform, iter_image_paths, load_image
+from .data.images import (ImageError, _to_rgb, array_image, check_rgb_model, eval_transform, iter_image_paths,
+                          load_image)
 
 log = logging.getLogger("vitkit")
 
@@ -56,14 +57,15 @@ def class_names(model) -> list[str]:
     return imagenet_labels() if n == 1000 else [str(i) for i in range(n)]
 
 
-def classify(model, images: Iterable[str | Path | Image.Image], top_k: int = 5, batch_size: int = 8,
-             on_error=None, tta: str = "none") -> Iterator[dict]:
-    """Yield {"path", "top_k": [{"label", "index", "prob"}]} per image, in input order.
+def classify(model, images, top_k: int = 5, batch_size: int = 8, on_error=None, tta: str = "none") -> Iterator[dict]:
+    """Yield {"path", "input", "top_k": [{"label", "index", "prob"}]} per image, in input order.
 
-    Images are file paths (folders are walked, glob patterns expanded) or PIL images, converted alike (see
-    `load_image`; notes on conversions go to the "vitkit" logger). An unreadable file, empty folder or
-    pattern matching nothing is passed to on_error(ImageError) and skipped; without on_error it raises.
-    tta: see `tta_logits`.
+    Images are file paths or http(s) URLs (folders are walked, glob patterns expanded), PIL images or image arrays
+    (see `array_image`), converted alike (see `load_image`; notes on conversions go to the "vitkit" logger).
+    "path" is the file or URL (None for an image in memory), "input" the position in `images` of the item it
+    came from. An unreadable file, empty folder or pattern matching nothing is passed to on_error(ImageError) and
+    skipped; without on_error it raises. The model runs in eval mode (each module's own mode is restored after
+    each batch). tta: see `tta_logits`. The arguments are checked at the call, the images as they are read.
     """
     if not hasattr(model, "cfg") or not hasattr(model, "preprocess"):
         raise TypeError(f"{type(model).__name__} is not a vitkit ViT; load it with vitkit.create_model/load_model")
@@ -73,51 +75,79 @@ def classify(model, images: Iterable[str | Path | Image.Image], top_k: int = 5, 
     for arg, value in (("top_k", top_k), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{arg} must be a positive integer, not {value!r}")
+    if tta not in TTA:
+        raise ValueError(f"tta={tta!r}: expected one of {', '.join(TTA)}")
+    return _classify(model, _as_iterable(images), top_k, batch_size, on_error, tta)
+
+
+def _classify(model, images, top_k, batch_size, on_error, tta) -> Iterator[dict]:
     transform = eval_transform(model.preprocess, model.cfg.img_size)
     labels = class_names(model)
     k = min(top_k, len(labels))
     weight = next(model.parameters())  # inputs go where the model is, in its precision (a .half() model too)
 
-    def flush(batch):
-        with torch.inference_mode():
-            x = torch.stack([t for _, t in batch]).to(weight.device, weight.dtype)
-            probs = tta_logits(model, x, tta).float().softmax(dim=-1)
-        top = probs.topk(k, dim=-1)
-        for (name, _), p, i in zip(batch, top.values.tolist(), top.indices.tolist()):
-            yield {"path": name, "top_k": [{"label": labels[j], "index": j, "prob": q} for q, j in zip(p, i)]}
+    def flush(batch):  # results and on_error calls in input order
+        images = [b for b in batch if not isinstance(b, Exception)]
+        if images:
+            modes = [(m, m.training) for m in model.modules()]  # a model mid-training: dropout off, BatchNorm's
+            try:  # running statistics used and left as they are
+                model.eval()
+                with torch.inference_mode():
+                    x = torch.stack([t for *_, t in images]).to(weight.device, weight.dtype)
+                    probs = tta_logits(model, x, tta).float().softmax(dim=-1)
+            finally:
+                for m, training in modes:
+                    m.training = training
+            top = iter(zip(*probs.topk(k, dim=-1)))
+        for b in batch:
+            if isinstance(b, Exception):
+                on_error(b)
+                continue
+            (name, position, _), (p, i) = b, next(top)
+            yield {"path": name, "input": position,
+                   "top_k": [{"label": labels[j], "index": j, "prob": q} for q, j in zip(p.tolist(), i.tolist())]}
 
-    batch = []
-    for item in _expand(images, on_error):
+    batch, count = [], 0  # images to classify, and the failures between them (reported in their place)
+    for position, item, given in _expand(images, on_error and batch.append):
         name = None if isinstance(item, Image.Image) else str(item)
+        shown = name or f"images[{position}] ({given})"
         try:
-            img, note = _pil_to_rgb(item) if name is None else load_image(item)
+            img, note = _pil_to_rgb(item, shown) if name is None else load_image(item)
             try:
                 x = transform(img)
             except ImageError as e:  # eval_transform's guard: too elongated to resize for the model
-                raise ImageError(f"{name or 'PIL image'}: {e}") from None
+                raise ImageError(f"{shown}: {e}") from None
         except ImageError as e:
             if on_error is None:
                 raise
-            on_error(e)
+            e.path, e.input = name, position
+            batch.append(e)
             continue
         if note:
-            log.info("%s: %s", name or "PIL image", note)
-        batch.append((name, x))
-        if len(batch) == batch_size:
+            log.info("%s: %s", shown, note)
+        batch.append((name, position, x))
+        count += 1
+        if count == batch_size:
             yield from flush(batch)
-            batch = []
+            batch.clear()  # (the same list: failures met while expanding the inputs are appended to it)
+            count = 0
     if batch:
         yield from flush(batch)
 
 
-def _pil_to_rgb(img: Image.Image):
+def _pil_to_rgb(img: Image.Image, shown: str):
     """A PIL image given from Python, as `_to_rgb`, its failures as ImageErrors."""
     if img.width == 0 or img.height == 0:
-        raise ImageError(f"PIL image: empty ({img.width}x{img.height} pixels)")
+        raise ImageError(f"{shown}: empty ({img.width}x{img.height} pixels)")
+    try:
+        img.load()
+    except Exception as e:  # PIL's own assertion or OSError for an image whose file was closed before loading
+        raise ImageError(f"{shown}: its pixels cannot be read ({type(e).__name__}{': ' * bool(str(e))}{e}); an image "
+                         f"opened in a `with` block must be loaded (.load() or .copy()) inside it") from None
     try:
         return _to_rgb(img)
     except (OSError, ValueError) as e:  # a mode PIL cannot convert, e.g. "La"
-        raise ImageError(f"PIL image: cannot convert mode {img.mode!r} to RGB ({e})") from None
+        raise ImageError(f"{shown}: cannot convert mode {img.mode!r} to RGB ({e})") from None
 
 
 def _pixels(a) -> bool:
@@ -125,39 +155,56 @@ def _pixels(a) -> bool:
     return isinstance(a, np.ndarray) and a.dtype.kind in "uifb" and a.ndim in (2, 3)
 
 
-def _expand(images, on_error):
+def _at(on_error, position: int, item):
+    """on_error for what an input names (an empty folder, a pattern matching nothing), told where it came from."""
+    def report(e: Exception):
+        e.path, e.input = str(item), position
+        on_error(e)
+    return report
+
+
+def _as_iterable(images) -> Iterable:
     if isinstance(images, (str, Path, Image.Image)) or _pixels(images):
-        images = [images]
-    elif not isinstance(images, Iterable) or isinstance(images, (bytes, bytearray)):
-        raise TypeError(f"images: expected a path, PIL image, HxWx3 uint8 array or a list of them, "
+        return [images]
+    if not isinstance(images, Iterable) or isinstance(images, (bytes, bytearray)):
+        raise TypeError(f"images: expected a path, URL, PIL image, image array or a list of them, "
                         f"not {type(images).__name__}")
-    for item in images:
-        if _pixels(item):  # an HxW / HxWx3 uint8 array, as attention_map takes
+    return images  # (not listed: a stream of images is read as it comes)
+
+
+def _expand(images: Iterable, on_error) -> Iterator[tuple[int, Image.Image | Path | str, str]]:
+    """(position in `images`, a PIL image or a file path or URL, the type of what was given)."""
+    for position, item in enumerate(images):
+        given = type(item).__name__
+        if _pixels(item):
             try:
-                item = Image.fromarray(item)
-            except (TypeError, ValueError) as e:
-                raise TypeError(f"images: a {item.shape} {item.dtype} array is not an image (expected HxW or "
-                                f"HxWx3 uint8): {e}") from None
+                item = array_image(item)
+            except ValueError as e:
+                raise ValueError(f"images[{position}]: {e}") from None
         if isinstance(item, Image.Image):
-            yield item
+            yield position, item, given
         elif isinstance(item, (str, os.PathLike)):
-            yield from iter_image_paths([item], on_error)
+            found = iter_image_paths([item], on_error and _at(on_error, position, item), urls=True)
+            yield from ((position, p, given) for p in found)
         else:
-            raise TypeError(f"images: expected paths, PIL images or HxWx3 uint8 arrays, not {type(item).__name__}"
-                            + (" (vitkit.classify prepares images itself; call the model on tensors directly)"
-                               if isinstance(item, torch.Tensor) else ""))
+            raise TypeError(f"images[{position}]: expected a path, URL, PIL image or image array, not "
+                            f"{type(item).__name__}" + (" (vitkit.classify prepares images itself; call the model "
+                                                        "on tensors directly)" if isinstance(item, torch.Tensor)
+                                                        else ""))
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     from .cli import add_model_arguments
 
     p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="image files, folders (walked recursively), quoted glob patterns ('photos/*.jpg'), or - "
-                        "for an image piped to standard input")
+                   help="image files, http(s) URLs, folders (walked recursively), quoted glob patterns "
+                        "('photos/*.jpg'), or - for an image piped to standard input")
     add_model_arguments(p)
     p.add_argument("--top-k", type=int, default=5, help="labels per image (default 5)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true",
+                   help='one JSON object per line: {"path", "input", "top_k"} per image, {"path", "input", "error"} '
+                        'per input that failed')
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     add_tta_argument(p)
 
@@ -186,6 +233,9 @@ def run_predict(args: argparse.Namespace) -> int:
     def report(err: ImageError):
         failed.append(err)
         print(f"vitkit predict: error: {err}", file=sys.stderr, flush=True)
+        if args.json:  # the stream holds every input, in order
+            print(json.dumps({"path": getattr(err, "path", None), "input": getattr(err, "input", None),
+                              "error": str(err)}), flush=True)
 
     done = 0
     for result in classify(model, args.paths, args.top_k, args.batch_size, on_error=report, tta=args.tta):

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset, IterableDataset, Subset, get_worker_info
 from torchvision import tv_tensors
 
 from ..files import replacing
-from .images import IMAGE_SUFFIXES, ImageError, decode, is_junk, load_image
+from .images import ImageError, decode, image_files, image_suffixes, is_junk, load_image
 
 log = logging.getLogger("vitkit")
 BUILTIN = ("digits", "cifar10", "cifar100")
@@ -361,21 +361,6 @@ def _brace(archive: str) -> str:
     return f"{m[1]}{{{m[2]}..{m[2]}}}{m[3]}" if m else "train-{000000..000000}.tar"
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files under `folder`, symlinked folders followed (as torchvision's ImageFolder does; each real
-    folder once), hidden entries and macOS debris skipped."""
-    found, seen = [], set()
-    for top, dirs, files in os.walk(folder, followlinks=True):
-        if (real := os.path.realpath(top)) in seen:
-            dirs.clear()
-            continue
-        seen.add(real)
-        dirs[:] = [d for d in dirs if not is_junk(d)]
-        found += [f for name in files if not is_junk(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES
-                  and (f := Path(top, name)).is_file()]
-    return sorted(found)
-
-
 def _folder(root: Path, preload, cache_dir: str | None, like: list[str] | None = None,
             shown_as: tuple[str, str] | None = None) -> tuple[Dataset, list[str]]:
     """An ImageFolder (one subfolder per class). `like`: the training classes these must be among."""
@@ -386,7 +371,7 @@ def _folder(root: Path, preload, cache_dir: str | None, like: list[str] | None =
     index = {c: i for i, c in enumerate(like or classes)}
     per_class = {}
     for c in classes:
-        if not (files := _image_files(root / c)):
+        if not (files := image_files(root / c)):
             raise DataError(f"{_shown(root / c, shown_as)}: empty class folder (no image files)")
         per_class[c] = files
     paths = [f for files in per_class.values() for f in files]
@@ -743,7 +728,7 @@ class ShardStream(IterableDataset):
         return mine if min(loads) >= 0.8 * max(loads) else None
 
     def _decode(self, sample: dict, n: tuple[int, ...]):
-        key = next((k for k in sample if k.lower() in {s[1:] for s in IMAGE_SUFFIXES}), None)
+        key = next((k for k in sample if k.lower() in {s[1:] for s in image_suffixes()}), None)
         where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         try:
             if key is None:

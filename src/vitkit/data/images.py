@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,24 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a cut-off file is an error, not a half-grey picture
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's decompression-bomb limit
+_MAX_BYTES = 4 * MAX_PIXELS  # a piped or downloaded image: any 8-bit image file under the pixel limit, even raw
+
+
+# formats PIL only identifies, or reads with outside programs (EPS: Ghostscript), or that hold no photo
+_NOT_WALKED = {"EPS", "WMF", "BUFR", "GRIB", "HDF5", "MPEG", "IPTC", "GBR", "FTEX", "PCD"}
+EXIF_ORIENTATION = 0x0112
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}  # EXIF orientation -> the transpose that makes the picture upright
+
+
+@lru_cache(maxsize=1)
+def image_suffixes() -> frozenset[str]:
+    """The file name suffixes folders are walked for: every format this PIL reads (.jpg ... .avif, .qoi)."""
+    Image.init()
+    return frozenset(e for e, fmt in Image.registered_extensions().items()
+                     if fmt in Image.OPEN and fmt not in _NOT_WALKED) | {".mpo"}  # (MPO: JPEG's reader)
 
 
 class ImageError(ValueError):
@@ -34,14 +51,18 @@ class NoImagesError(ImageError):
 
 
 def load_image(path: str | Path, max_pixels: int | None = None) -> tuple[Image.Image, str | None]:
-    """Open an image as 8-bit RGB. Returns (image, note); the note tells what was converted, if worth saying.
+    """Open an image as 8-bit RGB, upright as its EXIF orientation says (a phone photo as it was taken). Returns
+    (image, note); the note tells what was converted, if worth saying.
 
     Grayscale, CMYK, palette, alpha (composited on white), 16-bit and float images are converted; an animated
     image gives its first frame. Missing, empty, truncated, corrupt, non-image and oversized files raise.
-    "-" (where no file has that name) is the image piped to standard input, read once.
+    "-" (where no file has that name) is the image piped to standard input, read once; an http(s) URL is
+    downloaded.
     """
-    path = Path(path)
     limit = max_pixels or MAX_PIXELS
+    if is_url(path):
+        return decode(_download(str(path)), str(path), limit)
+    path = Path(path)
     try:
         if str(path) == "-" and not path.exists():  # `curl -s URL | vitkit predict -`
             source = _standard_input()
@@ -56,6 +77,10 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> tuple[Image.I
     except OSError as e:  # a name too long, a permission denied: the file cannot even be looked at
         raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
     return decode(source, str(path), limit)
+
+
+def is_url(path) -> bool:
+    return isinstance(path, str) and path.startswith(("http://", "https://"))
 
 
 def decode(source, name: str, limit: int = MAX_PIXELS) -> tuple[Image.Image, str | None]:
@@ -83,23 +108,77 @@ def decode(source, name: str, limit: int = MAX_PIXELS) -> tuple[Image.Image, str
 def _standard_input() -> io.BytesIO:
     if sys.stdin is None or sys.stdin.isatty():
         raise ImageError("-: standard input is not a pipe (pipe an image in: cat photo.jpg | vitkit predict -)")
-    cap = 4 * MAX_PIXELS  # bytes: any 8-bit image file under the pixel limit, even uncompressed
-    data = sys.stdin.buffer.read(cap + 1)
+    data = sys.stdin.buffer.read(_MAX_BYTES + 1)
     if not data:  # nothing piped, or a second "-": the first one read it
         raise ImageError("-: no image on standard input")
-    if len(data) > cap:
-        raise ImageError(f"-: more than {cap // 2**20} MiB on standard input, the limit for a piped image (give "
-                         "a larger one as a file)")
+    if len(data) > _MAX_BYTES:
+        raise ImageError(f"-: more than {_MAX_BYTES // 2**20} MiB on standard input, the limit for a piped image "
+                         "(give a larger one as a file)")
+    return io.BytesIO(data)
+
+
+def _download(url: str, timeout: float = 30.0) -> io.BytesIO:
+    from urllib.error import HTTPError
+    from urllib.request import Request, urlopen
+
+    try:  # (some servers refuse urllib's default User-Agent)
+        with urlopen(Request(url, headers={"User-Agent": "vitkit"}), timeout=timeout) as response:
+            data = response.read(_MAX_BYTES + 1)
+    except HTTPError as e:
+        raise ImageError(f"{url}: download failed (HTTP {e.code} {e.reason})") from None
+    except (OSError, ValueError) as e:  # no network, DNS, refused, timeout, a malformed URL
+        raise ImageError(f"{url}: download failed ({getattr(e, 'reason', None) or e})") from None
+    if len(data) > _MAX_BYTES:
+        raise ImageError(f"{url}: more than {_MAX_BYTES // 2**20} MiB, the limit for a downloaded image")
+    if not data:
+        raise ImageError(f"{url}: empty download")
     return io.BytesIO(data)
 
 
 def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
-    """A PIL image (a file just opened, or one given from Python) as 8-bit RGB, and a note as load_image's."""
+    """A PIL image (a file just opened, or one given from Python) as 8-bit RGB, upright, and a note as
+    load_image's."""
     rgb, note = _convert(img)
+    if turn := _UPRIGHT.get(_orientation(img)):
+        rgb = rgb.transpose(turn)
     frames = getattr(img, "n_frames", 1)
     if frames > 1:
         note = f"animated image with {frames} frames: using " + (f"frame {img.tell()}" if img.tell() else "the first")
     return rgb, note
+
+
+def array_image(a: np.ndarray) -> Image.Image:
+    """An image array from Python as a PIL image: HxW, HxWx1, HxWx3 or HxWx4 of uint8 (or other ints in 0-255),
+    uint16 (0-65535), bool, or floats in [0, 1] (as matplotlib and scikit-image hold images). ValueError otherwise."""
+    what = f"a {a.dtype} array of shape {a.shape}"
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))):
+        raise ValueError(f"{what} is not an image: give an HxW or HxWx3 uint8 array (or a PIL image)"
+                         + ("; this looks like (C, H, W): a.transpose(1, 2, 0)"
+                            if a.ndim == 3 and a.shape[0] in (1, 3, 4) else ""))
+    if a.size == 0 or a.dtype == np.uint8:
+        a = a.astype(np.uint8, copy=False)
+    elif a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype == np.uint16:
+        a = np.round(a / 257.0).astype(np.uint8)
+    elif a.dtype.kind == "f" and np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1:
+        a = np.round(a * 255.0).astype(np.uint8)
+    elif a.dtype.kind in "iu" and a.min() >= 0 and a.max() <= 255:
+        a = a.astype(np.uint8)
+    else:
+        raise ValueError(f"{what} is not an image: pixels are uint8 or ints in 0-255, uint16, or floats in [0, 1] "
+                         f"(these are {a.min()} to {a.max()})")
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1: as stored); transformers' load_image applies it too, timm and torchvision do not."""
+    try:
+        return int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # damaged EXIF data: the pixels as stored
+        return 1
 
 
 def _convert(img: Image.Image) -> tuple[Image.Image, str | None]:
@@ -132,6 +211,21 @@ def is_junk(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, sorted; symlinked folders followed (as torchvision's ImageFolder does; each real
+    folder once), hidden entries and macOS debris skipped."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        if (real := os.path.realpath(top)) in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not is_junk(d)]
+        found += [f for name in files if not is_junk(name) and Path(name).suffix.lower() in image_suffixes()
+                  and (f := Path(top, name)).is_file()]
+    return sorted(found)
+
+
 def _within(path: Path, folder: Path) -> bool:
     try:
         return path.resolve().is_relative_to(folder)
@@ -139,8 +233,10 @@ def _within(path: Path, folder: Path) -> bool:
         return False
 
 
-def iter_image_paths(paths: Iterable[str | Path], on_error=None, skip: Path | None = None) -> Iterator[Path]:
-    """Files as given (even without an image suffix, so the reader can say what is wrong with them);
+def iter_image_paths(paths: Iterable[str | Path], on_error=None, skip: Path | None = None,
+                     urls: bool = False) -> Iterator[Path | str]:
+    """Files as given (even without an image suffix, so the reader can say what is wrong with them), http(s) URLs
+    as given strings where `urls` (load_image downloads them);
     folders walked recursively in sorted order for image files; a glob pattern that is not a file name (a
     quoted 'photos/*.jpg', or one from Python) expanded, sorted; hidden files and macOS debris in folders skipped,
     and so is the folder `skip` (where a command writes its pictures: a rerun must not read them as inputs).
@@ -153,16 +249,22 @@ def iter_image_paths(paths: Iterable[str | Path], on_error=None, skip: Path | No
             raise error(message)
         on_error(error(message))
 
-    for p in map(Path, paths):
+    for p in paths:
+        if isinstance(p, str) and "://" in p:  # (Path() would fold "//" to "/")
+            if urls and is_url(p):
+                yield p
+            else:
+                fail(f"{p}: " + ("only http(s) URLs are downloaded" if urls else
+                                 "a URL: download the image first (curl -O URL)"), ImageError)
+            continue
+        p = Path(p)
         try:
             is_dir, exists = p.is_dir(), p.exists()
         except OSError as e:  # a name too long for the file system, a folder without permission
             fail(f"{p}: cannot read ({e.strerror or e})", ImageError)
             continue
         if is_dir:
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-                           and not any(map(is_junk, f.relative_to(p).parts))  # as the dataset readers skip them
-                           and not (skip and _within(f, skip)))
+            found = [f for f in image_files(p) if not (skip and _within(f, skip))]
             if not found:
                 fail(f"{p}: no images found in this folder")
             yield from found

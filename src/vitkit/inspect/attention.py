@@ -18,7 +18,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from ..data.images import ImageError, _to_rgb, check_rgb_model, eval_transform, load_image
+from ..data.images import ImageError, _to_rgb, array_image, check_rgb_model, eval_transform, load_image
 from ..models.vit import ViT, capture_attention
 
 METHODS = ("rollout", "last-layer", "head")
@@ -32,10 +32,7 @@ def prepare(model, image) -> tuple[torch.Tensor, tuple[int, int]]:
     if isinstance(image, (str, Path)):
         image, _ = load_image(image)
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
-            raise ValueError(f"a {image.dtype} array of shape {image.shape} is not an image: give an HxW or "
-                             f"HxWx3 uint8 array (or a PIL image)")
-        image = Image.fromarray(image)
+        image = array_image(image)
     if isinstance(image, Image.Image):
         check_rgb_model(model)
         if image.width == 0 or image.height == 0:

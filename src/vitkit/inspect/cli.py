@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from ..cli import (UserError, add_model_arguments, check_writable, failure_summary, model_from_args, model_source,
                    user_errors)
-from ..data.images import IMAGE_SUFFIXES, ImageError, _to_rgb, eval_transform, iter_image_paths, load_image
+from ..data.images import ImageError, image_suffixes, _to_rgb, eval_transform, iter_image_paths, load_image
 from ..predict import class_names
 from .attention import METHODS, check_index, prepare, row_description, to_image_size, token_map
 from .figure7 import FIGURES, MAX_ASPECT, save_figure, write_figure7
@@ -119,7 +119,7 @@ def run_attention(args: argparse.Namespace) -> int:
         raise UserError(f"--layer/--head pick one layer and head: use them with --method head, not {args.method}")
     out = _output_path(args.output)
     single_file = out.suffix.lower() == ".png"
-    if not single_file and out.suffix.lower() in IMAGE_SUFFIXES:  # surely meant as a file, not a folder
+    if not single_file and out.suffix.lower() in image_suffixes():  # surely meant as a file, not a folder
         raise UserError(f"-o {out}: maps are written as PNG: give a .png file (one image) or a folder")
     check_writable(out, f"-o {out}", folder=not single_file)
     failed: list = []
