@@ -334,3 +334,176 @@ def test_shards_evaluation_skips_an_elongated_sample_and_needs_only_the_classes_
     model = two_class_model(["b", "a"], img_size=32, patch_size=16, crop_pct=0.875)
     result = E.evaluate_model(model, str(tmp_path / "v-{000..000}.tar"), workers=0)
     assert result.n == 2 and len(result.skipped) == 1 and "v-000.tar:c: 400000x1 is too elongated" in result.skipped[0]
+
+
+def _corrupt_middle(path: Path, out: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 400):
+        data[i] ^= 0x55
+    out.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_a_damaged_archive_is_refused_not_read_in_part(tmp_path, suffix):
+    """tarfile takes a damaged member header for the end of the archive: half the images (and the val/ folder
+    after them) were used without a word. A shard alike (it gave some of its samples)."""
+    digit_images(tmp_path / "d" / "train", ["1", "2"], per_class=20)
+    digit_images(tmp_path / "d" / "val", ["1", "2"], per_class=5, offset=20)
+    with tarfile.open(tmp_path / f"good{suffix}", "w:gz" if suffix == ".tar.gz" else "w") as tar:
+        tar.add(tmp_path / "d", arcname="d")
+    cache = str(tmp_path / "cache")
+    assert len(open_data(str(tmp_path / f"good{suffix}"), cache_dir=cache).val) == 10
+    _corrupt_middle(tmp_path / f"good{suffix}", tmp_path / f"bad{suffix}")
+    with pytest.raises(DataError, match=rf"bad{suffix}: not a readable .tar/.tar.gz archive \((damaged or truncated "
+                                        r"after member \d+ .*: a member header that cannot be read|.*CRC check)"):
+        open_data(str(tmp_path / f"bad{suffix}"), cache_dir=cache)
+    cut = (tmp_path / "good.tar").read_bytes() if suffix == ".tar" else None
+    if cut:  # cut off where a member header begins: no end-of-archive marker
+        with tarfile.open(tmp_path / "good.tar") as tar:
+            last = tar.getmembers()[-1]
+        (tmp_path / "cut.tar").write_bytes(cut[:last.offset])
+        with pytest.raises(DataError, match=r"cut.tar: .*no end-of-archive marker"):
+            open_data(str(tmp_path / "cut.tar"), cache_dir=cache)
+
+
+def test_a_damaged_shard_is_refused(tmp_path):
+    png = (next(iter(digit_images(tmp_path / "img", ["1"], per_class=1).values()))[0]).read_bytes()
+    _shard(tmp_path / "s-0.tar", [(f"{i}.{ext}", png if ext == "png" else str(i % 2).encode())
+                                  for i in range(40) for ext in ("png", "cls")])
+    assert len(open_data(str(tmp_path / "s-{0..0}.tar")).train) == 40
+    _corrupt_middle(tmp_path / "s-0.tar", tmp_path / "s-1.tar")
+    with pytest.raises(DataError, match=r"s-1.tar: not a readable shard \(damaged or truncated after member"):
+        open_data(str(tmp_path / "s-{0..1}.tar"))
+
+
+def test_a_shard_breaking_off_while_streaming_is_listed_among_the_skipped(tmp_path):
+    """With data.epoch_size the shards are not read beforehand: a damaged one is a skipped item naming it, not
+    webdataset's raw warnings."""
+    png = (next(iter(digit_images(tmp_path / "img", ["1"], per_class=1).values()))[0]).read_bytes()
+    _shard(tmp_path / "s-0.tar", [(f"{i}.{ext}", png if ext == "png" else str(i % 2).encode())
+                                  for i in range(10) for ext in ("png", "cls")])
+    (tmp_path / "s-1.tar").write_bytes(b"\x01" * 5000)
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    data = open_data(str(tmp_path / "s-{0..1}.tar"), shards={"epoch_size": 10})
+    items = list(data.train.configure(lambda im: 0))
+    assert sum(x is not None for x, _ in items) == 10
+    assert [m for x, m in items if x is None] == [f"{tmp_path / 's-1.tar'}: not a readable shard (invalid header); "
+                                                  "the rest of it is skipped"]
+
+
+def test_shards_without_a_readable_image_or_with_a_stray_huge_label_stop_before_any_work(tmp_path):
+    png = (next(iter(digit_images(tmp_path / "img", ["1"], per_class=1).values()))[0]).read_bytes()
+    (tmp_path / "t").mkdir()
+    _shard(tmp_path / "t" / "t-0.tar", [(f"{i}.{ext}", png if ext == "png" else str(i % 2).encode())
+                                        for i in range(6) for ext in ("png", "cls")])
+    (tmp_path / "v").mkdir()
+    _shard(tmp_path / "v" / "v-0.tar", [(f"{i}.{ext}", png[:40] if ext == "png" else b"0")
+                                        for i in range(3) for ext in ("png", "cls")])
+    with pytest.raises(DataError, match=r"v-\{0..0\}.tar: none of its images is readable"):  # was: after an epoch
+        open_data(str(tmp_path / "t" / "t-{0..0}.tar"), val=str(tmp_path / "v" / "v-{0..0}.tar"))
+    _shard(tmp_path / "v" / "v-1.tar", [])
+    with pytest.raises(DataError, match="no sample has a class label"):
+        open_data(str(tmp_path / "t" / "t-{0..0}.tar"), val=str(tmp_path / "v" / "v-{1..1}.tar"))
+    _shard(tmp_path / "t" / "t-1.tar", [("a.png", png), ("a.cls", b"100000")])  # a typo: 100001 classes
+    with pytest.raises(DataError, match=r"labels up to 100000 but only 3 different ones; name the classes in"):
+        open_data(str(tmp_path / "t" / "t-{0..1}.tar"))
+
+
+def test_a_class_whose_images_all_fail_to_decode_stops_before_any_work(tmp_path):
+    """Larger images (not preloaded) whose headers read but whose pixels do not: the class was left out of
+    training or validation without a word; one image a class is decoded now."""
+    import numpy as np
+    from PIL import Image
+
+    for split, n in (("train", 4), ("val", 2)):
+        for c in ("cat", "dog"):
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            for i in range(n):
+                buf = io.BytesIO()
+                Image.fromarray(np.random.default_rng(i).integers(0, 255, (96, 96, 3), np.uint8)).save(buf, "JPEG")
+                data = buf.getvalue()
+                (tmp_path / "d" / split / c / f"{i}.jpg").write_bytes(data[:len(data) // 2] if
+                                                                      (split, c) == ("val", "cat") else data)
+    with pytest.raises(DataError, match=r"val/cat: none of its images is readable"):
+        open_data(str(tmp_path / "d"), cache_dir=str(tmp_path / "cache"))
+
+
+def test_split_folders_and_wrappers_are_told_from_classes_in_eval(tmp_path, caplog):
+    cache = str(tmp_path / "cache")
+    # val/ and test/ without train/: the splits, val/ scored; training has nothing to train on
+    digit_images(tmp_path / "e" / "val", ["1", "2"], per_class=2)
+    digit_images(tmp_path / "e" / "test", ["1", "2"], per_class=3, offset=2)
+    scored = open_data(str(tmp_path / "e"), evaluate_only=True, cache_dir=cache)
+    assert (scored.class_names, len(scored.val), scored.val_name) == (["1", "2"], 4, "the val/ folder")
+    with pytest.raises(DataError, match=r"val/ but no train/ folder of class folders to train on"):
+        open_data(str(tmp_path / "e"), cache_dir=cache)
+    # val/ with a class train/ lacks: evaluated (a checkpoint's classes are matched by name later)
+    digit_images(tmp_path / "f" / "train", ["1", "2"], per_class=2)
+    digit_images(tmp_path / "f" / "val", ["1", "3"], per_class=2, offset=2)
+    scored = open_data(str(tmp_path / "f"), evaluate_only=True, cache_dir=cache)
+    assert scored.class_names == ["1", "2", "3"] and sorted(set(scored.val.labels.tolist())) == [0, 2]
+    # one class folder holding subfolders and images of its own: one class, not a wrapper of classes
+    digit_images(tmp_path / "g" / "cat" / "batch1", ["1"], per_class=2)
+    digit_images(tmp_path / "g" / "cat", ["2"], per_class=2)
+    (tmp_path / "g" / "cat" / "2").rename(tmp_path / "g" / "cat" / "batch2")
+    digit_images(tmp_path / "g" / "cat", ["3"], per_class=1)
+    for p in (tmp_path / "g" / "cat" / "3").iterdir():
+        p.rename(tmp_path / "g" / "cat" / p.name)
+    (tmp_path / "g" / "cat" / "3").rmdir()
+    scored = open_data(str(tmp_path / "g"), evaluate_only=True, cache_dir=cache)
+    assert (scored.class_names, len(scored.val)) == (["cat"], 5)
+    # train/ and val/ holding images directly: splits without class folders, not two classes
+    for split in ("train", "val"):
+        digit_images(tmp_path / "h", ["1"], per_class=2)
+        (tmp_path / "h" / "1").rename(tmp_path / "h" / split)
+    with pytest.raises(DataError, match=r"train/, val/ hold images, not class folders: expected train/<class>/"):
+        open_data(str(tmp_path / "h"), val_split=0.5, cache_dir=cache)
+
+
+def test_an_empty_class_folder_is_left_out_of_an_evaluation(tmp_path, caplog):
+    digit_images(tmp_path / "d" / "train", ["1", "2"], per_class=2)
+    digit_images(tmp_path / "d" / "val", ["1", "2"], per_class=2, offset=2)
+    (tmp_path / "d" / "val" / "3").mkdir()
+    (tmp_path / "d" / "train" / "3").mkdir()
+    scored = open_data(str(tmp_path / "d"), evaluate_only=True, cache_dir=str(tmp_path / "cache"))
+    assert len(scored.val) == 4 and "val/3: empty class folder (no image files), left out" in caplog.text
+    with pytest.raises(DataError, match=r"train/3: empty class folder"):  # training: refused as before
+        open_data(str(tmp_path / "d"), cache_dir=str(tmp_path / "cache"))
+
+
+def test_validating_on_training_images_and_a_builtin_name_shadowing_a_folder_are_said(tmp_path, caplog,
+                                                                                     monkeypatch):
+    digit_images(tmp_path / "d", ["1", "2"], per_class=3)
+    open_data(str(tmp_path / "d"), val=str(tmp_path / "d"), cache_dir=str(tmp_path / "cache"))
+    assert f"--val-data {tmp_path / 'd'} is the training data" in caplog.text
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").rename(tmp_path / "digits")
+    assert len(open_data("digits", val_split=0.1).class_names) == 10  # scikit-learn's
+    assert "digits: the built-in dataset, not the folder here (name that ./digits)" in caplog.text
+
+
+def test_a_corrupt_cifar_root_is_not_called_missing(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    monkeypatch.setattr(datasets.CIFAR10, "download", lambda self: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(DataError, match=r"cifar-10-batches-py is there but its files fail torchvision's integrity"):
+        open_data("cifar10", root=str(tmp_path))
+
+
+def test_eval_knows_a_runs_data_copied_elsewhere_by_its_files(tmp_path, monkeypatch, caplog):
+    """A copy of the training folder (or a renamed archive): its held-out part is scored, as at the original
+    path; it used to score every image, training ones included, without a word."""
+    import shutil
+
+    digit_images(tmp_path / "tr", ["1", "2"], per_class=10)
+    split = open_data(str(tmp_path / "tr"), val_split=0.2, cache_dir=str(tmp_path / "cache")).split
+    monkeypatch.setattr("vitkit.weights.vitkit_format.read_metadata", lambda path: {"data": split})
+    shutil.copytree(tmp_path / "tr", tmp_path / "copy")
+    weights = str(tmp_path / "run" / "best.safetensors")
+    at_home = E.evaluate_model(two_class_model(), str(tmp_path / "tr"), weights=weights, workers=0)
+    copied = E.evaluate_model(two_class_model(), str(tmp_path / "copy"), weights=weights, workers=0)
+    assert (copied.n, copied.split, copied.top1) == (at_home.n, at_home.split, at_home.top1) and copied.n == 4
+    assert "holds the files" in caplog.text
+    min((tmp_path / "copy" / "1").iterdir()).unlink()  # other data now: all of it, as before
+    assert E.evaluate_model(two_class_model(), str(tmp_path / "copy"), weights=weights, workers=0).n == 19

@@ -178,6 +178,9 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
     skipped: list[str] = []
     held_name = "all"
     if spec in BUILTIN:
+        if Path(spec).exists():
+            log.warning("%s: the built-in dataset, not the %s here (name that ./%s)", spec,
+                        "folder" if Path(spec).is_dir() else "file", spec)
         train, held = _builtin(spec, root, cache_dir)
         if evaluate_only and not val_split:  # an official test split: what `vitkit eval` scores
             held_name = "the test split" if held is not None else "all"
@@ -195,11 +198,17 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
             folder = _extract(folder, cache_dir)
             shown_as = (f"{folder}{os.sep}", f"{spec}:")  # name files by their place in the archive
         train_dir, val_dir, test_dir = _layout(folder, shown_as)
-        if evaluate_only and val_dir is None and test_dir is not None and not val_split:
+        if evaluate_only and val_dir is None and test_dir is not None and (not val_split or train_dir is None):
             val_dir = test_dir  # `vitkit eval` of a train/ + test/ folder scores test/
+        if train_dir is None and not evaluate_only:
+            raise DataError(f"{_shown(folder, shown_as)}: {val_dir.name if val_dir else test_dir.name}/ but no train/ "
+                            "folder of class folders to train on (expected train/<class>/<image>)")
         held = None
-        if evaluate_only and val_dir is not None and not val_split:  # only the val/ folder is read
-            train, class_names = None, _class_folders(train_dir, shown_as)
+        if evaluate_only and val_dir is not None and (not val_split or train_dir is None):  # the val/ folder alone
+            # its classes beside the training folder's: those keep their positions, for a checkpoint without names
+            train = None
+            class_names = sorted(set(_class_folders(train_dir, shown_as) if train_dir else []) |
+                                 set(_class_folders(val_dir, shown_as)))
         else:
             train, skipped = _folder(train_dir, preload, cache_dir, shown_as=shown_as)
             class_names = train.class_names
@@ -207,7 +216,8 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
             raise DataError(f"{_shown(train_dir, shown_as)}: one class folder ({class_names[0]}) only; "
                             "training needs at least two (expected <class>/<image> for each class)")
         if val_dir is not None:
-            held, more = _folder(val_dir, preload, cache_dir, like=class_names, shown_as=shown_as)
+            held, more = _folder(val_dir, preload, cache_dir, like=class_names, shown_as=shown_as,
+                                 skip_empty=evaluate_only)
             skipped += more
             held_name = f"the {val_dir.name}/ folder"
     class_names = train.class_names if train is not None else class_names
@@ -218,6 +228,7 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
     if spec not in BUILTIN:  # a relative path means another place from another working directory
         split["resolved"] = str(Path(spec).resolve())
     if val is not None:  # a separate validation dataset, classes matched by name
+        _warn_overlap(spec, val)
         other = open_data(val, root=root, preload=preload, cache_dir=cache_dir, evaluate_only=True)
         held = _relabel(other.val, other.class_names, class_names, val)
         skipped += other.skipped
@@ -245,6 +256,20 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
     if evaluate_only:  # evaluate the held-out part if there is one, else everything
         return Data(None, train if held is None else held, class_names, name, split, skipped, held_name)
     return Data(train, held, class_names, name, split, skipped, held_name if held is not None else "")
+
+
+def _warn_overlap(data: str, val: str) -> None:
+    """Validating on training images picks the "best" checkpoint by how well it memorised them: say so."""
+    if data in BUILTIN or val in BUILTIN or is_shards(data) or is_shards(val):
+        return
+    try:
+        a, b = Path(data).resolve(), Path(val).resolve()
+    except (OSError, RuntimeError):
+        return
+    if a == b or a in b.parents or b in a.parents:
+        log.warning("--val-data %s %s the training data %s: the validation images are training images, so the "
+                    "best checkpoint is the one that memorised them best", val,
+                    "is" if a == b else "lies within" if a in b.parents else "holds", data)
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,6 +310,10 @@ def _builtin(name: str, root: str | None, cache_dir: str | None) -> tuple[Datase
             except Exception as e:
                 if not existed:  # the download made it: leave nothing behind
                     shutil.rmtree(root, ignore_errors=True)
+                if (root / cls.base_folder).is_dir():  # there, but torchvision's checksums fail
+                    raise DataError(f"{name}: {root / cls.base_folder} is there but its files fail torchvision's "
+                                    f"integrity check (corrupt or incomplete), and a fresh copy could not be "
+                                    f"downloaded ({type(e).__name__}); replace that folder") from None
                 raise DataError(f"{name}: not found under {root} and could not be downloaded ({type(e).__name__}); "
                                 f"name a folder holding {cls.base_folder}/ (vitkit train: --set data.root=DIR, "
                                 "vitkit eval: --data-root DIR)") from None
@@ -301,13 +330,14 @@ def _extract(archive: Path, cache_dir: str | None) -> Path:
     with open(archive, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
-    dest = cache_root(cache_dir) / f"extracted-{h.hexdigest()}"
+    dest = cache_root(cache_dir) / f"extracted-v2-{h.hexdigest()}"  # (v2: archives read to their end)
     if dest.is_dir():
         return dest
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".extract-"))
     try:
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")  # no absolute paths, links out of the tree, devices
+            read_to_the_end(tar)
         os.replace(tmp, dest)
     except (tarfile.TarError, EOFError, OSError) as e:
         if dest.is_dir():  # another process (a DDP rank) finished first
@@ -318,28 +348,57 @@ def _extract(archive: Path, cache_dir: str | None) -> Path:
     return dest
 
 
+def read_to_the_end(tar: tarfile.TarFile) -> None:
+    """ReadError unless the archive read so far ended as a whole one does. tarfile takes a damaged member header
+    for the end of the archive, and a .tar.gz's checksum is only read at its end: so what follows the last
+    member must be tar's end-of-archive block of zeros, and a compressed stream must decompress to its end."""
+    f = tar.fileobj
+    f.seek(tar.offset)  # (a .tar.gz decompresses again from the start to get there: once per archive)
+    block = f.read(tarfile.BLOCKSIZE)
+    if block.strip(b"\0") or len(block) < tarfile.BLOCKSIZE:
+        where = f"after member {len(tar.getmembers())} ({tar.getmembers()[-1].name})" if tar.getmembers() else \
+            "at its start"
+        raise tarfile.ReadError(f"damaged or truncated {where}: " + (
+            "a member header that cannot be read" if block.strip(b"\0") else "no end-of-archive marker"))
+    while f.read(1 << 22):  # gzip checks its CRC and length at the end (BadGzipFile, EOFError)
+        pass
+
+
 def _subdirs(folder: Path) -> list[Path]:
     return [e for e in folder.iterdir() if e.is_dir() and not is_junk(e.name)]
 
 
-def _layout(folder: Path, shown_as=None) -> tuple[Path, Path | None, Path | None]:
-    """(train, val, test folder; the last two None when absent). A wrapper folder (the only folder beside files
-    such as a README or macOS debris) is looked through when it holds folders itself: a folder whose only class
-    folder holds the images is that one class. `train/` is the training split only when it holds class folders
-    (CIFAR-100 has a class named "train"). Training never looks at test/."""
+SPLITS = ("train", "val", "validation", "valid", "test")
+
+
+def _layout(folder: Path, shown_as=None) -> tuple[Path | None, Path | None, Path | None]:
+    """(train, val, test folder; None when absent). A wrapper folder (the only folder beside files such as a
+    README or macOS debris, with no images of its own) is looked through when it holds folders itself: a folder
+    whose only class folder holds the images is that one class. `train/` is the training split only when it holds
+    class folders (CIFAR-100 has a class named "train"); val/ and test/ without train/ are splits too (to evaluate).
+    Training never looks at test/."""
     while True:
         dirs = {e.name.lower(): e for e in _subdirs(folder)}
-        if "train" in dirs and _subdirs(dirs["train"]):
-            val = next((dirs[n] for n in ("val", "validation", "valid") if n in dirs), None)
-            test = dirs.get("test")
-            if other := sorted(e.name for n, e in dirs.items() if e not in (dirs["train"], val, test)):
-                log.warning("%s: beside train/, %s ignored", _shown(folder, shown_as),
+        val = next((dirs[n] for n in ("val", "validation", "valid") if n in dirs and _subdirs(dirs[n])), None)
+        test = dirs["test"] if "test" in dirs and _subdirs(dirs["test"]) else None
+        if ("train" in dirs and _subdirs(dirs["train"])) or (dirs and set(dirs) <= set(SPLITS) and (val or test)):
+            train = dirs.get("train") if "train" in dirs and _subdirs(dirs["train"]) else None
+            if other := sorted(e.name for e in dirs.values() if e not in (train, val, test)):
+                log.warning("%s: beside %s/, %s ignored", _shown(folder, shown_as), (train or val or test).name,
                             ", ".join(f"{o}/" for o in other))
-            return dirs["train"], val, test
-        if len(dirs) == 1 and _subdirs(only := next(iter(dirs.values()))):
+            return train, val, test
+        if dirs and set(dirs) <= set(SPLITS):  # train/, val/ holding images directly: not classes
+            raise DataError(f"{_shown(folder, shown_as)}: {', '.join(sorted(f'{d}/' for d in dirs))} hold images, not "
+                            "class folders: expected train/<class>/<image> (and val/<class>/<image>), or one folder "
+                            "per class")
+        if len(dirs) == 1 and _subdirs(only := next(iter(dirs.values()))) and not _has_images(only):
             folder = only
             continue
         return folder, None, None
+
+
+def _has_images(folder: Path) -> bool:
+    return any(e.is_file() and e.suffix.lower() in image_suffixes() and not is_junk(e.name) for e in folder.iterdir())
 
 
 def _class_folders(root: Path, shown_as=None) -> list[str]:
@@ -362,8 +421,9 @@ def _brace(archive: str) -> str:
 
 
 def _folder(root: Path, preload, cache_dir: str | None, like: list[str] | None = None,
-            shown_as: tuple[str, str] | None = None) -> tuple[Dataset, list[str]]:
-    """An ImageFolder (one subfolder per class). `like`: the training classes these must be among."""
+            shown_as: tuple[str, str] | None = None, skip_empty: bool = False) -> tuple[Dataset, list[str]]:
+    """An ImageFolder (one subfolder per class). `like`: the training classes these must be among. skip_empty:
+    an empty class folder is left out with a warning (evaluating: scored on the other classes), not an error."""
     where = _shown(root, shown_as)
     classes = _class_folders(root, shown_as)
     if like is not None and (extra := sorted(set(classes) - set(like))):
@@ -372,8 +432,13 @@ def _folder(root: Path, preload, cache_dir: str | None, like: list[str] | None =
     per_class = {}
     for c in classes:
         if not (files := image_files(root / c)):
-            raise DataError(f"{_shown(root / c, shown_as)}: empty class folder (no image files)")
+            if not skip_empty:
+                raise DataError(f"{_shown(root / c, shown_as)}: empty class folder (no image files)")
+            log.warning("%s: empty class folder (no image files), left out", _shown(root / c, shown_as))
+            continue
         per_class[c] = files
+    if not per_class:
+        raise DataError(f"{where}: every class folder is empty (no image files)")
     paths = [f for files in per_class.values() for f in files]
     labels = [index[c] for c, files in per_class.items() for _ in files]
     files_ds = _labelled(FileImages(paths, labels, shown_as), like or classes)
@@ -389,12 +454,12 @@ def _folder(root: Path, preload, cache_dir: str | None, like: list[str] | None =
 
 
 def _any_opens(paths: list[Path]) -> bool:
-    """Whether one of the files opens as an image (the header only: cheap even for ImageNet's 1000 classes)."""
+    """Whether one of the files decodes as an image (the first one, where the class is sound: one image a class)."""
     for p in paths:
         try:
-            with Image.open(p):
-                return True
-        except Exception:
+            load_image(p)
+            return True
+        except ImageError:
             continue
     return False
 
@@ -557,17 +622,17 @@ def _shards(spec: str, val: str | None, val_split: float, opts: dict, evaluate_o
         raise DataError(f"{spec}: --val-split (data.val_split) needs an indexed dataset, not a stream of shards; "
                         "give held-out shards with --val-data (data.val)")
     names_file = Path(urls[0]).parent / "classes.txt"
-    sizes, labels = (None, None) if opts.get("epoch_size") else _count(urls)
+    sizes, labels = (None, None) if opts.get("epoch_size") else _count(urls, spec)
     count = opts.get("epoch_size") or sum(sizes)
-    if not count:
-        raise DataError(f"{spec}: no sample has a class label: a WebDataset sample is <key>.jpg (or .png, ...) with "
-                        "<key>.cls holding its class index; class names go in classes.txt beside the shards")
     if names_file.is_file():
         class_names = _class_list(names_file)
         if labels and labels[-1] >= len(class_names):
             raise DataError(f"{spec}: label {labels[-1]} in the shards, but {names_file} names "
                             f"{len(class_names)} classes (labels 0..{len(class_names) - 1})")
     elif labels:
+        if max(labels) >= max(1000, 10 * len(labels)):  # a typo'd label would make a head of that many classes
+            raise DataError(f"{spec}: labels up to {max(labels)} but only {len(labels)} different ones; name the "
+                            f"classes in {names_file} (one per line, in label order) to say how many there are")
         class_names = [str(i) for i in range(max(labels) + 1)]
     else:
         raise DataError(f"{spec}: put the class names in {names_file} (one per line, in label order)")
@@ -583,7 +648,7 @@ def _shards(spec: str, val: str | None, val_split: float, opts: dict, evaluate_o
     if val:
         if missing := [u for u in val_urls if "://" not in u and not Path(u).is_file()]:
             raise DataError(f"{val}: {len(missing)} of {len(val_urls)} shards missing, e.g. {missing[0]}")
-        val_sizes, val_labels = _count(val_urls)
+        val_sizes, val_labels = _count(val_urls, val)
         val_names_file = Path(val_urls[0]).parent / "classes.txt"
         val_names = class_names  # the validation shards' labels are the training shards' unless they name theirs
         if val_names_file.is_file() and val_names_file.resolve() != names_file.resolve():
@@ -618,17 +683,20 @@ def _expand(pattern: str) -> list[str]:
                         "'shards-{000000..000009}.tar'") from None
 
 
-def _count(urls: list[str]) -> tuple[list[int], list[int]]:
+def _count(urls: list[str], spec: str) -> tuple[list[int], list[int]]:
     """Samples per shard and the labels, of local shards (one pass over the archives). A shard that cannot be
-    read or a label that is not a class index is a DataError."""
-    sizes, labels = [], set()
+    read, a label that is not a class index, or shards without one labelled image that decodes are a DataError."""
+    sizes, labels, decodes = [], set(), False
+    images = {s[1:] for s in image_suffixes()}
     for u in urls:
         sizes.append(0)
         try:
             with tarfile.open(u) as tar:
                 for m in tar:
+                    base = m.name.rsplit("/", 1)[-1]
+                    if not decodes and m.isfile() and base.rsplit(".", 1)[-1].lower() in images:
+                        decodes = _decodes(tar.extractfile(m).read())  # until one does: the first, normally
                     if m.name.endswith(".cls"):
-                        base = m.name.rsplit("/", 1)[-1]
                         if base.count(".") > 1:  # WebDataset's key ends at the first dot: these samples would merge
                             raise DataError(f"{u}:{m.name}: a sample name with a dot in it; WebDataset takes "
                                             f"{base.split('.')[0]!r} as its key, so such samples run together "
@@ -644,11 +712,26 @@ def _count(urls: list[str]) -> tuple[list[int], list[int]]:
                                             ">= 0; class names go in classes.txt beside the shards)")
                         sizes[-1] += 1
                         labels.add(label)
+                read_to_the_end(tar)
         except (tarfile.TarError, EOFError, OSError) as e:
-            why = "truncated, or not a .tar archive" if isinstance(e, (tarfile.TarError, EOFError)) else \
+            why = (str(e) if isinstance(e, tarfile.ReadError) and str(e).startswith("damaged") else
+                   "truncated, or not a .tar archive") if isinstance(e, (tarfile.TarError, EOFError)) else \
                 (e.strerror or str(e))
             raise DataError(f"{u}: not a readable shard ({why})") from None
+    if not sum(sizes):
+        raise DataError(f"{spec}: no sample has a class label: a WebDataset sample is <key>.jpg (or .png, ...) with "
+                        "<key>.cls holding its class index; class names go in classes.txt beside the shards")
+    if not decodes:
+        raise DataError(f"{spec}: none of its images is readable")
     return sizes, sorted(labels)
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        decode(io.BytesIO(data), "")
+        return True
+    except ImageError:
+        return False
 
 
 def _class_list(path: Path) -> list[str]:
@@ -697,8 +780,17 @@ class ShardStream(IterableDataset):
         by_shard = mine is not None  # each reader its own shards, else every reader keeps every n-th sample
         if by_shard:
             urls = [u for u in urls if u in mine[part]]
+        failed: list[str] = []  # shards that broke off (read for the first time with data.epoch_size): reported
+        # as skipped items, in the run's list of unreadable files, not as webdataset's raw warnings
+
+        def broken(e: Exception) -> bool:
+            url = next((a for a in reversed(e.args) if isinstance(a, str) and a in self.urls), "a shard")
+            why = str(e.args[0]).split(" @ ")[0] if e.args else type(e).__name__  # (webdataset appends " @ file")
+            failed.append(f"{url}: not a readable shard ({why}); the rest of it is skipped")
+            return True  # go on with the next shard
+
         ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False,
-                            handler=wds.warn_and_continue)
+                            handler=broken)
         if self.repeat:  # WebDataset(repeat=True) reads the shards once (webdataset 1.0); .repeat() cycles them
             ds = ds.repeat()
         if self.seed is not None and self.shuffle_buffer > 1:
@@ -706,12 +798,16 @@ class ShardStream(IterableDataset):
             ds = ds.shuffle(self.shuffle_buffer, rng=random.Random(hash((self.seed, self.epoch,
                                                                          part if by_shard else -1))))
         for n, sample in enumerate(ds):
+            while failed:
+                yield None, failed.pop()
             # every reader sees one order: consecutive batches go to the ranks in turn, and each rank's to its
             # loader workers in turn, as the DataLoader then asks for them (an epoch reads no sample twice)
             j = n // self.batch
             if not by_shard and (j % self.world != self.rank or j // self.world % nworkers != wid):
                 continue
             yield self._decode(sample, (part, n) if by_shard else (n,))  # each sample its own random draws
+        while failed:  # (the last shard's)
+            yield None, failed.pop()
 
     def _share(self, urls: list[str], parts: int) -> list[set[str]] | None:
         """Shards per reader, dealt largest first to the reader with the fewest samples so far. None when the

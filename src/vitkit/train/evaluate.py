@@ -180,15 +180,20 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     add_tta_argument(p)
 
 
-def recorded_split(weights: str | None, data: str) -> dict:
-    """The held-out split a vitkit training run recorded in its checkpoint, if DATA is that run's data."""
+def run_data(weights: str | None) -> dict:
+    """What a vitkit training run recorded in its checkpoint about its data (path, split, held-out files)."""
     from ..weights.hub import fetch, is_remote
     from ..weights.vitkit_format import read_metadata
 
     if not weights or not str(weights).endswith(".safetensors"):
         return {}
     local = fetch(str(weights)) if is_remote(str(weights)) else Path(weights)  # a URL's download (cached)
-    rec = ((read_metadata(local) or {}).get("data")) or {}
+    return ((read_metadata(local) or {}).get("data")) or {}
+
+
+def recorded_split(weights: str | None, data: str) -> dict:
+    """The held-out split a vitkit training run recorded in its checkpoint, if DATA is that run's data."""
+    rec = run_data(weights)
     here, there = Path(data), Path(rec.get("path", ""))
     if rec.get("resolved") and here.exists():  # a local path: the same place, whichever the working directory
         same = Path(rec["resolved"]) == here.resolve()
@@ -210,7 +215,7 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
     only a model this function loads itself and only if it has a convolutional stem: a model passed in is left
     as it is."""
     from ..api import load_model
-    from ..data.datasets import DataError, describe, in_memory, open_data, relabel, stratified_split
+    from ..data.datasets import DataError, describe, fingerprint, in_memory, open_data, relabel, stratified_split
     from ..data.images import check_rgb_model, eval_transform
     from ..predict import TTA, imagenet_wnids
 
@@ -242,10 +247,22 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
                                   or not 0 <= val_split < 1):
         raise DataError(f"--val-split {val_split}: must be in [0, 1) (0: evaluate everything)")
     split = recorded_split(weights and str(weights), data)
+    # elsewhere (copied, moved, renamed), the run's data is known by its held-out files, drawn again
+    moved = run_data(weights and str(weights)) if not split and val_split is None and split_seed is None else {}
+    moved = moved if moved.get("val_split") and moved.get("held_out") else {}
     val_split = val_split if val_split is not None else split.get("val_split", 0.0)
     split_seed = split_seed if split_seed is not None else split.get("split_seed", 0)
     ds = open_data(data, val_split=val_split, split_seed=split_seed, root=data_root, evaluate_only=True,
-                   preload=split.get("preload", "auto"))
+                   preload=(split or moved).get("preload", "auto"))
+    if moved and ds.val_name == "all" and (labels := getattr(ds.val, "labels", None)) is not None:
+        _, held = stratified_split(labels, moved["val_split"], moved["split_seed"])
+        if fingerprint(part := Subset(ds.val, held.tolist())) == moved["held_out"]:
+            log.warning("%s holds the files %s was trained on (its data was %s): evaluating the %.0f%% it held out "
+                        "(seed %d), as there; --val-split 0 scores everything", data, weights, moved["path"],
+                        100 * moved["val_split"], moved["split_seed"])
+            split, val_split, split_seed = moved, moved["val_split"], moved["split_seed"]
+            ds.val, ds.val_name = part, f"held-out {val_split:.0%} (seed {split_seed})"
+            ds.split.update(val_split=val_split, split_seed=split_seed, held_out=moved["held_out"])
     names = model.class_names
     if names is None and model.cfg.num_classes == 1000 and set(ds.class_names) <= set(imagenet_wnids()):
         names = imagenet_wnids()  # ImageNet folders (n01440764/...) for an ImageNet-1k head: matched by WordNet ID
