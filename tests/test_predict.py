@@ -1,6 +1,7 @@
 """`vitkit predict` / `vitkit.classify`: numbers, preprocessing parity, and every kind of bad input."""
 import json
 import logging
+import os
 import struct
 import subprocess
 import sys
@@ -259,8 +260,12 @@ def test_non_vitkit_weights_need_model(tmp_path, image_zoo):
     torch.save(model.state_dict(), tmp_path / "timm.pth")
     r = vitkit_cli("predict", image_zoo[1][0], "--weights", tmp_path / "timm.pth")
     assert r.returncode == 2 and "--model" in r.stderr
-    r = vitkit_cli("predict", image_zoo[1][0], "--weights", "hf-hub:google/vit-base-patch16-224")
-    assert r.returncode == 2 and "--model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # a hub repository may say its architecture (a transformers one does): fetched first (offline here)
+    r = subprocess.run([sys.executable, "-m", "vitkit", "predict", str(image_zoo[1][0]), "--weights",
+                        "hf-hub:google/vit-base-patch16-224"], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith("vitkit predict: error: hf-hub:google/vit-base-patch16-224: download failed")
 
 
 def test_imagenet_labels_and_real_photos(tmp_path):

@@ -421,3 +421,44 @@ def test_transformers_processor_sizes_and_resampling_as_transformers_reads_them(
         pre = read_checkpoint(tmp_path).preprocess
     assert pre["crop_mode"] == "center" and pre["crop_pct"] == 224 / 256
     assert pre["interpolation"] == "bicubic" and "resample 1 resized as bicubic" in caplog.text  # lanczos: loads
+
+
+def test_a_transformers_directory_says_its_own_architecture(tmp_path, capsys):
+    """config.json holds the width, depth, heads and image size: load_model and the commands need no --model (a
+    3-layer model at 160 px, which no name has); a timm file still needs one, and says so."""
+    peer = hf_vit("ViT-Ti/16", depth=3, image_size=160)
+    peer.save_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        ref = peer(pixel_values=images(160)).logits
+    model = vitkit.load_model(tmp_path / "hf")
+    assert (len(model.blocks), model.cfg.img_size, model.cfg.num_heads) == (3, (160, 160), 3)
+    assert_close(logits(model, 160), ref)
+    Image.fromarray(np.asarray(images(160, n=1)[0].permute(1, 2, 0).mul(127).add(128).clamp(0, 255),
+                               dtype=np.uint8)).save(tmp_path / "x.png")
+    assert main(["predict", str(tmp_path / "x.png"), "--weights", str(tmp_path / "hf"), "--top-k", "1"]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'x.png'}: ")
+    timm_file = timm_case(tmp_path)[0]
+    with pytest.raises(CheckpointError, match=r"a timm checkpoint, which does not say its architecture: name it "
+                                              r"\(--model NAME"):
+        vitkit.load_model(timm_file)
+
+
+def test_broken_metadata_is_said_not_silently_fixed(tmp_path, caplog):
+    """Class names of another length than the head, or no mean/std: notes, not silently other numbers."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "m.safetensors"
+    model = vitkit.create_model("ViT-Ti/16", depth=1, num_classes=3)
+    model.class_names = ["a", "b", "c"]
+    vitkit.save_model(model, path)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    inner = json.loads(meta["config"])  # the whole metadata: config, preprocess, class names, ...
+    inner["class_names"] = ["a", "b"]
+    inner["preprocess"] = {k: v for k, v in inner["preprocess"].items() if k != "std"}
+    save_file(load_file(path), tmp_path / "broken.safetensors", metadata={**meta, "config": json.dumps(inner)})
+    loaded = vitkit.load_model(tmp_path / "broken.safetensors")
+    assert loaded.class_names is None
+    assert "its 2 class names do not fit its 3-class head: left out" in caplog.text
+    assert "its metadata gives no input std: vitkit's default std (0.5, 0.5, 0.5) is used" in caplog.text

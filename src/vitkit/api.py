@@ -111,13 +111,17 @@ def _load(model: ViT, ckpt, source: str | Path, pos_resample: str | None = None)
         log.warning("%s: %s", source, note)
 
 
+ARCHITECTURE = ("width", "depth", "num_heads", "mlp_dim", "patch_size", "img_size")  # what shapes do not all show
+
+
 def load_model(path: str | Path, *, pos_resample: str | None = None, **overrides) -> ViT:
-    """Rebuild a model from a vitkit checkpoint (.safetensors with its config), nothing else needed; overrides
+    """Rebuild a model from a checkpoint that says its architecture, nothing else needed: a vitkit checkpoint
+    (.safetensors with its config), or a transformers directory or hub repository (its config.json); overrides
     such as img_size change it (pos_resample: as in create_model)."""
     ckpt = read_checkpoint(path)
-    if ckpt.format != "vitkit":
-        raise CheckpointError(f"{path}: a {ckpt.format} checkpoint, which does not say its architecture; "
-                              f"use create_model(NAME, weights=...) or `vitkit convert` it first")
+    if ckpt.format != "vitkit" and not all(k in ckpt.config for k in ARCHITECTURE):
+        raise CheckpointError(f"{path}: a {ckpt.format} checkpoint, which does not say its architecture: name it "
+                              f"(--model NAME; create_model(NAME, weights=...)), or `vitkit convert` it first")
     cfg = ViTConfig.from_dict({**ckpt.config, **overrides})
     check_memory(cfg)
     with torch.device("meta"):

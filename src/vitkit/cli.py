@@ -121,18 +121,19 @@ def config_fields(texts: list[str]) -> dict:
 _FIELD_FLAGS = {"img_size": ("--img-size", "img_size"), "num_classes": ("--num-classes", "num_classes")}
 
 
-def _is_vitkit_checkpoint(spec: str) -> bool:
-    """Whether --weights names a vitkit checkpoint, which says its own architecture. Of remote ones only a URL of a
-    .safetensors file can be one (fetched to see); a hub repository holds a transformers or timm checkpoint."""
+def _says_its_architecture(spec: str) -> bool:
+    """Whether --weights may say its own architecture: a vitkit checkpoint, a transformers directory (config.json),
+    a hub repository (a transformers one does; a timm one is refused by load_model, naming --model). Of URLs only
+    one of a .safetensors file can (fetched to see)."""
     from urllib.parse import urlparse
 
-    from .weights.hub import fetch, is_remote
+    from .weights.hub import HF_PREFIX, fetch, is_remote
     from .weights.vitkit_format import is_vitkit_checkpoint
 
     if not is_remote(spec):
-        return is_vitkit_checkpoint(spec)
-    return spec.startswith(("http://", "https://")) and urlparse(spec).path.endswith(".safetensors") \
-        and is_vitkit_checkpoint(fetch(spec))
+        return is_vitkit_checkpoint(spec) or (Path(spec).is_dir() and (Path(spec) / "config.json").is_file())
+    return spec.startswith(HF_PREFIX) or (urlparse(spec).path.endswith(".safetensors")
+                                          and is_vitkit_checkpoint(fetch(spec)))
 
 
 def model_source(args: argparse.Namespace, weights_flag: str = "--weights") -> str:
@@ -152,7 +153,7 @@ def model_from_args(args: argparse.Namespace, weights_flag: str = "--weights", r
 
     if not args.model and args.weights is None:
         raise UserError("give --weights (a vitkit checkpoint) or --model NAME")
-    if not args.model and not _is_vitkit_checkpoint(str(args.weights)):
+    if not args.model and not _says_its_architecture(str(args.weights)):
         raise UserError(f"{weights_flag} {args.weights}: not a vitkit checkpoint, so its architecture is unknown; "
                         f"add --model NAME (see `vitkit models`)")
     if getattr(args, "img_size", None) is not None:
