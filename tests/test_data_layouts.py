@@ -3,6 +3,7 @@ debris beside the data, broken shards, and a run's data named by a relative path
 from __future__ import annotations
 
 import io
+import logging
 import tarfile
 from pathlib import Path
 
@@ -507,3 +508,40 @@ def test_eval_knows_a_runs_data_copied_elsewhere_by_its_files(tmp_path, monkeypa
     assert "holds the files" in caplog.text
     min((tmp_path / "copy" / "1").iterdir()).unlink()  # other data now: all of it, as before
     assert E.evaluate_model(two_class_model(), str(tmp_path / "copy"), weights=weights, workers=0).n == 19
+
+
+def test_an_archive_member_leaving_the_archive_is_left_out_alone(tmp_path, caplog):
+    """A link to an absolute path (or a ../ name) inside an archive: that member is left out with a warning; the
+    whole archive was refused."""
+    digit_images(tmp_path / "d", ["1", "2"], per_class=4)
+    with tarfile.open(tmp_path / "d.tar", "w") as tar:
+        tar.add(tmp_path / "d", arcname="d")
+        link = tarfile.TarInfo("d/1/passwd.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+        up = tarfile.TarInfo("../escaped.png")
+        up.size = 3
+        tar.addfile(up, io.BytesIO(b"abc"))
+    data = open_data(str(tmp_path / "d.tar"), val_split=0.5, cache_dir=str(tmp_path / "cache"))
+    assert len(data.train) + len(data.val) == 8 and not (tmp_path / "escaped.png").exists()
+    assert "d.tar: 2 members left out, e.g. d/1/passwd.png" in caplog.text
+
+
+def test_small_data_mistakes_get_a_hint(tmp_path, caplog):
+    cache = str(tmp_path / "cache")
+    (tmp_path / "empty.tar.gz").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty.tar.gz: empty file$"):
+        open_data(str(tmp_path / "empty.tar.gz"), cache_dir=cache)
+    with pytest.raises(DataError, match=r"no such file or directory; shards are named with a brace range"):
+        open_data(str(tmp_path / "train-*.tar"), cache_dir=cache)
+    digit_images(tmp_path / "d" / "train", ["1", "2"], per_class=2)
+    (tmp_path / "d" / "train" / "1").rename(tmp_path / "d" / "train" / "cat")
+    (tmp_path / "d" / "train" / "2").rename(tmp_path / "d" / "train" / "dog")
+    digit_images(tmp_path / "d" / "val", ["1"], per_class=2)
+    (tmp_path / "d" / "val" / "1").rename(tmp_path / "d" / "val" / "Cat")
+    with pytest.raises(DataError, match=r"classes \['Cat'\] are not among the training classes \(names are matched "
+                                        r"exactly, case included: Cat / cat\)"):
+        open_data(str(tmp_path / "d"), cache_dir=cache)
+    caplog.set_level(logging.INFO, logger="vitkit")
+    open_data(str(tmp_path / "d" / "train"), cache_dir=cache)
+    assert "no validation (no val/ folder; --val-split 0.1 holds out a tenth" in caplog.text

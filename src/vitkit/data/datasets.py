@@ -192,7 +192,11 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
     else:
         folder = Path(spec)
         if not folder.exists():
-            raise DataError(f"{spec}: no such file or directory")
+            hint = "; shards are named with a brace range, e.g. 'train-{000000..000099}.tar'" if ".tar" in spec and \
+                any(c in spec for c in "*?[") else ""
+            raise DataError(f"{spec}: no such file or directory{hint}")
+        if folder.is_file() and folder.stat().st_size == 0:
+            raise DataError(f"{spec}: empty file")
         shown_as = None
         if folder.is_file():
             folder = _extract(folder, cache_dir)
@@ -253,6 +257,9 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
         if held_files := fingerprint(held):  # eval and --resume check that they draw this split again
             split["held_out"] = held_files
         held_name = f"held-out {val_split:.0%} (seed {split_seed})"
+    if held is None and not evaluate_only and spec not in BUILTIN:
+        log.info("%s: no validation (no val/ folder; --val-split 0.1 holds out a tenth, --val-data names other data)",
+                 spec)
     if evaluate_only:  # evaluate the held-out part if there is one, else everything
         return Data(None, train if held is None else held, class_names, name, split, skipped, held_name)
     return Data(train, held, class_names, name, split, skipped, held_name if held is not None else "")
@@ -335,9 +342,21 @@ def _extract(archive: Path, cache_dir: str | None) -> Path:
         return dest
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".extract-"))
     try:
+        refused: list[str] = []
+
+        def safe(member: tarfile.TarInfo, path: str):  # no absolute paths, links out of the tree, devices
+            try:
+                return tarfile.data_filter(member, path)
+            except tarfile.FilterError as e:  # that member alone is left out, said below
+                refused.append(f"{member.name} ({e})")
+                return None
+
         with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")  # no absolute paths, links out of the tree, devices
+            tar.extractall(tmp, filter=safe)
             read_to_the_end(tar)
+        if refused:
+            log.warning("%s: %d member%s left out, e.g. %s", archive, len(refused), "s" * (len(refused) > 1),
+                        refused[0])
         os.replace(tmp, dest)
     except (tarfile.TarError, EOFError, OSError) as e:
         if dest.is_dir():  # another process (a DDP rank) finished first
@@ -427,7 +446,7 @@ def _folder(root: Path, preload, cache_dir: str | None, like: list[str] | None =
     where = _shown(root, shown_as)
     classes = _class_folders(root, shown_as)
     if like is not None and (extra := sorted(set(classes) - set(like))):
-        raise DataError(f"{where}: classes {extra[:5]} are not among the training classes")
+        raise DataError(f"{where}: classes {extra[:5]} are not among the training classes{_case_hint(extra, like)}")
     index = {c: i for i, c in enumerate(like or classes)}
     per_class = {}
     for c in classes:
@@ -584,7 +603,8 @@ def _relabel(ds: Dataset, names: list[str], target: list[str], source: str) -> D
     missing = sorted(set(_present(ds, names)) - set(target))
     if missing:
         raise DataError(f"{source}: classes {missing[:5]}{' ...' if len(missing) > 5 else ''} are not among the "
-                        f"{len(target)} classes {target[:5]}{' ...' if len(target) > 5 else ''}")
+                        f"{len(target)} classes {target[:5]}{' ...' if len(target) > 5 else ''}"
+                        f"{_case_hint(missing, target)}")
     if names == target[: len(names)]:
         return ds
     mapping = torch.tensor([target.index(n) if n in target else -1 for n in names])  # -1: no image has it
@@ -592,6 +612,12 @@ def _relabel(ds: Dataset, names: list[str], target: list[str], source: str) -> D
         ds.label_map = mapping
         return ds
     return _Relabelled(ds, mapping)
+
+
+def _case_hint(missing: list[str], known: list[str]) -> str:
+    folded = {k.casefold(): k for k in known}
+    pairs = [f"{m} / {folded[m.casefold()]}" for m in missing if m.casefold() in folded]
+    return f" (names are matched exactly, case included: {', '.join(pairs[:3])})" if pairs else ""
 
 
 class _Relabelled(Dataset):
