@@ -408,6 +408,9 @@ def test_shards_without_a_readable_image_or_with_a_stray_huge_label_stop_before_
     _shard(tmp_path / "t" / "t-1.tar", [("a.png", png), ("a.cls", b"100000")])  # a typo: 100001 classes
     with pytest.raises(DataError, match=r"labels up to 100000 but only 3 different ones; name the classes in"):
         open_data(str(tmp_path / "t" / "t-{0..1}.tar"))
+    _shard(tmp_path / "t" / "t-1.tar", [("a.png", png), ("a.cls", b"500")])  # 501 classes, 3 ever seen
+    with pytest.raises(DataError, match=r"labels up to 500 but only 3 different ones"):
+        open_data(str(tmp_path / "t" / "t-{0..1}.tar"))
 
 
 def test_a_class_whose_images_all_fail_to_decode_stops_before_any_work(tmp_path):
@@ -453,6 +456,12 @@ def test_split_folders_and_wrappers_are_told_from_classes_in_eval(tmp_path, capl
     (tmp_path / "g" / "cat" / "3").rmdir()
     scored = open_data(str(tmp_path / "g"), evaluate_only=True, cache_dir=cache)
     assert (scored.class_names, len(scored.val)) == (["cat"], 5)
+    assert "images beside its class folders" not in caplog.text
+    (tmp_path / "g" / "cat" / "batch1" / "1").rename(tmp_path / "g" / "dog")
+    stray = min((tmp_path / "g" / "dog").iterdir())
+    stray.rename(tmp_path / "g" / stray.name)  # an image beside the class folders
+    open_data(str(tmp_path / "g"), evaluate_only=True, cache_dir=cache)
+    assert f"{tmp_path / 'g'}: images beside its class folders are not used" in caplog.text
     # train/ and val/ holding images directly: splits without class folders, not two classes
     for split in ("train", "val"):
         digit_images(tmp_path / "h", ["1"], per_class=2)
@@ -468,6 +477,8 @@ def test_an_empty_class_folder_is_left_out_of_an_evaluation(tmp_path, caplog):
     (tmp_path / "d" / "train" / "3").mkdir()
     scored = open_data(str(tmp_path / "d"), evaluate_only=True, cache_dir=str(tmp_path / "cache"))
     assert len(scored.val) == 4 and "val/3: empty class folder (no image files), left out" in caplog.text
+    scored = open_data(str(tmp_path / "d" / "val"), evaluate_only=True, cache_dir=str(tmp_path / "cache"))
+    assert len(scored.val) == 4  # a plain folder of classes alike
     with pytest.raises(DataError, match=r"train/3: empty class folder"):  # training: refused as before
         open_data(str(tmp_path / "d"), cache_dir=str(tmp_path / "cache"))
 
@@ -477,6 +488,11 @@ def test_validating_on_training_images_and_a_builtin_name_shadowing_a_folder_are
     digit_images(tmp_path / "d", ["1", "2"], per_class=3)
     open_data(str(tmp_path / "d"), val=str(tmp_path / "d"), cache_dir=str(tmp_path / "cache"))
     assert f"--val-data {tmp_path / 'd'} is the training data" in caplog.text
+    caplog.clear()  # the val/ folder of a train/ + val/ folder is not trained on
+    digit_images(tmp_path / "tv" / "train", ["1", "2"], per_class=3)
+    digit_images(tmp_path / "tv" / "val", ["1", "2"], per_class=2, offset=3)
+    open_data(str(tmp_path / "tv"), val=str(tmp_path / "tv" / "val"), cache_dir=str(tmp_path / "cache"))
+    assert "--val-data" not in caplog.text
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d").rename(tmp_path / "digits")
     assert len(open_data("digits", val_split=0.1).class_names) == 10  # scikit-learn's
@@ -525,6 +541,9 @@ def test_an_archive_member_leaving_the_archive_is_left_out_alone(tmp_path, caplo
     data = open_data(str(tmp_path / "d.tar"), val_split=0.5, cache_dir=str(tmp_path / "cache"))
     assert len(data.train) + len(data.val) == 8 and not (tmp_path / "escaped.png").exists()
     assert "d.tar: 2 members left out, e.g. d/1/passwd.png" in caplog.text
+    caplog.clear()  # said again when the extracted copy is used
+    open_data(str(tmp_path / "d.tar"), val_split=0.5, cache_dir=str(tmp_path / "cache"))
+    assert "d.tar: 2 members left out, e.g. d/1/passwd.png" in caplog.text
 
 
 def test_small_data_mistakes_get_a_hint(tmp_path, caplog):
@@ -545,3 +564,19 @@ def test_small_data_mistakes_get_a_hint(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="vitkit")
     open_data(str(tmp_path / "d" / "train"), cache_dir=cache)
     assert "no validation (no val/ folder; --val-split 0.1 holds out a tenth" in caplog.text
+
+
+def test_a_damaged_gz_stream_is_one_error(tmp_path, monkeypatch):
+    """zlib's own error (an invalid code inside the deflate stream) was a traceback."""
+    import zlib
+
+    digit_images(tmp_path / "d", ["1", "2"], per_class=2)
+    with tarfile.open(tmp_path / "d.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "d", arcname="d")
+
+    def broken(self, *args, **kwargs):
+        raise zlib.error("Error -3 while decompressing data: invalid literal/length code")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", broken)
+    with pytest.raises(DataError, match=r"d.tar.gz: not a readable .tar/.tar.gz archive \(Error -3 while"):
+        open_data(str(tmp_path / "d.tar.gz"), cache_dir=str(tmp_path / "cache"))

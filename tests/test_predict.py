@@ -414,14 +414,23 @@ def test_classify_runs_a_training_model_in_eval_mode_and_leaves_it_as_it_was(tmp
     assert model.training and model.blocks[0].training and not model.patch_embed.training
 
 
-def test_exif_orientation_is_applied(tmp_path):
-    """A phone photo stores its pixels sideways with an EXIF orientation: read upright, as transformers does."""
-    upright = Image.fromarray(photo(6, (60, 80)))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 clockwise to view"
-    upright.rotate(90, expand=True).save(tmp_path / "turned.png", exif=exif.tobytes())
-    img, _ = load_image(tmp_path / "turned.png")
-    np.testing.assert_array_equal(np.asarray(img), np.asarray(upright))
+def test_exif_orientation_is_applied_once(tmp_path):
+    """A phone photo stores its pixels sideways with an EXIF orientation: read upright, as transformers does (all
+    eight orientations; 2, a mirror, was missed once), and not turned again when the upright image is converted
+    once more (attention maps did that)."""
+    from PIL import ImageOps
+
+    from vitkit.data.images import _to_rgb
+
+    stored = Image.fromarray(photo(6, (60, 80)))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        stored.save(tmp_path / f"o{orientation}.jpg", exif=exif.tobytes(), quality=95)
+        img, _ = load_image(tmp_path / f"o{orientation}.jpg")
+        expected = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / f"o{orientation}.jpg")).convert("RGB"))
+        np.testing.assert_array_equal(np.asarray(img), expected, err_msg=f"orientation {orientation}")
+        np.testing.assert_array_equal(np.asarray(_to_rgb(img)[0]), expected, err_msg=f"twice, {orientation}")
 
 
 def test_a_closed_pil_image_is_an_image_error(tiny_ckpt, tmp_path):
@@ -477,10 +486,13 @@ def test_folders_are_walked_through_symlinks_for_every_format_pil_reads(tmp_path
 def test_images_in_memory_are_told_apart_by_position(tiny_ckpt):
     _, model = tiny_ckpt
     errors = []
-    got = list(vitkit.classify(model, [Image.fromarray(photo()), Image.new("RGB", (0, 5)), photo()],
-                               on_error=errors.append))
-    assert [(r["path"], r["input"]) for r in got] == [(None, 0), (None, 2)]
-    assert [(str(e), e.input) for e in errors] == [("images[1] (Image): empty (0x5 pixels)", 1)]
+    got = list(vitkit.classify(model, [Image.fromarray(photo()), Image.new("RGB", (0, 5)), photo(),
+                                       photo().astype(np.float32) + 3, photo(), ""], on_error=errors.append))
+    assert [(r["path"], r["input"]) for r in got] == [(None, 0), (None, 2), (None, 4)]
+    assert [(str(e).split(": ")[0], e.input) for e in errors] == [("images[1] (Image)", 1), ("images[3]", 3),
+                                                                   ('""', 5)]
+    with pytest.raises(TypeError, match="on_error must be a function"):
+        vitkit.classify(model, photo(), on_error=5)
 
 
 def test_image_arrays_of_other_dtypes_are_scaled(tiny_ckpt):
@@ -506,3 +518,33 @@ def test_classify_checks_its_arguments_at_the_call(tiny_ckpt):
                             ({"tta": "flips"}, "tta='flips': expected one of none, flip")]:
         with pytest.raises(ValueError, match=message):
             vitkit.classify(model, "missing.png", **kwargs)  # not only once the results are read
+
+
+def test_a_download_that_drips_stops_at_its_deadline():
+    import http.server
+    import threading
+    import time
+
+    from vitkit.data.images import _download
+
+    class Drip(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(40):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.1)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(ImageError, match=r"drip: download failed \(not done after 1 s\)"):
+            _download(f"http://127.0.0.1:{server.server_port}/drip", timeout=5, deadline=1)
+        assert time.monotonic() - start < 3
+    finally:
+        server.shutdown()

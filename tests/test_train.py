@@ -1406,3 +1406,13 @@ def test_stem_init_whiten_on_shards_is_one_line_before_any_work(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert "model.stem_init whiten needs indexable training data, not WebDataset shards" in err and "\n" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_lr_batch_scales_the_peak_learning_rate_with_the_batch(tmp_path, caplog):
+    """optim.lr_batch: optim.lr is the rate for that batch, scaled linearly (DeiT's 5e-4 x batch / 512)."""
+    caplog.set_level(logging.INFO, logger="vitkit")
+    recipe = write_recipe(tmp_path / "r.yaml", optim={"lr": 0.002, "lr_batch": 128}, schedule={"name": "constant"},
+                          data={"batch_size": 32}, train={"epochs": 1})
+    assert main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    assert read_metrics(tmp_path / "run" / "metrics.csv")[-1]["lr"] == pytest.approx(0.0005)
+    assert "peak lr 0.0005: optim.lr 0.002 for batch 128, scaled to batch 32 (optim.lr_batch)" in caplog.text

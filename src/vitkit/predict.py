@@ -77,6 +77,8 @@ def classify(model, images, top_k: int = 5, batch_size: int = 8, on_error=None, 
             raise ValueError(f"{arg} must be a positive integer, not {value!r}")
     if tta not in TTA:
         raise ValueError(f"tta={tta!r}: expected one of {', '.join(TTA)}")
+    if on_error is not None and not callable(on_error):
+        raise TypeError(f"on_error must be a function taking the error, not {type(on_error).__name__}")
     return _classify(model, _as_iterable(images), top_k, batch_size, on_error, tta)
 
 
@@ -87,13 +89,13 @@ def _classify(model, images, top_k, batch_size, on_error, tta) -> Iterator[dict]
     weight = next(model.parameters())  # inputs go where the model is, in its precision (a .half() model too)
 
     def flush(batch):  # results and on_error calls in input order
-        images = [b for b in batch if not isinstance(b, Exception)]
-        if images:
+        ready = [b for b in batch if not isinstance(b, Exception)]
+        if ready:
             modes = [(m, m.training) for m in model.modules()]  # a model mid-training: dropout off, BatchNorm's
             try:  # running statistics used and left as they are
                 model.eval()
                 with torch.inference_mode():
-                    x = torch.stack([t for *_, t in images]).to(weight.device, weight.dtype)
+                    x = torch.stack([t for *_, t in ready]).to(weight.device, weight.dtype)
                     probs = tta_logits(model, x, tta).float().softmax(dim=-1)
             finally:
                 for m, training in modes:
@@ -180,7 +182,12 @@ def _expand(images: Iterable, on_error) -> Iterator[tuple[int, Image.Image | Pat
             try:
                 item = array_image(item)
             except ValueError as e:
-                raise ValueError(f"images[{position}]: {e}") from None
+                error = ImageError(f"images[{position}]: {e}")
+                if on_error is None:
+                    raise error from None
+                error.path, error.input = None, position
+                on_error(error)
+                continue
         if isinstance(item, Image.Image):
             yield position, item, given
         elif isinstance(item, (str, os.PathLike)):

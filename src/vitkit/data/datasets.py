@@ -20,6 +20,7 @@ import random
 import shutil
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from .images import ImageError, decode, image_files, image_suffixes, is_junk, lo
 
 log = logging.getLogger("vitkit")
 BUILTIN = ("digits", "cifar10", "cifar100")
+LEFT_OUT = ".vitkit-left-out"  # beside an extracted archive: the members that were not extracted, and why
 PRELOAD_MAX_PIXELS = 64 * 64  # "auto": preload images up to this size (CIFAR is 32x32)
 
 
@@ -214,7 +216,7 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
             class_names = sorted(set(_class_folders(train_dir, shown_as) if train_dir else []) |
                                  set(_class_folders(val_dir, shown_as)))
         else:
-            train, skipped = _folder(train_dir, preload, cache_dir, shown_as=shown_as)
+            train, skipped = _folder(train_dir, preload, cache_dir, shown_as=shown_as, skip_empty=evaluate_only)
             class_names = train.class_names
         if len(class_names) < 2 and not evaluate_only:
             raise DataError(f"{_shown(train_dir, shown_as)}: one class folder ({class_names[0]}) only; "
@@ -232,7 +234,7 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
     if spec not in BUILTIN:  # a relative path means another place from another working directory
         split["resolved"] = str(Path(spec).resolve())
     if val is not None:  # a separate validation dataset, classes matched by name
-        _warn_overlap(spec, val)
+        _warn_overlap(spec if spec in BUILTIN or shown_as is not None else train_dir or spec, val)
         other = open_data(val, root=root, preload=preload, cache_dir=cache_dir, evaluate_only=True)
         held = _relabel(other.val, other.class_names, class_names, val)
         skipped += other.skipped
@@ -265,9 +267,10 @@ def open_data(spec: str, *, val: str | None = None, val_split: float = 0.0, spli
     return Data(train, held, class_names, name, split, skipped, held_name if held is not None else "")
 
 
-def _warn_overlap(data: str, val: str) -> None:
-    """Validating on training images picks the "best" checkpoint by how well it memorised them: say so."""
-    if data in BUILTIN or val in BUILTIN or is_shards(data) or is_shards(val):
+def _warn_overlap(data: str | Path, val: str) -> None:
+    """Validating on training images picks the "best" checkpoint by how well it memorised them: say so. `data`:
+    the folder trained on (a train/ + val/ folder's train/), or the archive."""
+    if str(data) in BUILTIN or val in BUILTIN or is_shards(str(data)) or is_shards(val):
         return
     try:
         a, b = Path(data).resolve(), Path(val).resolve()
@@ -338,8 +341,15 @@ def _extract(archive: Path, cache_dir: str | None) -> Path:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     dest = cache_root(cache_dir) / f"extracted-v2-{h.hexdigest()}"  # (v2: archives read to their end)
-    if dest.is_dir():
-        return dest
+    if not dest.is_dir():
+        _extract_to(archive, dest)
+    if (dest / LEFT_OUT).is_file():
+        refused = (dest / LEFT_OUT).read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+        log.warning("%s: %d member%s left out, e.g. %s", archive, len(refused), "s" * (len(refused) > 1), refused[0])
+    return dest
+
+
+def _extract_to(archive: Path, dest: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".extract-"))
     try:
         refused: list[str] = []
@@ -354,17 +364,14 @@ def _extract(archive: Path, cache_dir: str | None) -> Path:
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter=safe)
             read_to_the_end(tar)
-        if refused:
-            log.warning("%s: %d member%s left out, e.g. %s", archive, len(refused), "s" * (len(refused) > 1),
-                        refused[0])
+        if refused:  # kept beside the files (a hidden name: not walked), said again whenever the copy is used
+            (tmp / LEFT_OUT).write_text("\n".join(refused), encoding="utf-8", errors="surrogateescape")
         os.replace(tmp, dest)
-    except (tarfile.TarError, EOFError, OSError) as e:
-        if dest.is_dir():  # another process (a DDP rank) finished first
-            return dest
-        raise DataError(f"{archive}: not a readable .tar/.tar.gz archive ({str(e).splitlines()[0]})") from None
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # (zlib: a damaged .gz stream)
+        if not dest.is_dir():  # else another process (a DDP rank) finished first
+            raise DataError(f"{archive}: not a readable .tar/.tar.gz archive ({str(e).splitlines()[0]})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 def read_to_the_end(tar: tarfile.TarFile) -> None:
@@ -445,6 +452,8 @@ def _folder(root: Path, preload, cache_dir: str | None, like: list[str] | None =
     an empty class folder is left out with a warning (evaluating: scored on the other classes), not an error."""
     where = _shown(root, shown_as)
     classes = _class_folders(root, shown_as)
+    if _has_images(root):  # beside the class folders: no class to give them
+        log.warning("%s: images beside its class folders are not used (they belong in a <class>/ folder)", where)
     if like is not None and (extra := sorted(set(classes) - set(like))):
         raise DataError(f"{where}: classes {extra[:5]} are not among the training classes{_case_hint(extra, like)}")
     index = {c: i for i, c in enumerate(like or classes)}
@@ -526,7 +535,8 @@ def _preload(files: FileImages, root: Path, where: str, cache_dir: str | None) -
     """Decode every image once into a uint8 tensor (cached on disk, keyed by the folder and the files' names,
     sizes and times). None when the images are not all of one size: one tensor would squash them."""
     h = hashlib.blake2b(digest_size=12)
-    h.update(b"preload 2: one size only\n")  # caches of version 1 squashed images of several sizes into one
+    h.update(b"preload 3: upright\n")  # version 1 squashed images of several sizes into one; 2 ignored EXIF
+    # orientation
     h.update(os.fsencode(f"{root.resolve()}\n"))  # fsencode: a file name need not be valid UTF-8
     for p, label in zip(files.paths, files.labels.tolist()):
         st = p.stat()
@@ -656,7 +666,7 @@ def _shards(spec: str, val: str | None, val_split: float, opts: dict, evaluate_o
             raise DataError(f"{spec}: label {labels[-1]} in the shards, but {names_file} names "
                             f"{len(class_names)} classes (labels 0..{len(class_names) - 1})")
     elif labels:
-        if max(labels) >= max(1000, 10 * len(labels)):  # a typo'd label would make a head of that many classes
+        if max(labels) + 1 > max(10, 2 * len(labels)):  # mostly unseen classes: a typo'd label, or names missing
             raise DataError(f"{spec}: labels up to {max(labels)} but only {len(labels)} different ones; name the "
                             f"classes in {names_file} (one per line, in label order) to say how many there are")
         class_names = [str(i) for i in range(max(labels) + 1)]
@@ -739,10 +749,10 @@ def _count(urls: list[str], spec: str) -> tuple[list[int], list[int]]:
                         sizes[-1] += 1
                         labels.add(label)
                 read_to_the_end(tar)
-        except (tarfile.TarError, EOFError, OSError) as e:
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             why = (str(e) if isinstance(e, tarfile.ReadError) and str(e).startswith("damaged") else
                    "truncated, or not a .tar archive") if isinstance(e, (tarfile.TarError, EOFError)) else \
-                (e.strerror or str(e))
+                (getattr(e, "strerror", None) or str(e))
             raise DataError(f"{u}: not a readable shard ({why})") from None
     if not sum(sizes):
         raise DataError(f"{spec}: no sample has a class label: a WebDataset sample is <key>.jpg (or .png, ...) with "

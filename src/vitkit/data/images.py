@@ -80,7 +80,7 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> tuple[Image.I
 
 
 def is_url(path) -> bool:
-    return isinstance(path, str) and path.startswith(("http://", "https://"))
+    return isinstance(path, str) and path[:8].lower().startswith(("http://", "https://"))
 
 
 def decode(source, name: str, limit: int = MAX_PIXELS) -> tuple[Image.Image, str | None]:
@@ -100,6 +100,8 @@ def decode(source, name: str, limit: int = MAX_PIXELS) -> tuple[Image.Image, str
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"{name}: image too large (over {limit:,} pixels, decompression-bomb limit)") from None
     except Exception as e:  # truncated or corrupt data: PIL's decoders raise many kinds (a TIFF: TypeError)
+        if "Ghostscript" in str(e):  # EPS: PIL reads it through an outside program
+            raise ImageError(f"{name}: an EPS/PS file, which PIL reads with Ghostscript, not installed here") from None
         raise ImageError(f"{name}: corrupt or truncated image ({type(e).__name__}: {e})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = old_limit
@@ -117,30 +119,42 @@ def _standard_input() -> io.BytesIO:
     return io.BytesIO(data)
 
 
-def _download(url: str, timeout: float = 30.0) -> io.BytesIO:
+def _download(url: str, timeout: float = 30.0, deadline: float = 120.0) -> io.BytesIO:
+    """An image at an http(s) URL: `timeout` seconds for each network wait, `deadline` for the whole download."""
+    import time
     from urllib.error import HTTPError
     from urllib.request import Request, urlopen
 
+    start, data = time.monotonic(), bytearray()
     try:  # (some servers refuse urllib's default User-Agent)
         with urlopen(Request(url, headers={"User-Agent": "vitkit"}), timeout=timeout) as response:
-            data = response.read(_MAX_BYTES + 1)
+            if int(response.headers.get("Content-Length") or 0) > _MAX_BYTES:
+                raise ImageError(f"{url}: more than {_MAX_BYTES // 2**20} MiB, the limit for a downloaded image")
+            while chunk := response.read1(1 << 16):
+                data += chunk
+                if len(data) > _MAX_BYTES:
+                    raise ImageError(f"{url}: more than {_MAX_BYTES // 2**20} MiB, the limit for a downloaded image")
+                if time.monotonic() - start > deadline:
+                    raise ImageError(f"{url}: download failed (not done after {deadline:.0f} s)")
     except HTTPError as e:
         raise ImageError(f"{url}: download failed (HTTP {e.code} {e.reason})") from None
-    except (OSError, ValueError) as e:  # no network, DNS, refused, timeout, a malformed URL
-        raise ImageError(f"{url}: download failed ({getattr(e, 'reason', None) or e})") from None
-    if len(data) > _MAX_BYTES:
-        raise ImageError(f"{url}: more than {_MAX_BYTES // 2**20} MiB, the limit for a downloaded image")
+    except (OSError, ValueError) as e:  # no network, DNS, refused, timeout, a malformed URL, a redirect loop
+        if isinstance(e, ImageError):
+            raise
+        why = str(getattr(e, "reason", None) or e).splitlines()[0]
+        raise ImageError(f"{url}: download failed ({why})") from None
     if not data:
         raise ImageError(f"{url}: empty download")
-    return io.BytesIO(data)
+    return io.BytesIO(bytes(data))
 
 
 def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
     """A PIL image (a file just opened, or one given from Python) as 8-bit RGB, upright, and a note as
     load_image's."""
     rgb, note = _convert(img)
-    if turn := _UPRIGHT.get(_orientation(img)):
+    if (turn := _UPRIGHT.get(_orientation(img))) is not None:  # (FLIP_LEFT_RIGHT is 0)
         rgb = rgb.transpose(turn)
+        rgb.info = {}  # no EXIF or XMP orientation left to turn it a second time
     frames = getattr(img, "n_frames", 1)
     if frames > 1:
         note = f"animated image with {frames} frames: using " + (f"frame {img.tell()}" if img.tell() else "the first")
@@ -256,6 +270,9 @@ def iter_image_paths(paths: Iterable[str | Path], on_error=None, skip: Path | No
             else:
                 fail(f"{p}: " + ("only http(s) URLs are downloaded" if urls else
                                  "a URL: download the image first (curl -O URL)"), ImageError)
+            continue
+        if not str(p):  # Path("") is the current folder, which would be walked
+            fail('"": an empty path', ImageError)
             continue
         p = Path(p)
         try:

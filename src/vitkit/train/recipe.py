@@ -153,6 +153,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, Callable]]] = {
     "optim": {
         "name": ("adamw", _choice("adamw", "adam", "sgd")),
         "lr": (1e-3, _lr),  # or [[epochs, lr], ...]: the peak by the run's planned length
+        # the batch size lr is given for: the peak scales with the run's data.batch_size / lr_batch (DeiT's
+        # linear rule, lr 5e-4 x batch / 512); None: lr as it is
+        "lr_batch": (None, _number(1, integer=True, optional=True)),
         "weight_decay": (0.0, _number(0)),  # not applied to biases, norms, position embeddings, [class] token
         "betas": ([0.9, 0.999], _numbers(2, lo=0.0, hi=0.999999, optional=False)),
         "momentum": (0.9, _number(0, 1, hi_open=True)), "nesterov": (False, _flag()),

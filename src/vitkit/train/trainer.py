@@ -127,23 +127,30 @@ def make_optimizer(model: torch.nn.Module, o: dict) -> torch.optim.Optimizer:
     return cls(groups, lr=lr, betas=tuple(o["betas"]), fused=fused)
 
 
+def batch_scale(r: dict) -> float:
+    """How optim.lr scales with the batch: data.batch_size / optim.lr_batch (1 without lr_batch)."""
+    lr_batch = r["optim"].get("lr_batch")
+    return r["data"]["batch_size"] / lr_batch if lr_batch else 1.0
+
+
 def warmup_length(total: int, s: dict) -> int:
     return min(max(s["warmup_steps"], round(s["warmup_fraction"] * total)), max(total - 1, 0))
 
 
-def peak_lr(lr: float | list, epochs: float) -> float:
-    """optim.lr for a run of `epochs` (its planned length: train.epochs, or what a time budget fits). A list of
-    [epochs, lr] pairs holds peaks tuned for runs of those lengths (a longer run wants a lower one): between two
-    pairs the power law through them (straight on log-log axes), beyond the ends the nearest pair's."""
+def peak_lr(lr: float | list, epochs: float, batch_scale: float = 1.0) -> float:
+    """optim.lr for a run of `epochs` (its planned length: train.epochs, or what a time budget fits), times
+    batch_scale (data.batch_size / optim.lr_batch). A list of [epochs, lr] pairs holds peaks tuned for runs of
+    those lengths (a longer run wants a lower one): between two pairs the power law through them (straight on
+    log-log axes), beyond the ends the nearest pair's."""
     if not isinstance(lr, list):
-        return lr
+        return lr * batch_scale
     (e0, lr0), *rest = pairs = sorted(lr)
     epochs = min(max(epochs, e0), pairs[-1][0])
     for e1, lr1 in rest:
         if epochs <= e1:
-            return lr0 * (lr1 / lr0) ** (math.log(epochs / e0) / math.log(e1 / e0))
+            return lr0 * (lr1 / lr0) ** (math.log(epochs / e0) / math.log(e1 / e0)) * batch_scale
         e0, lr0 = e1, lr1
-    return lr0  # a single pair
+    return lr0 * batch_scale  # a single pair
 
 
 def lr_at(step: int, total: int, s: dict, base_lr: float, start: tuple | None = None) -> float:
@@ -391,7 +398,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
     warm_start = tuple(state["warm_start"]) if state is not None and state.get("warm_start") else None  # lr_at
 
     def peak(steps: int) -> float:  # optim.lr for a run planned at this many steps
-        return peak_lr(O["lr"], steps / steps_per_epoch)
+        return peak_lr(O["lr"], steps / steps_per_epoch, batch_scale(r))
 
     total = limit = min(T["epochs"] * steps_per_epoch, T["max_steps"] or sys.maxsize)  # a budget fits total <= limit
     budget = T["time_budget"] * 60 if T["time_budget"] else None  # seconds for the whole run, resumed parts too
@@ -432,7 +439,8 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             before = state.get("recipe") or r  # the schedule and base learning rate it had
             now = lr_at(step, total, r["schedule"], peak(total), warm_start)
             then = lr_at(step, state["total_steps"], before["schedule"],
-                         peak_lr(before["optim"]["lr"], state["total_steps"] / steps_per_epoch), warm_start)
+                         peak_lr(before["optim"]["lr"], state["total_steps"] / steps_per_epoch,
+                                 batch_scale(before) if "data" in before else 1.0), warm_start)
             log.warning("--resume: the schedule now ends at step %d instead of %d%s", total, state["total_steps"],
                         f", so the learning rate at step {step} is {now:.3g} instead of {then:.3g}" if
                         f"{now:.3g}" != f"{then:.3g}" else "")
@@ -456,6 +464,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         if isinstance(O["lr"], list) and budget is None:  # a budget's fit says it once the length is known
             log.info("peak lr %.3g for %.1f epochs (optim.lr %s)", peak(total),
                      total / steps_per_epoch, O["lr"])
+        if O["lr_batch"] and not isinstance(O["lr"], list):
+            log.info("peak lr %.3g: optim.lr %g for batch %d, scaled to batch %d (optim.lr_batch)", peak(total),
+                     O["lr"], O["lr_batch"], D["batch_size"])
 
     def clock() -> float:
         return elapsed_before + time.time() - t0
