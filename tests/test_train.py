@@ -1416,3 +1416,14 @@ def test_lr_batch_scales_the_peak_learning_rate_with_the_batch(tmp_path, caplog)
     assert main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "run")]) == 0
     assert read_metrics(tmp_path / "run" / "metrics.csv")[-1]["lr"] == pytest.approx(0.0005)
     assert "peak lr 0.0005: optim.lr 0.002 for batch 128, scaled to batch 32 (optim.lr_batch)" in caplog.text
+
+
+def test_a_warm_up_as_long_as_the_run_and_a_huge_resample_are_said(tmp_path, caplog):
+    """finetune.yaml's 500 warm-up steps in a 500-step run never decay; a checkpoint for 8 px inputs fine-tuned at
+    96 px has 144x the tokens: both said before the run, not found out after it."""
+    recipe = write_recipe(tmp_path / "r.yaml", schedule={"warmup_steps": 500}, train={"epochs": 1})
+    assert main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    assert "the warm-up takes 21 of the run's 22 steps, so the rate never decays" in caplog.text
+    model = vitkit.load_model(tmp_path / "run" / "best.safetensors", img_size=96)
+    assert model.cfg.grid == (48, 48)
+    assert "position embeddings resampled from 4x4 to 48x48 (12x per side: 2304 tokens" in caplog.text

@@ -405,7 +405,8 @@ def test_a_head_that_read_the_dropped_pre_logits_layer_goes_too(tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="vitkit"):
         without = vitkit.create_model("ViT-Ti/16", weights=tmp_path / "rep.npz", depth=1, representation_size=None)
     assert without.cfg.representation_size is None and not without.head.weight.any() and not without.head.bias.any()
-    assert "it read the pre-logits layer, which the model lacks" in caplog.text
+    assert "head replaced: the pre-training head (pre-logits layer + classifier) goes, as the paper fine-tunes" \
+        in caplog.text and "pre-logits layer of the checkpoint dropped" not in caplog.text
     assert torch.equal(without.blocks[0].mlp.fc1.weight, with_it.blocks[0].mlp.fc1.weight)
 
 

@@ -464,6 +464,10 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
         if isinstance(O["lr"], list) and budget is None:  # a budget's fit says it once the length is known
             log.info("peak lr %.3g for %.1f epochs (optim.lr %s)", peak(total),
                      total / steps_per_epoch, O["lr"])
+        if budget is None and total > 1 and (warm := warmup_length(total, r["schedule"])) >= total / 2:
+            log.warning("the warm-up takes %d of the run's %d steps%s (schedule.warmup_steps %d, warmup_fraction "
+                        "%g): lower it for a run this short", warm, total, ", so the rate never decays" if
+                        warm >= total - 1 else "", r["schedule"]["warmup_steps"], r["schedule"]["warmup_fraction"])
         if O["lr_batch"] and not isinstance(O["lr"], list):
             log.info("peak lr %.3g: optim.lr %g for batch %d, scaled to batch %d (optim.lr_batch)", peak(total),
                      O["lr"], O["lr_batch"], D["batch_size"])

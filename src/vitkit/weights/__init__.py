@@ -187,19 +187,26 @@ def fit_state_dict(sd: dict[str, torch.Tensor], model, resample: dict | None = N
                                   f"token (timm's no_embed_class=True), which vitkit's ViT does not do")
         old_grid = stated or _grid_for(old, model.cfg.grid)
         sd["pos_embed"] = resample_pos_embed(pos, model.cfg.grid, old_grid, prefix, **(resample or {}))
+        growth = max(n / o for n, o in zip(model.cfg.grid, old_grid))
         notes.append(f"position embeddings resampled from {old_grid[0]}x{old_grid[1]} to "
-                     f"{model.cfg.grid[0]}x{model.cfg.grid[1]}")
+                     f"{model.cfg.grid[0]}x{model.cfg.grid[1]}" + (
+                         f" ({growth:.0f}x per side: {math.prod(model.cfg.grid)} tokens, each step as much slower and "
+                         f"larger; is img_size {model.cfg.img_size[0]}x{model.cfg.img_size[1]} meant?)"
+                         if growth > 4 else ""))
     head_w = sd.get("head.weight")
     model_classes = model.cfg.num_classes
     drop_pre_logits = "pre_logits.weight" in sd and "pre_logits.weight" not in own
+    drop_said = False  # the head's note says it
     if head_w is not None and (not model_classes or head_w.shape != own["head.weight"].shape or drop_pre_logits):
         for k in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
             sd.pop(k, None)
         if model_classes:
             model.reset_head(model_classes)
-            why = f"checkpoint has {head_w.shape[0]} classes, model {model_classes}" \
-                if head_w.shape != own["head.weight"].shape else "it read the pre-logits layer, which the model lacks"
+            other = head_w.shape != own["head.weight"].shape
+            why = f"checkpoint has {head_w.shape[0]} classes, model {model_classes}" if other else \
+                "the pre-training head (pre-logits layer + classifier) goes, as the paper fine-tunes"
             notes.append(f"head replaced: {why} (new head initialised to zero)")
+            drop_said = drop_pre_logits and not other
     elif head_w is None and model_classes:
         model.reset_head(model_classes)
         notes.append(f"checkpoint has no classifier; new {model_classes}-class head initialised to zero")
@@ -209,7 +216,8 @@ def fit_state_dict(sd: dict[str, torch.Tensor], model, resample: dict | None = N
             sd.update({f"head_dist.{k}": v for k, v in model.head_dist.state_dict().items()})
     if drop_pre_logits:  # the paper's fine-tuning: the whole pre-training head goes, a zero head comes
         sd.pop("pre_logits.weight"), sd.pop("pre_logits.bias", None)
-        notes.append("pre-logits layer of the checkpoint dropped")
+        if not drop_said:
+            notes.append("pre-logits layer of the checkpoint dropped")
     return sd, notes
 
 
