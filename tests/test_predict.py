@@ -463,6 +463,9 @@ def test_urls_are_downloaded_and_failures_are_one_line(tiny_ckpt, tmp_path):
                                             "ftp://x/y.png: only http(s) URLs are downloaded"]
         r = vitkit_cli("predict", url, "--weights", path, "--top-k", "1")  # the URL printed as given
         assert r.returncode == 0 and r.stdout.startswith(f"{url}: "), r.stderr
+        maps = tmp_path / "maps"  # attention takes it too, named by the URL's file name
+        assert vitkit_main(["attention", url + "?size=2", "--weights", str(path), "-o", str(maps)]) == 0
+        assert [p.name for p in maps.iterdir()] == ["cat_rollout.png"]
     finally:
         server.shutdown()
 

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -13,7 +14,8 @@ from matplotlib.figure import Figure
 
 from ..cli import (UserError, add_model_arguments, check_writable, failure_summary, model_from_args, model_source,
                    user_errors)
-from ..data.images import ImageError, image_suffixes, _to_rgb, eval_transform, iter_image_paths, load_image
+from ..data.images import (ImageError, _to_rgb, eval_transform, image_suffixes, is_url, iter_image_paths,
+                           load_image)
 from ..predict import class_names
 from .attention import METHODS, check_index, prepare, row_description, to_image_size, token_map
 from .figure7 import FIGURES, MAX_ASPECT, save_figure, write_figure7
@@ -124,7 +126,7 @@ def run_attention(args: argparse.Namespace) -> int:
     check_writable(out, f"-o {out}", folder=not single_file)
     failed: list = []
     on_error = _report("attention", failed)
-    paths = list(iter_image_paths(args.images, on_error, skip=None if single_file else out))
+    paths = list(iter_image_paths(args.images, on_error, skip=None if single_file else out, urls=True))
     if single_file and len(paths) > 1:
         raise UserError(f"-o {out}: {len(paths)} images need an output folder, not one .png file")
     done = 0
@@ -140,7 +142,7 @@ def run_attention(args: argparse.Namespace) -> int:
         raise UserError(f"--{e}") from None
     tag, description = _method_label(args, model)
     targets = [out] if single_file else _output_names(paths, out, tag)
-    inputs = {_real(p) for p in paths}
+    inputs = {_real(p) for p in paths if not is_url(p)}
     for path, target in zip(paths, targets):
         try:
             problem = _target_problem(target, inputs, args.force)
@@ -160,7 +162,7 @@ def run_attention(args: argparse.Namespace) -> int:
         with _value_errors_as_user_errors():  # memory for the attention kept: the same for every image
             logits, grid = token_map(model, x, args.method, args.layer, args.head)
         prediction = _prediction(model, image, logits)
-        title = f"{path.name}: {prediction}\n{description}, {row_description(model)}"
+        title = f"{_name(path)}: {prediction}\n{description}, {row_description(model)}"
         shown = _shown(image)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -193,6 +195,11 @@ def _shown(image, longest: int = 2048):
     return shown
 
 
+def _name(path: Path | str) -> str:
+    """A file's name; a URL's last path segment (https://host/a/cat.jpg?s=2: cat.jpg)."""
+    return Path(urlparse(path).path).name if is_url(path) else Path(path).name
+
+
 def _real(path: Path) -> str:
     try:
         return str(path.resolve())
@@ -209,7 +216,7 @@ def _output_path(text: str) -> Path:
 def _output_names(paths: list[Path], folder: Path, tag: str) -> list[Path]:
     """folder/NAME_TAG.png per image (stdin_TAG.png for "-", the image piped in); a repeated name gets -2, -3...,
     the first number no other image's name has taken (a.png twice and a-2.png: a, a-3, a-2)."""
-    stems = ["stdin" if str(p) == "-" else p.stem for p in paths]
+    stems = ["stdin" if str(p) == "-" else Path(_name(p)).stem or "download" for p in paths]
     own, used, names = set(stems), set(), []
     for stem in stems:
         name, n = stem, 1
