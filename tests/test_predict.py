@@ -442,32 +442,22 @@ def test_a_closed_pil_image_is_an_image_error(tiny_ckpt, tmp_path):
         list(vitkit.classify(model, im))
 
 
-def test_urls_are_downloaded_and_failures_are_one_line(tiny_ckpt, tmp_path):
-    import functools
-    import http.server
-    import threading
-
+def test_urls_are_downloaded_and_failures_are_one_line(tiny_ckpt, tmp_path, http_root):
+    root, base, _ = http_root
     path, model = tiny_ckpt
-    Image.fromarray(photo(7)).save(tmp_path / "cat.png")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/cat.png"
-        errors = []
-        got = list(vitkit.classify(model, [url, url.replace("cat", "dog"), "ftp://x/y.png"], on_error=errors.append))
-        assert [(r["path"], r["input"]) for r in got] == [(url, 0)]
-        assert got[0]["top_k"] == next(iter(vitkit.classify(model, tmp_path / "cat.png")))["top_k"]
-        assert [str(e) for e in errors] == [f"{url.replace('cat', 'dog')}: download failed (HTTP 404 File not found)",
-                                            "ftp://x/y.png: only http(s) URLs are downloaded"]
-        r = vitkit_cli("predict", url, "--weights", path, "--top-k", "1")  # the URL printed as given
-        assert r.returncode == 0 and r.stdout.startswith(f"{url}: "), r.stderr
-        maps = tmp_path / "maps"  # attention takes it too, named by the URL's file name
-        assert vitkit_main(["attention", url + "?size=2", "--weights", str(path), "-o", str(maps)]) == 0
-        assert [p.name for p in maps.iterdir()] == ["cat_rollout.png"]
-    finally:
-        server.shutdown()
+    Image.fromarray(photo(7)).save(root / "cat.png")
+    url = f"{base}/cat.png"
+    errors = []
+    got = list(vitkit.classify(model, [url, url.replace("cat", "dog"), "ftp://x/y.png"], on_error=errors.append))
+    assert [(r["path"], r["input"]) for r in got] == [(url, 0)]
+    assert got[0]["top_k"] == next(iter(vitkit.classify(model, root / "cat.png")))["top_k"]
+    assert [str(e) for e in errors] == [f"{url.replace('cat', 'dog')}: download failed (HTTP 404 File not found)",
+                                        "ftp://x/y.png: only http(s) URLs are downloaded"]
+    r = vitkit_cli("predict", url, "--weights", path, "--top-k", "1")  # the URL printed as given
+    assert r.returncode == 0 and r.stdout.startswith(f"{url}: "), r.stderr
+    maps = tmp_path / "maps"  # attention takes it too, named by the URL's file name
+    assert vitkit_main(["attention", url + "?size=2", "--weights", str(path), "-o", str(maps)]) == 0
+    assert [p.name for p in maps.iterdir()] == ["cat_rollout.png"]
 
 
 def test_folders_are_walked_through_symlinks_for_every_format_pil_reads(tmp_path):

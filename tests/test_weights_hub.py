@@ -2,11 +2,8 @@
 local folder, and URLs are served by http.server on 127.0.0.1. The loading after the download is the real one."""
 from __future__ import annotations
 
-import functools
 import json
-import http.server
 import shutil
-import threading
 import types
 
 import pytest
@@ -77,24 +74,6 @@ def test_hf_hub_missing_repo_is_one_line(fake_hub):
         vitkit.create_model("ViT-Ti/16", weights="hf-hub:nobody/nothing")
     msg = str(e.value)
     assert msg.startswith("hf-hub:nobody/nothing: download failed (RepositoryNotFoundError") and "\n" not in msg
-
-
-@pytest.fixture
-def http_root(tmp_path, monkeypatch):
-    """A folder served at http://127.0.0.1:PORT/ for the test (loopback only), and an empty vitkit cache."""
-    root = tmp_path / "served"
-    root.mkdir()
-    monkeypatch.setenv("VITKIT_CACHE", str(tmp_path / "cache"))
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}", server
-    server.shutdown()
-    server.server_close()
 
 
 def test_url_download_is_cached(tmp_path, http_root):
