@@ -137,3 +137,31 @@ def test_eval_of_a_vitkit_checkpoint_by_url(tmp_path, http_root, capsys):
     assert main(["eval", "--data", "digits", "--weights", f"{base}/digits.safetensors", "--json",
                  "--out", str(tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] > 0
+
+
+def test_a_timm_repository_names_its_model(tmp_path, fake_hub, capsys):
+    """timm's hub repositories keep config.json ({"architecture": NAME}) beside the weights: load_model and the
+    commands need no --model for them, nor for a weights file downloaded with that config beside it."""
+    from PIL import Image
+
+    from vitkit.cli import main
+
+    repos, _ = fake_hub
+    peer = randomize(timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=CLASSES))
+    (tmp_path / "repo").mkdir()
+    save_timm(peer, tmp_path / "repo" / "model.safetensors")
+    (tmp_path / "repo" / "config.json").write_text('{"architecture": "vit_tiny_patch16_224", "num_classes": 10}')
+    repos["timm/vit_tiny"] = tmp_path / "repo"
+    with torch.no_grad():
+        ref = peer(images(224))
+    for spec in ("hf-hub:timm/vit_tiny", tmp_path / "repo" / "model.safetensors"):
+        model = vitkit.load_model(spec, depth=1)
+        with torch.no_grad():
+            assert_close(model(images(224)), ref)
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
+    args = ["predict", str(tmp_path / "red.png"), "--weights", str(tmp_path / "repo" / "model.safetensors")]
+    assert main([*args, "--set", "depth=1", "--top-k", "1"]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'red.png'}: ")
+    (tmp_path / "repo" / "config.json").unlink()  # without it: the name is needed, and said to be
+    with pytest.raises(CheckpointError, match=r"does not say its architecture: name it \(--model NAME"):
+        vitkit.load_model(tmp_path / "repo" / "model.safetensors", depth=1)

@@ -116,10 +116,15 @@ ARCHITECTURE = ("width", "depth", "num_heads", "mlp_dim", "patch_size", "img_siz
 
 def load_model(path: str | Path, *, pos_resample: str | None = None, **overrides) -> ViT:
     """Rebuild a model from a checkpoint that says its architecture, nothing else needed: a vitkit checkpoint
-    (.safetensors with its config), or a transformers directory or hub repository (its config.json); overrides
-    such as img_size change it (pos_resample: as in create_model)."""
+    (.safetensors with its config), a transformers directory or hub repository (its config.json), or a timm hub
+    repository (config.json names the model); overrides such as img_size change it (pos_resample: as in
+    create_model)."""
     ckpt = read_checkpoint(path)
     if ckpt.format != "vitkit" and not all(k in ckpt.config for k in ARCHITECTURE):
+        from .weights.hub import timm_architecture
+
+        if name := timm_architecture(path):  # a timm repository's config.json names the model
+            return create_model(name, weights=path, pos_resample=pos_resample, **overrides).eval()
         raise CheckpointError(f"{path}: a {ckpt.format} checkpoint, which does not say its architecture: name it "
                               f"(--model NAME; create_model(NAME, weights=...)), or `vitkit convert` it first")
     cfg = ViTConfig.from_dict({**ckpt.config, **overrides})

@@ -123,15 +123,16 @@ _FIELD_FLAGS = {"img_size": ("--img-size", "img_size"), "num_classes": ("--num-c
 
 def _says_its_architecture(spec: str) -> bool:
     """Whether --weights may say its own architecture: a vitkit checkpoint, a transformers directory (config.json),
-    a hub repository (a transformers one does; a timm one is refused by load_model, naming --model). Of URLs only
-    one of a .safetensors file can (fetched to see)."""
+    timm weights beside timm's config.json, a hub repository (transformers' and timm's do). Of URLs only one of a
+    .safetensors file can (fetched to see)."""
     from urllib.parse import urlparse
 
-    from .weights.hub import HF_PREFIX, fetch, is_remote
+    from .weights.hub import HF_PREFIX, fetch, is_remote, timm_architecture
     from .weights.vitkit_format import is_vitkit_checkpoint
 
     if not is_remote(spec):
-        return is_vitkit_checkpoint(spec) or (Path(spec).is_dir() and (Path(spec) / "config.json").is_file())
+        return is_vitkit_checkpoint(spec) or (Path(spec).is_dir() and (Path(spec) / "config.json").is_file()) \
+            or timm_architecture(spec) is not None
     return spec.startswith(HF_PREFIX) or (urlparse(spec).path.endswith(".safetensors")
                                           and is_vitkit_checkpoint(fetch(spec)))
 
