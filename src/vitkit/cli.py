@@ -155,8 +155,12 @@ def model_from_args(args: argparse.Namespace, weights_flag: str = "--weights", r
     if not args.model and args.weights is None:
         raise UserError("give --weights (a vitkit checkpoint) or --model NAME")
     if not args.model and not _says_its_architecture(str(args.weights)):
+        from .weights.hub import is_remote, transformers_folder
+
+        folder = None if is_remote(str(args.weights)) else transformers_folder(args.weights)
         raise UserError(f"{weights_flag} {args.weights}: not a vitkit checkpoint, so its architecture is unknown; "
-                        f"add --model NAME (see `vitkit models`)")
+                        + (f"give its folder, {folder}, whose config.json says it, or " if folder else "")
+                        + "add --model NAME (see `vitkit models`)")
     if getattr(args, "img_size", None) is not None:
         overrides.setdefault("img_size", args.img_size)
     fields = config_fields(getattr(args, "fields", None) or [])

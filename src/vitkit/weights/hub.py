@@ -95,3 +95,12 @@ def timm_architecture(spec: str | Path) -> str | None:
     name = config.get("architecture") if isinstance(config, dict) else None
     return name if isinstance(name, str) and "model_type" not in config else None
 
+
+def transformers_folder(spec: str | Path) -> Path | None:
+    """The save_pretrained folder a weights file was taken from (its config.json has a model_type), if any."""
+    try:
+        config = json.loads((Path(spec).parent / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return Path(spec).parent if isinstance(config, dict) and "model_type" in config else None
+
