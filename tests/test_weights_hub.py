@@ -54,15 +54,21 @@ def test_hf_hub_transformers_repo(tmp_path, fake_hub):
     assert calls == [("google/vit-tiny", "v1.0", ("*.json", "*.safetensors"))]
 
 
+def _timm_repo(folder, repos: dict, weights: str):
+    """A 1-block timm ViT-Ti/16 saved as the hub repository timm/vit_tiny: `weights` and timm's config.json."""
+    peer = randomize(timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=CLASSES))
+    folder.mkdir()
+    save_timm(peer, folder / weights)
+    (folder / "config.json").write_text('{"architecture": "vit_tiny_patch16_224", "num_classes": 10}')
+    repos["timm/vit_tiny"] = folder
+    return peer
+
+
 def test_hf_hub_timm_repo_with_only_pickles(tmp_path, fake_hub):
     """A timm repository (config.json without model_type) holding only pytorch_model.bin: the second, narrower
     download fetches it, and it is read as a timm state dict with weights_only=True."""
     repos, calls = fake_hub
-    peer = randomize(timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=CLASSES))
-    (tmp_path / "repo").mkdir()
-    save_timm(peer, tmp_path / "repo" / "pytorch_model.bin")
-    (tmp_path / "repo" / "config.json").write_text('{"architecture": "vit_tiny_patch16_224", "num_classes": 10}')
-    repos["timm/vit_tiny"] = tmp_path / "repo"
+    peer = _timm_repo(tmp_path / "repo", repos, "pytorch_model.bin")
     with torch.no_grad():
         ref = peer(images(224))
     assert_close(vitkit_logits("ViT-Ti/16", "hf-hub:timm/vit_tiny", 224), ref)
@@ -147,11 +153,7 @@ def test_a_timm_repository_names_its_model(tmp_path, fake_hub, capsys):
     from vitkit.cli import main
 
     repos, _ = fake_hub
-    peer = randomize(timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=CLASSES))
-    (tmp_path / "repo").mkdir()
-    save_timm(peer, tmp_path / "repo" / "model.safetensors")
-    (tmp_path / "repo" / "config.json").write_text('{"architecture": "vit_tiny_patch16_224", "num_classes": 10}')
-    repos["timm/vit_tiny"] = tmp_path / "repo"
+    peer = _timm_repo(tmp_path / "repo", repos, "model.safetensors")
     with torch.no_grad():
         ref = peer(images(224))
     for spec in ("hf-hub:timm/vit_tiny", tmp_path / "repo" / "model.safetensors"):

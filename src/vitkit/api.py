@@ -32,6 +32,13 @@ def create_model(name: str, *, weights: str | Path | Mapping | None = None, num_
     if pos_resample is not None and weights is None:
         raise ValueError(f"pos_resample {pos_resample!r}: it says how weights being loaded are resampled; give weights")
     ckpt = read_checkpoint(weights) if weights is not None else None
+    source = "the state dict" if isinstance(weights, Mapping) else weights
+    return _build(name, ckpt, source, num_classes, img_size, pos_resample, overrides)
+
+
+def _build(name: str, ckpt, source, num_classes: int | None, img_size, pos_resample: str | None,
+           overrides: dict) -> ViT:
+    """create_model with its checkpoint read (None: no weights); `source` names it in notes."""
     facts = {}
     if ckpt is not None:
         facts = {k: ckpt.config[k] for k in _FROM_CHECKPOINT if k in ckpt.config}
@@ -48,7 +55,7 @@ def create_model(name: str, *, weights: str | Path | Mapping | None = None, num_
         model = ViT(cfg)
     model.preprocess.update(preprocess)
     if ckpt is not None:
-        _load(model, ckpt, "the state dict" if isinstance(weights, Mapping) else weights, pos_resample)
+        _load(model, ckpt, source, pos_resample)
     return model.eval()
 
 
@@ -119,12 +126,14 @@ def load_model(path: str | Path, *, pos_resample: str | None = None, **overrides
     (.safetensors with its config), a transformers directory or hub repository (its config.json), or a timm hub
     repository (config.json names the model); overrides such as img_size change it (pos_resample: as in
     create_model)."""
-    ckpt = read_checkpoint(path)
-    if ckpt.format != "vitkit" and not all(k in ckpt.config for k in ARCHITECTURE):
-        from .weights.hub import timm_architecture
+    from .weights.hub import fetch, is_remote, timm_architecture
 
-        if name := timm_architecture(path):  # a timm repository's config.json names the model
-            return create_model(name, weights=path, pos_resample=pos_resample, **overrides).eval()
+    local = fetch(path) if isinstance(path, str) and is_remote(path) else path  # downloaded once
+    ckpt = read_checkpoint(local)
+    if ckpt.format != "vitkit" and not all(k in ckpt.config for k in ARCHITECTURE):
+        if name := timm_architecture(local):  # a timm repository's config.json names the model
+            return _build(name, ckpt, path, overrides.pop("num_classes", None), overrides.pop("img_size", None),
+                          pos_resample, overrides)
         raise CheckpointError(f"{path}: a {ckpt.format} checkpoint, which does not say its architecture: name it "
                               f"(--model NAME; create_model(NAME, weights=...)), or `vitkit convert` it first")
     cfg = ViTConfig.from_dict({**ckpt.config, **overrides})

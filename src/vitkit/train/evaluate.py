@@ -191,9 +191,10 @@ def run_data(weights: str | None) -> dict:
     return ((read_metadata(local) or {}).get("data")) or {}
 
 
-def recorded_split(weights: str | None, data: str) -> dict:
-    """The held-out split a vitkit training run recorded in its checkpoint, if DATA is that run's data."""
-    rec = run_data(weights)
+def recorded_split(weights: str | None, data: str, rec: dict | None = None) -> dict:
+    """The held-out split a vitkit training run recorded in its checkpoint (`rec`: run_data's, when read
+    already), if DATA is that run's data."""
+    rec = run_data(weights) if rec is None else rec
     here, there = Path(data), Path(rec.get("path", ""))
     if rec.get("resolved") and here.exists():  # a local path: the same place, whichever the working directory
         same = Path(rec["resolved"]) == here.resolve()
@@ -246,10 +247,11 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
     if val_split is not None and (isinstance(val_split, bool) or not isinstance(val_split, (int, float))
                                   or not 0 <= val_split < 1):
         raise DataError(f"--val-split {val_split}: must be in [0, 1) (0: evaluate everything)")
-    split = recorded_split(weights and str(weights), data)
+    rec = run_data(weights and str(weights))
+    split = recorded_split(weights and str(weights), data, rec)
     # elsewhere (copied, moved, renamed), the run's data is known by its held-out files, drawn again
-    moved = run_data(weights and str(weights)) if not split and val_split is None and split_seed is None else {}
-    moved = moved if moved.get("val_split") and moved.get("held_out") else {}
+    moved = rec if not split and val_split is None and split_seed is None and rec.get("val_split") and \
+        rec.get("held_out") else {}
     val_split = val_split if val_split is not None else split.get("val_split", 0.0)
     split_seed = split_seed if split_seed is not None else split.get("split_seed", 0)
     ds = open_data(data, val_split=val_split, split_seed=split_seed, root=data_root, evaluate_only=True,

@@ -84,12 +84,11 @@ def _checkpoint_in(folder: Path, name: str) -> Path:
     raise CheckpointError(f"{name}: {found}; download the one you want and pass its path")
 
 
-def timm_architecture(spec: str | Path) -> str | None:
+def timm_architecture(path: str | Path) -> str | None:
     """The model name a timm checkpoint's config.json gives ({"architecture": NAME, ...}: timm's hub repositories
-    keep it beside the weights), for an hf-hub: repository or a weights file with that file beside it."""
+    keep it beside the weights), for a local weights file (an hf-hub: repository's, once fetched)."""
     try:
-        local = fetch(str(spec)) if str(spec).startswith(HF_PREFIX) else Path(spec)
-        config = json.loads((local.parent / "config.json").read_text()) if local.is_file() else {}
+        config = json.loads((Path(path).parent / "config.json").read_text()) if Path(path).is_file() else {}
     except (OSError, ValueError):
         return None
     name = config.get("architecture") if isinstance(config, dict) else None
