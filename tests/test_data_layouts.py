@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vitkit.data.datasets import DataError, in_memory, open_data
+from vitkit.data.images import ImageError
 from vitkit.train import evaluate as E
 
 from train_utils import digit_images
@@ -155,6 +156,20 @@ def test_symlinked_folders_inside_a_class_are_followed(tmp_path):
     (tmp_path / "ds" / "1" / "loop").symlink_to(tmp_path / "ds" / "1")  # each real folder read once
     data = open_data(str(tmp_path / "ds"), evaluate_only=True, preload=False)
     assert len(data.val) == 7
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_a_broken_symlink_in_a_class_folder_is_listed_as_skipped(tmp_path, preload):
+    digit_images(tmp_path / "ds", ["1", "2"], per_class=3)
+    (tmp_path / "ds" / "1" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    data = open_data(str(tmp_path / "ds"), evaluate_only=True, preload=preload, cache_dir=str(tmp_path / "cache"))
+    message = f"{tmp_path}/ds/1/gone.png: a broken symbolic link"
+    if preload:  # decoded before any work: listed at once, the other six kept
+        assert len(data.val) == 6 and data.skipped == [message]
+    else:  # read on demand: the reader names it, for the run's list of skipped images
+        assert len(data.val) == 7 and data.skipped == []
+        with pytest.raises(ImageError, match="broken symbolic link"):
+            [data.val[i] for i in range(len(data.val))]
 
 
 def _cifar_root(root, monkeypatch):

@@ -228,6 +228,10 @@ def test_position_similarity_diagonal_and_grid(img_size, tmp_path):
     assert sim.shape == (h * w, h * w)
     np.testing.assert_allclose(np.diag(sim), 1.0, atol=1e-6)
     np.testing.assert_allclose(sim, sim.T, atol=1e-6)
+    with torch.no_grad():  # an all-zero embedding (an untrained zero init) is still itself
+        model.pos_embed[0, model.num_prefix_tokens + 1] = 0
+    zeroed = figure7.position_similarity(model)
+    assert zeroed[1, 1] == 1 and zeroed[1, 0] == 0 and zeroed[0, 0] == pytest.approx(1)
     mosaic = figure7.similarity_mosaic(sim, (h, w))
     assert mosaic.shape == (h * (h + 1) - 1, w * (w + 1) - 1)
     i = h * w - 2  # last row, one before the last column: its own tile holds its similarities

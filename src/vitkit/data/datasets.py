@@ -539,7 +539,7 @@ def _preload(files: FileImages, root: Path, where: str, cache_dir: str | None) -
     # orientation
     h.update(os.fsencode(f"{root.resolve()}\n"))  # fsencode: a file name need not be valid UTF-8
     for p, label in zip(files.paths, files.labels.tolist()):
-        st = p.stat()
+        st = p.stat() if p.exists() else p.lstat()  # a broken symlink: read, and listed as unreadable
         h.update(os.fsencode(f"{p.relative_to(root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n"))
     cache = cache_root(cache_dir) / f"preload-{h.hexdigest()}.pt"
     if cache.is_file():

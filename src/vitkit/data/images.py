@@ -67,7 +67,7 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> tuple[Image.I
         if str(path) == "-" and not path.exists():  # `curl -s URL | vitkit predict -`
             source = _standard_input()
         elif not path.exists():
-            raise ImageError(f"{path}: no such file")
+            raise ImageError(f"{path}: " + ("a broken symbolic link" if path.is_symlink() else "no such file"))
         elif path.is_dir():
             raise ImageError(f"{path}: is a directory")
         elif path.stat().st_size == 0:
@@ -227,7 +227,7 @@ def is_junk(name: str) -> bool:
 
 def image_files(folder: Path) -> list[Path]:
     """Image files under `folder`, sorted; symlinked folders followed (as torchvision's ImageFolder does; each real
-    folder once), hidden entries and macOS debris skipped."""
+    folder once), hidden entries and macOS debris skipped. A broken symlink is kept, so that its reader says so."""
     found, seen = [], set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         if (real := os.path.realpath(top)) in seen:
@@ -236,7 +236,7 @@ def image_files(folder: Path) -> list[Path]:
         seen.add(real)
         dirs[:] = [d for d in dirs if not is_junk(d)]
         found += [f for name in files if not is_junk(name) and Path(name).suffix.lower() in image_suffixes()
-                  and (f := Path(top, name)).is_file()]
+                  and ((f := Path(top, name)).is_file() or f.is_symlink() and not f.exists())]  # broken: said
     return sorted(found)
 
 

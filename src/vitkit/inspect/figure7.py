@@ -91,7 +91,7 @@ def position_similarity(model) -> np.ndarray:
     """Cosine similarity of every patch position's embedding with every other's: (h*w, h*w), row-major."""
     pos = model.pos_embed[0, model.num_prefix_tokens:].detach().float().cpu()
     pos = F.normalize(pos, dim=-1)
-    return (pos @ pos.T).clamp(-1, 1).numpy()
+    return (pos @ pos.T).clamp(-1, 1).fill_diagonal_(1).numpy()  # each is itself, even an all-zero embedding
 
 
 def grid_distances(grid: tuple[int, int]) -> np.ndarray:
