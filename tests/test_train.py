@@ -963,6 +963,13 @@ def test_eval_imagenet_folders_matched_by_wordnet_id(tmp_path, capsys):
         loss = F.cross_entropy(peer(x), y).item()
     assert got["n"] == 6 and set(got["per_class"]) == {p.name.split("_")[0] for p in photos}
     assert got["loss"] == pytest.approx(loss, abs=1e-4)
+    # one naming its classes in words (transformers' google/vit-base-patch16-224: "tench, Tinca tinca", ...)
+    named = vitkit.create_model("vit_tiny_patch16_224", weights=tmp_path / "ti.pth")
+    named.class_names = [f"class in words {i}" for i in range(1000)]
+    vitkit.save_model(named, tmp_path / "named.safetensors")
+    assert main(["eval", "--data", str(tmp_path / "val"), "--weights", str(tmp_path / "named.safetensors"), "--json",
+                 "--workers", "0", "--out", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(loss, abs=1e-4)
 
 
 # --- never lose a run: the run directory as the only source of truth ------------------------------------------

@@ -167,3 +167,32 @@ def test_a_timm_repository_names_its_model(tmp_path, fake_hub, capsys):
     (tmp_path / "repo" / "config.json").unlink()  # without it: the name is needed, and said to be
     with pytest.raises(CheckpointError, match=r"does not say its architecture: name it \(--model NAME"):
         vitkit.load_model(tmp_path / "repo" / "model.safetensors", depth=1)
+
+
+def test_timm_save_for_hf_config_gives_arguments_preprocessing_and_class_names(tmp_path):
+    """timm's save_for_hf: model_args (here patch 8 at 32 px, where the name says 16 at 224), pretrained_cfg's
+    preprocessing (as timm's resolve_data_config reads it) and label_names, all read back by load_model."""
+    from timm.models._hub import save_for_hf
+
+    peer = randomize(timm.create_model("vit_tiny_patch16_224", patch_size=8, img_size=32, depth=1, num_classes=3))
+    stats = {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6), "crop_pct": 0.95, "interpolation": "bilinear"}
+    save_for_hf(peer.eval(), tmp_path, safe_serialization=True,
+                model_config={"pretrained_cfg": stats, "label_names": ["cat", "dog", "eel"]})
+    config = json.loads((tmp_path / "config.json").read_text())
+    model = vitkit.load_model(tmp_path / "model.safetensors")
+    with torch.no_grad():
+        assert_close(model(images(32)), peer(images(32)))
+    want = timm.data.resolve_data_config(pretrained_cfg=config["pretrained_cfg"])
+    assert {k: list(v) if isinstance(v, tuple) else v for k, v in model.preprocess.items()} == \
+           {k: want[k] for k in ("mean", "std", "crop_pct", "interpolation", "crop_mode")}
+    assert model.class_names == ["cat", "dog", "eel"] and model.cfg.patch_size == 8
+    config["model_args"]["pre_norm"] = True  # an architecture vitkit does not build: said, not mis-built
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"model_args pre_norm=True: not an architecture vitkit builds"):
+        vitkit.load_model(tmp_path / "model.safetensors")
+
+
+def test_a_file_of_a_transformers_folder_points_to_the_folder(tmp_path):
+    hf_vit("ViT-Ti/16").save_pretrained(tmp_path / "hf")
+    with pytest.raises(CheckpointError, match=r"a file of a transformers folder; give the folder"):
+        vitkit.load_model(tmp_path / "hf" / "model.safetensors")

@@ -4,6 +4,7 @@ changed one, where the peer resamples position embeddings its own way."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import numpy as np
@@ -383,3 +384,75 @@ def test_deit_image_processor_pixels(tmp_path, legacy):
     ref = processor(images=photo, return_tensors="pt")["pixel_values"][0]
     ours = eval_transform(model.preprocess, (224, 224))(photo)
     assert (ours - ref).abs().max() <= 1.01 / 255 / 0.224  # at most one grey level apart (PIL vs torch resizing)
+
+
+def _hf_deit(cls, **kw):
+    config = transformers.DeiTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                     image_size=32, patch_size=8, num_labels=CLASSES, **kw)
+    return randomize(cls(config)).eval()
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_transformers_deit_with_teacher_and_bare(tmp_path, size):
+    """transformers' distilled DeiT (facebook/deit-*-distilled-*): both heads averaged, as in its own forward; its
+    processor's defaults (256 -> 224 crop, ImageNet statistics) without a preprocessor_config.json."""
+    peer = _hf_deit(transformers.DeiTForImageClassificationWithTeacher)
+    peer.save_pretrained(tmp_path / "teacher")
+    model = vitkit.load_model(tmp_path / "teacher", img_size=size)
+    assert model.cfg.distilled and model.preprocess["crop_pct"] == 224 / 256
+    assert model.preprocess["mean"] == (0.485, 0.456, 0.406)
+    with torch.no_grad():
+        assert_close(model(images(size)), peer(images(size), interpolate_pos_encoding=True).logits)
+    bare = _hf_deit(transformers.DeiTModel)
+    bare.save_pretrained(tmp_path / "bare")
+    model = vitkit.load_model(tmp_path / "bare")
+    with torch.no_grad():
+        assert_close(model.forward_features(images(32)), bare(images(32)).last_hidden_state)
+        assert_close(model(images(32)), bare(images(32)).last_hidden_state[:, :2].mean(1))  # pooler left out
+    _hf_deit(transformers.DeiTForImageClassification).save_pretrained(tmp_path / "single")
+    with pytest.raises(vitkit.CheckpointError, match="DeiTForImageClassification .* is not supported"):
+        vitkit.load_model(tmp_path / "single")
+
+
+def test_transformers_masked_image_modeling_one_channel_and_a_stray_pooler(tmp_path, caplog):
+    """ViTForMaskedImageModeling: its encoder (the decoder left out); num_channels 1; a pooler saved beside a
+    classifier, which ViTForImageClassification never runs (transformers leaves it out; reading it as a pre-logits
+    layer moved the logits by about 1)."""
+    mim = hf_vit("ViT-Ti/16", depth=2, cls=transformers.ViTForMaskedImageModeling, encoder_stride=16).eval()
+    mim.save_pretrained(tmp_path / "mim")
+    with torch.no_grad():
+        assert_close(vitkit.load_model(tmp_path / "mim").forward_features(images(224)),
+                     mim.vit(images(224)).last_hidden_state)
+    gray = hf_vit("ViT-Ti/16", num_channels=1).eval()
+    gray.save_pretrained(tmp_path / "gray")
+    sd = load_file(str(tmp_path / "gray" / "model.safetensors"))
+    sd.update({"vit.pooler.dense.weight": torch.randn(192, 192), "vit.pooler.dense.bias": torch.randn(192)})
+    save_file(sd, str(tmp_path / "gray" / "model.safetensors"), metadata={"format": "pt"})
+    x = images(224)[:, :1]
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="vitkit"):
+        model = vitkit.load_model(tmp_path / "gray")
+        assert model.cfg.in_chans == 1 and model.cfg.representation_size is None
+        assert_close(model(x), gray(x).logits)
+    assert "pooler weights left out: beside a classifier" in caplog.text
+
+
+@pytest.mark.parametrize("processor, mean, std", [
+    ({"do_normalize": False}, (0.0,) * 3, (1.0,) * 3),
+    ({"do_rescale": False, "image_mean": [127.5] * 3, "image_std": [63.75] * 3}, (0.5,) * 3, (0.25,) * 3),
+    ({"rescale_factor": 1 / 127.5, "image_mean": [1, 1, 1], "image_std": [1, 1, 1]}, (0.5,) * 3, (0.5,) * 3),
+])
+def test_transformers_rescale_and_normalize_flags(tmp_path, processor, mean, std):
+    """(x * rescale_factor - mean) / std of 0-255 pixels, as vitkit's (x / 255 - mean') / std': the same pixels."""
+    from PIL import Image
+
+    from vitkit.data.images import eval_transform
+
+    hf_vit("ViT-Ti/16").save_pretrained(tmp_path)
+    hf = transformers.ViTImageProcessor(**processor)
+    hf.save_pretrained(tmp_path)
+    model = vitkit.load_model(tmp_path)
+    assert model.preprocess["mean"] == pytest.approx(mean) and model.preprocess["std"] == pytest.approx(std)
+    photo = Image.effect_mandelbrot((400, 260), (-2.0, -1.2, 0.8, 1.2), 60).convert("RGB")
+    ours = eval_transform(model.preprocess, (224, 224))(photo)
+    ref = hf(images=photo, return_tensors="pt")["pixel_values"][0]
+    assert (ours - ref).abs().max() <= 1.01 / 255 / min(std)  # at most one grey level apart (PIL vs torch resizing)

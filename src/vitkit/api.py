@@ -15,7 +15,8 @@ from .weights import CheckpointError, read_checkpoint, load_into
 log = logging.getLogger("vitkit")
 
 # facts a checkpoint states about itself that win over the model name's defaults
-_FROM_CHECKPOINT = ("class_token", "distilled", "pool", "fc_norm", "representation_size", "qkv_bias", "norm_eps")
+_FROM_CHECKPOINT = ("class_token", "distilled", "pool", "fc_norm", "representation_size", "qkv_bias", "norm_eps",
+                    "in_chans")
 
 
 def create_model(name: str, *, weights: str | Path | Mapping | None = None, num_classes: int | None = None,
@@ -126,14 +127,19 @@ def load_model(path: str | Path, *, pos_resample: str | None = None, **overrides
     (.safetensors with its config), a transformers directory or hub repository (its config.json), or a timm hub
     repository (config.json names the model); overrides such as img_size change it (pos_resample: as in
     create_model)."""
-    from .weights.hub import fetch, is_remote, timm_architecture
+    from .weights import timm
+    from .weights.hub import fetch, is_remote, transformers_folder
 
     local = fetch(path) if isinstance(path, str) and is_remote(path) else path  # downloaded once
     ckpt = read_checkpoint(local)
     if ckpt.format != "vitkit" and not all(k in ckpt.config for k in ARCHITECTURE):
-        if name := timm_architecture(local):  # a timm repository's config.json names the model
-            return _build(name, ckpt, path, overrides.pop("num_classes", None), overrides.pop("img_size", None),
-                          pos_resample, overrides)
+        if config := timm.hub_config(local):  # a timm repository's config.json names the model and its arguments
+            overrides = {**timm.model_overrides(config, ckpt, path), **overrides}
+            return _build(config["architecture"], ckpt, path, overrides.pop("num_classes", None),
+                          overrides.pop("img_size", None), pos_resample, overrides)
+        if folder := transformers_folder(local):
+            raise CheckpointError(f"{path}: a file of a transformers folder; give the folder, {folder}, whose "
+                                  f"config.json says the architecture")
         raise CheckpointError(f"{path}: a {ckpt.format} checkpoint, which does not say its architecture: name it "
                               f"(--model NAME; create_model(NAME, weights=...)), or `vitkit convert` it first")
     cfg = ViTConfig.from_dict({**ckpt.config, **overrides})

@@ -266,7 +266,8 @@ def evaluate_model(model, data: str, *, weights: str | Path | None = None, val_s
             ds.val, ds.val_name = part, f"held-out {val_split:.0%} (seed {split_seed})"
             ds.split.update(val_split=val_split, split_seed=split_seed, held_out=moved["held_out"])
     names = model.class_names
-    if names is None and model.cfg.num_classes == 1000 and set(ds.class_names) <= set(imagenet_wnids()):
+    if model.cfg.num_classes == 1000 and set(ds.class_names) <= set(imagenet_wnids()) \
+            and not set(ds.class_names) <= set(names or ()):  # (names such as transformers' "tench, Tinca tinca")
         names = imagenet_wnids()  # ImageNet folders (n01440764/...) for an ImageNet-1k head: matched by WordNet ID
     if names is None:  # a checkpoint without class names: only positions can be matched
         if len(ds.class_names) != model.cfg.num_classes:

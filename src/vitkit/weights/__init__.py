@@ -86,7 +86,7 @@ def read_checkpoint(path: str | Path | Mapping) -> Checkpoint:
     """Open a checkpoint of any supported format; the format is detected from the file itself.
     `hf-hub:ORG/REPO` ids and http(s) URLs are downloaded first (weights/hub.py). A state dict already in memory
     (timm's, torchvision's, transformers', DeiT's) is read as its file would be."""
-    from . import hub, npz, transformers, vitkit_format
+    from . import hub, npz, timm, transformers, vitkit_format
 
     if isinstance(path, Mapping):
         return _from_state_dict(path, "the state dict")
@@ -111,7 +111,10 @@ def read_checkpoint(path: str | Path | Mapping) -> Checkpoint:
         return npz.read(path)
     if path.suffix == ".safetensors" and (ckpt := vitkit_format.read(path)) is not None:
         return ckpt
-    return _from_state_dict(read_state_dict(path), path)
+    ckpt = _from_state_dict(read_state_dict(path), path)
+    if ckpt.format == "timm" and (config := timm.hub_config(path)):  # save_for_hf's: preprocessing, class names
+        timm.read_hub_config(ckpt, config, path)
+    return ckpt
 
 
 def _from_state_dict(raw: Mapping, source) -> Checkpoint:
@@ -146,6 +149,10 @@ def infer_config(sd: dict[str, torch.Tensor]) -> dict:
         cfg["mlp_dim"] = sd["blocks.0.mlp.fc1.weight"].shape[0]
     if "patch_embed.proj.weight" in sd:
         cfg["patch_size"] = sd["patch_embed.proj.weight"].shape[-1]
+    first = "patch_embed.backbone.stem.conv.weight" if "patch_embed.backbone.stem.conv.weight" in sd else \
+        "patch_embed.proj.weight" if not any(k.startswith("patch_embed.backbone.") for k in sd) else None
+    if first in sd:  # input channels (a conv stem's first layer is not a fact this reader knows)
+        cfg["in_chans"] = sd[first].shape[1]
     stages = sorted({int(k.split(".")[3]) for k in sd if k.startswith("patch_embed.backbone.stages.")})
     if stages:
         cfg["hybrid_width"] = sd["patch_embed.backbone.stem.conv.weight"].shape[0]

@@ -87,12 +87,9 @@ def _checkpoint_in(folder: Path, name: str) -> Path:
 def timm_architecture(path: str | Path) -> str | None:
     """The model name a timm checkpoint's config.json gives ({"architecture": NAME, ...}: timm's hub repositories
     keep it beside the weights), for a local weights file (an hf-hub: repository's, once fetched)."""
-    try:
-        config = json.loads((Path(path).parent / "config.json").read_text()) if Path(path).is_file() else {}
-    except (OSError, ValueError):
-        return None
-    name = config.get("architecture") if isinstance(config, dict) else None
-    return name if isinstance(name, str) and "model_type" not in config else None
+    from .timm import hub_config
+
+    return config["architecture"] if (config := hub_config(path)) else None
 
 
 def transformers_folder(spec: str | Path) -> Path | None:

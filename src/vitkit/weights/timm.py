@@ -1,9 +1,17 @@
 """timm VisionTransformer state dicts (.pth/.bin/.safetensors), DeiT's {'model': state_dict} files included
-(`weights.unwrap` opens the container). vitkit uses timm's parameter names, so only old spellings change."""
+(`weights.unwrap` opens the container). vitkit uses timm's parameter names, so only old spellings change.
+
+timm's hub repositories (and `save_for_hf`) keep a config.json beside the weights: the model's name
+(`architecture`), the arguments it was built with (`model_args`), its preprocessing (`pretrained_cfg`) and class
+names (`label_names`); `hub_config` reads it, `model_overrides` turns its arguments into ViTConfig fields.
+"""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from ..models.registry import IMAGENET
-from . import Checkpoint, infer_config
+from . import Checkpoint, CheckpointError, infer_config
 
 
 def matches(sd: dict) -> bool:
@@ -16,3 +24,62 @@ def convert(sd: dict, deit: bool = False) -> Checkpoint:
     sd = {k.replace("pre_logits.fc.", "pre_logits."): v for k, v in sd.items()}  # timm < 0.9
     return Checkpoint(sd, "deit" if deit else "timm", config=infer_config(sd),
                       preprocess=dict(IMAGENET) if deit else None)
+
+
+def hub_config(path: str | Path) -> dict | None:
+    """timm's config.json beside a weights file, if there is one ({"architecture": NAME, ...}; a transformers
+    config.json, which has a model_type, is not)."""
+    try:
+        config = json.loads((Path(path).parent / "config.json").read_text()) if Path(path).is_file() else None
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(config, dict) and isinstance(config.get("architecture"), str) and "model_type" not in config
+    return config if ok else None
+
+
+def read_hub_config(ckpt: Checkpoint, config: dict, source) -> None:
+    """The preprocessing and class names timm's config.json gives, into `ckpt` (as timm's resolve_data_config and
+    its label_names would use them)."""
+    pre = config.get("pretrained_cfg") if isinstance(config.get("pretrained_cfg"), dict) else config  # (old: flat)
+    stats = {k: pre[k] for k in ("mean", "std", "interpolation", "crop_pct", "crop_mode") if pre.get(k) is not None}
+    if stats.get("crop_mode") not in (None, "center", "squash"):
+        raise CheckpointError(f"{source}: config.json's crop_mode {stats['crop_mode']!r} is not one vitkit resizes "
+                              f"with (center, squash)")
+    if stats:
+        ckpt.preprocess = {**(ckpt.preprocess or {}), **stats}
+    names = config.get("label_names", pre.get("label_names"))
+    if isinstance(names, dict):  # {index: name}, where indices have gaps
+        names = [names.get(str(i), names.get(i, str(i))) for i in range(ckpt.config.get("num_classes", 0))]
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        ckpt.class_names = names
+
+
+# timm VisionTransformer arguments -> ViTConfig fields; arguments of training only are passed over
+_ARGS = {"patch_size": "patch_size", "img_size": "img_size", "num_heads": "num_heads", "num_classes": "num_classes",
+         "in_chans": "in_chans", "class_token": "class_token", "qkv_bias": "qkv_bias", "fc_norm": "fc_norm",
+         "dynamic_img_size": "dynamic_img_size"}
+_SHAPES = {"embed_dim": "width", "depth": "depth", "mlp_ratio": "mlp_dim"}  # read from the weights themselves
+_TRAINING = {"drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate",
+             "weight_init", "fix_init", "global_pool"}
+
+
+def model_overrides(config: dict, ckpt: Checkpoint, source) -> dict:
+    """ViTConfig fields from config.json's model_args (timm's save_for_hf records what the model was built with);
+    an argument that changes the architecture in a way vitkit does not build is refused."""
+    args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
+    out = {_ARGS[k]: v for k, v in args.items() if k in _ARGS and v is not None}
+    out.update({f: ckpt.config[f] for k, f in _SHAPES.items() if k in args and f in ckpt.config})
+    pool = args.get("global_pool", config.get("global_pool"))
+    if pool is not None:
+        if pool not in ("token", "avg"):
+            raise CheckpointError(f"{source}: timm's global_pool {pool!r} is not one vitkit builds (token, avg)")
+        out["pool"] = "token" if pool == "token" else "gap"
+        if out.get("fc_norm") is None and pool == "avg":
+            out["fc_norm"] = "fc_norm.weight" in ckpt.state_dict
+    if out.get("fc_norm") is None:
+        out.pop("fc_norm", None)
+    if other := [f"{k}={v!r}" for k, v in args.items() if k not in _ARGS and k not in _SHAPES and k not in _TRAINING
+                 and v not in (None, False, 0, "", "gelu")]:
+        raise CheckpointError(f"{source}: config.json's model_args {', '.join(other)}: not an architecture vitkit "
+                              f"builds")
+    return out

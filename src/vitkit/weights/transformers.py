@@ -1,6 +1,7 @@
 """transformers checkpoints: a `save_pretrained` directory (config.json + model.safetensors or
 pytorch_model.bin, sharded or not, optional preprocessor_config.json) of ViTModel / ViTForImageClassification
-or the ViTHybrid* classes of transformers 4.x, or such a state dict on its own.
+(ViTForMaskedImageModeling: its encoder), the ViTHybrid* classes of transformers 4.x, DeiTModel and
+DeiTForImageClassificationWithTeacher, or such a state dict on its own.
 
 transformers keeps q, k and v as separate Linear layers (vitkit: one qkv), calls the pre-training head
 `pooler` (Linear + tanh on the [class] token: vitkit's pre_logits) and uses LayerNorm eps 1e-12.
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.registry import GOOGLE
+from ..models.registry import GOOGLE, IMAGENET
 from . import Checkpoint, CheckpointError, infer_config, read_state_dict, rename
 
 # transformers name (without the ViTFor*'s 'vit.' prefix) -> vitkit name; the first matching rule applies
@@ -22,6 +23,7 @@ _BIT = r"embeddings\.patch_embeddings\.backbone\.bit\."
 _LAYER = r"(?:encoder\.layer|layers)\.(\d+)\."  # files use encoder.layer.N; transformers 5 modules use layers.N
 _RENAMES = [(re.compile(a), b) for a, b in [
     (r"embeddings\.cls_token$", "cls_token"),
+    (r"embeddings\.distillation_token$", "dist_token"),
     (r"embeddings\.position_embeddings$", "pos_embed"),
     (r"embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
     (_BIT + r"embedder\.convolution\.", "patch_embed.backbone.stem.conv."),
@@ -34,13 +36,16 @@ _RENAMES = [(re.compile(a), b) for a, b in [
     (_LAYER + r"(?:output\.dense|mlp\.fc2)\.", r"blocks.\1.mlp.fc2."),
     (r"layernorm\.", "norm."),
     (r"pooler\.dense\.", "pre_logits."),
-    (r"classifier\.", "head."),
+    (r"(?:cls_)?classifier\.", "head."),
+    (r"distillation_classifier\.", "head_dist."),
 ]]
 _QKV = re.compile(_LAYER + r"attention\.(?:attention\.(query|key|value)|([qkv])_proj)\.(weight|bias)$")
 _RESAMPLE = {"antialias": False}  # transformers' interpolate_pos_encoding: bicubic, no antialiasing
 # ViTImageProcessor's defaults: 0.5 mean/std, both sides resized (bilinear) straight to the model's size
 _STATS = {"mean": GOOGLE["mean"], "std": GOOGLE["std"], "interpolation": "bilinear", "crop_pct": 1.0,
           "crop_mode": "squash"}
+# DeiTImageProcessor's: both sides to 256 (bicubic), a 224 center crop, ImageNet's statistics
+_DEIT_STATS = {**IMAGENET, "interpolation": "bicubic", "crop_pct": 224 / 256, "crop_mode": "squash"}
 _PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
@@ -52,9 +57,23 @@ def convert(sd: dict, config: dict | None = None) -> Checkpoint:
     """A transformers state dict (with its config.json when known) -> vitkit names and config facts."""
     config = config or {}
     out, qkv = {}, {}
+    keys = {k.removeprefix("vit.").removeprefix("deit.") for k in sd}
+    if "embeddings.distillation_token" in keys and "classifier.weight" in keys:
+        raise CheckpointError("DeiTForImageClassification (one head on the [class] token beside a distillation "
+                              "token) is not supported; DeiTForImageClassificationWithTeacher and DeiTModel are")
+    # ViTForImageClassification and DeiT's classifiers have no pooler, and transformers ignores one in the file;
+    # DeiTModel's reads the [class] token alone, where vitkit's distilled model averages it with the distillation one
+    distilled = "embeddings.distillation_token" in keys
+    pooler = distilled or any(k.startswith(("classifier.", "cls_classifier.")) for k in keys)
+    if pooler and any(k.startswith("pooler.") for k in keys):
+        logging.getLogger("vitkit").warning(
+            "pooler weights left out: " + ("DeiTModel's pooler reads the [class] token alone (the features are "
+                                           "the [class] and distillation tokens averaged)" if distilled else
+                                           "beside a classifier, as transformers' *ForImageClassification do"))
     for key, value in sd.items():
-        key = key.removeprefix("vit.")
-        if key == "embeddings.mask_token":  # ViTForMaskedImageModeling's, unused for classification
+        key = key.removeprefix("vit.").removeprefix("deit.")
+        # ViTForMaskedImageModeling's mask token and decoder: the encoder is what classifies
+        if key == "embeddings.mask_token" or key.startswith("decoder.") or (pooler and key.startswith("pooler.")):
             continue
         if m := _QKV.match(key):  # query / q_proj -> "q"; joined into one qkv below
             qkv.setdefault((int(m[1]), m[4]), {})[(m[2] or m[3])[0]] = value
@@ -73,8 +92,9 @@ def convert(sd: dict, config: dict | None = None) -> Checkpoint:
 
 
 def _config_facts(config: dict, facts: dict) -> dict:
-    if config.get("model_type") not in ("vit", "vit-hybrid"):
-        raise CheckpointError(f"model_type {config.get('model_type')!r} is not a ViT (supported: vit, vit-hybrid)")
+    if config.get("model_type") not in ("vit", "vit-hybrid", "deit"):
+        raise CheckpointError(f"model_type {config.get('model_type')!r} is not a ViT (supported: vit, vit-hybrid, "
+                              f"deit)")
     if config.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"hidden_act {config['hidden_act']!r}: vitkit's MLP uses exact gelu")
     if facts.get("representation_size") and config.get("pooler_act", "tanh") != "tanh":
@@ -88,7 +108,8 @@ def _config_facts(config: dict, facts: dict) -> dict:
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
     if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
         raise CheckpointError(f"image_size {config.get('image_size')!r} is not a positive size")
-    return {"num_heads": heads, "qkv_bias": config.get("qkv_bias", True), "img_size": size}
+    return {"num_heads": heads, "qkv_bias": config.get("qkv_bias", True), "img_size": size,
+            "in_chans": config.get("num_channels", 3)}
 
 
 def _labels(config: dict) -> list[str] | None:
@@ -96,12 +117,13 @@ def _labels(config: dict) -> list[str] | None:
     return None if all(re.fullmatch(r"LABEL_\d+", n) for n in names) else names  # defaults mean "no names"
 
 
-def _preprocess(folder: Path) -> dict:
-    """mean/std, interpolation and crop from preprocessor_config.json (0.5/0.5 without one). Sizes as
+def _preprocess(folder: Path, deit: bool = False) -> dict:
+    """mean/std, interpolation and crop from preprocessor_config.json (without one: the defaults of the model
+    type's processor); do_rescale, rescale_factor and do_normalize folded into the mean and std. Sizes as
     transformers reads them: a number is a square for ViT's and DeiT's processors (older files, e.g. DeiT's "size":
     256, "crop_size": 224), the short side for the others; {"height", "width"} resizes both sides ("squash"),
     {"shortest_edge"} the short side, keeping the aspect."""
-    pre = dict(_STATS)
+    pre = dict(_DEIT_STATS if deit else _STATS)
     path = folder / "preprocessor_config.json"
     if not path.exists():
         return pre
@@ -110,6 +132,14 @@ def _preprocess(folder: Path) -> dict:
         if not isinstance(p, dict):
             raise ValueError(f"a JSON {type(p).__name__}, not an object")
         pre.update(mean=_three(p.get("image_mean", pre["mean"])), std=_three(p.get("image_std", pre["std"])))
+        # transformers computes (x * rescale_factor - mean) / std of 0-255 pixels, vitkit (x / 255 - mean) / std
+        scale = 255 * (p.get("rescale_factor", 1 / 255) if p.get("do_rescale", True) else 1)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
+            raise ValueError(f"rescale_factor {p.get('rescale_factor')!r} is not a positive number")
+        if not p.get("do_normalize", True):
+            pre.update(mean=(0.0,) * 3, std=(1.0,) * 3)
+        if abs(scale - 1) > 1e-9:  # (1/255 as a JSON file rounds it: no change)
+            pre.update(mean=tuple(m / scale for m in pre["mean"]), std=tuple(d / scale for d in pre["std"]))
         kind = str(p.get("image_processor_type") or p.get("feature_extractor_type") or "ViTImageProcessor")
         size, crop = _size(p.get("size"), square=kind.startswith(_SQUARE)), _size(p.get("crop_size"))
     except (OSError, ValueError) as e:
@@ -186,5 +216,5 @@ def read_dir(folder: Path) -> Checkpoint:
         ckpt = convert(sd, config)
     except CheckpointError as e:
         raise CheckpointError(f"{folder}: {e}") from None
-    ckpt.preprocess = _preprocess(folder)
+    ckpt.preprocess = _preprocess(folder, deit=config.get("model_type") == "deit")
     return ckpt
