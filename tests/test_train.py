@@ -470,12 +470,56 @@ def test_finetune_from_a_vitkit_checkpoint_keeps_its_architecture_and_inputs(tin
     as it is, and its input normalisation stays the one its weights learned with."""
     recipe = R.load(ROOT / "recipes" / "finetune.yaml", {"data.path": "digits", "model.img_size": 16,
                                                            "model.weights": str(tiny_run / "best.safetensors")})
-    assert recipe["model"]["name"] == "ViT-B/16" and recipe["model"]["mean"] == [0.5, 0.5, 0.5]
+    assert recipe["model"]["name"] == "ViT-B/16" and recipe["model"]["mean"] is None
     model = build_model({**recipe["model"], "mean": [0.1, 0.2, 0.3]}, [str(i) for i in range(10)])
     assert model.cfg.width == 32 and model.cfg.img_size == (16, 16) and not model.head.weight.any()
     assert tuple(model.preprocess["mean"]) == (0.5, 0.5, 0.5)  # the checkpoint's, not the recipe's 0.1, 0.2, 0.3
     assert "model.name ViT-B/16 not used" in caplog.text and "keeps its own input normalisation" in caplog.text
     assert caplog.text.count("head replaced") == 1
+
+
+def test_finetune_from_weights_that_say_their_architecture_or_not(tmp_path, caplog):
+    """A transformers folder or timm weights with timm's config.json build what they say, whatever model.name
+    (finetune.yaml's ViT-B/16) says; a plain timm file keeps the recipe's mean/std where it states none, and an
+    unnamed head of as many classes is kept, said; a misfit's hint names the recipe key."""
+    timm = pytest.importorskip("timm")
+    from timm.models._hub import save_for_hf
+
+    from weight_peers import hf_vit
+
+    hf_vit("ViT-Ti/16", id2label={i: f"c{i}" for i in range(10)}).save_pretrained(tmp_path / "hf")
+    torch.manual_seed(0)
+    peer = timm.create_model("vit_tiny_patch16_224", patch_size=8, img_size=32, depth=1, num_classes=3)
+    save_for_hf(peer, tmp_path / "timm", safe_serialization=True)
+    finetune = {"data.path": "digits", "model.img_size": 16}
+    for weights, width in ((tmp_path / "hf", 192), (tmp_path / "timm" / "model.safetensors", 192)):
+        recipe = R.load(ROOT / "recipes" / "finetune.yaml", {**finetune, "model.weights": str(weights)})
+        caplog.clear()
+        model = build_model(recipe["model"], ["a", "b", "c"])
+        assert model.cfg.width == width and model.cfg.depth == 1 and not model.head.weight.any()
+        assert "model.name ViT-B/16 not used" in caplog.text and "class names do not fit" not in caplog.text
+    torch.save(peer.state_dict(), tmp_path / "plain.pth")  # no config.json: states no mean or std
+    recipe = R.load(None, {"data.path": "digits", "model.name": "vit_tiny_patch16_224", "model.depth": 1,
+                           "model.patch_size": 8, "model.img_size": 32, "model.mean": [0.1, 0.2, 0.3],
+                           "model.weights": str(tmp_path / "plain.pth")})
+    caplog.clear()
+    model = build_model(recipe["model"], ["a", "b", "c"])
+    assert tuple(model.preprocess["mean"]) == (0.1, 0.2, 0.3) and "keeps its own" not in caplog.text
+    assert torch.equal(model.head.weight, peer.head.weight)  # as many classes and none named: kept, and said
+    assert "its 3-class head is kept, its classes taken as the data's in order (a, b, c)" in caplog.text
+    with pytest.raises(vitkit.CheckpointError, match=r"--set model\.patch_size=8"):
+        build_model({**recipe["model"], "patch_size": None}, ["a", "b", "c"])
+
+
+def test_recipe_weights_a_download_or_a_runs_state(tmp_path, http_root, tiny_run):
+    """model.weights may be an https:// URL or hf-hub: name (downloaded when the recipe is checked, not refused as
+    a missing file); a run's state.pt gets a pointer to its weights."""
+    root, base, _ = http_root
+    shutil.copy(tiny_run / "best.safetensors", root / "tiny.safetensors")
+    recipe = R.load(None, {"data.path": "digits", "model.weights": f"{base}/tiny.safetensors"})
+    assert build_model(recipe["model"], [str(i) for i in range(10)]).cfg.width == 32
+    with pytest.raises(R.RecipeError, match=r"state\.pt: a run's training state; give the run's best\.safetensors"):
+        R.load(None, {"data.path": "digits", "model.weights": str(tiny_run / "state.pt")})
 
 
 def test_lr_schedule():
@@ -726,7 +770,7 @@ def test_webdataset_shards(tmp_path, capsys):
     (["--img-size", "7"], "model: img_size 7x7 is not a multiple of the patch size 2"),
     (["--weights", str(ROOT / "zoo" / "cifar10-vit.safetensors"), "--img-size", "30"],
      "img_size 30x30 is not a multiple of the patch size 8 (the stem's downsampling included)"),
-    (["--weights", str(ROOT / "README.md")], "README.md: not a vitkit checkpoint, so set model.name too"),
+    (["--weights", str(ROOT / "README.md")], "README.md: does not say its architecture, so set model.name too (--model)"),
     (["--device", "tpu7"], "train.device (--device) 'tpu7' is not a device name"),
     (["--device", "cuda:99"], "train.device (--device) 'cuda:99': this machine has"),
     (["--data", str(ROOT / "README.md")], "README.md: not a directory or a .tar/.tar.gz archive"),
@@ -1426,11 +1470,12 @@ def test_lr_batch_scales_the_peak_learning_rate_with_the_batch(tmp_path, caplog)
 
 
 def test_a_warm_up_as_long_as_the_run_and_a_huge_resample_are_said(tmp_path, caplog):
-    """finetune.yaml's 500 warm-up steps in a 500-step run never decay; a checkpoint for 8 px inputs fine-tuned at
-    96 px has 144x the tokens: both said before the run, not found out after it."""
+    """finetune.yaml's 500 warm-up steps in a 500-step run leave one step of decay; a checkpoint for 8 px inputs
+    fine-tuned at 96 px has 144x the tokens: both said before the run, not found out after it."""
     recipe = write_recipe(tmp_path / "r.yaml", schedule={"warmup_steps": 500}, train={"epochs": 1})
     assert main(["train", "--recipe", str(recipe), "--out", str(tmp_path / "run")]) == 0
-    assert "the warm-up takes 21 of the run's 22 steps, so the rate never decays" in caplog.text
+    assert "the warm-up takes 21 of the run's 22 steps, so the rate falls from its peak to the end in one step" in \
+        caplog.text
     model = vitkit.load_model(tmp_path / "run" / "best.safetensors", img_size=96)
     assert model.cfg.grid == (48, 48)
     assert "position embeddings resampled from 4x4 to 48x48 (12x per side: 2304 tokens" in caplog.text

@@ -150,6 +150,24 @@ def load_model(path: str | Path, *, pos_resample: str | None = None, **overrides
     return model.eval()
 
 
+def says_its_architecture(spec: str | Path) -> bool:
+    """Whether load_model can build from `spec` alone: a vitkit checkpoint, a transformers directory (config.json),
+    timm weights beside timm's config.json, a hub repository (transformers' and timm's say it). Of URLs only one of
+    a .safetensors file can (fetched to see)."""
+    from urllib.parse import urlparse
+
+    from .weights import timm
+    from .weights.hub import HF_PREFIX, fetch, is_remote
+    from .weights.vitkit_format import is_vitkit_checkpoint
+
+    spec = str(spec)
+    if not is_remote(spec):
+        return is_vitkit_checkpoint(spec) or (Path(spec).is_dir() and (Path(spec) / "config.json").is_file()) \
+            or timm.hub_config(spec) is not None
+    return spec.startswith(HF_PREFIX) or (urlparse(spec).path.endswith(".safetensors")
+                                          and is_vitkit_checkpoint(fetch(spec)))
+
+
 def save_model(model: ViT, path: str | Path, **extra) -> Path:
     from .weights.vitkit_format import save
 

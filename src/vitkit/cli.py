@@ -121,22 +121,6 @@ def config_fields(texts: list[str]) -> dict:
 _FIELD_FLAGS = {"img_size": ("--img-size", "img_size"), "num_classes": ("--num-classes", "num_classes")}
 
 
-def _says_its_architecture(spec: str) -> bool:
-    """Whether --weights may say its own architecture: a vitkit checkpoint, a transformers directory (config.json),
-    timm weights beside timm's config.json, a hub repository (transformers' and timm's do). Of URLs only one of a
-    .safetensors file can (fetched to see)."""
-    from urllib.parse import urlparse
-
-    from .weights.hub import HF_PREFIX, fetch, is_remote, timm_architecture
-    from .weights.vitkit_format import is_vitkit_checkpoint
-
-    if not is_remote(spec):
-        return is_vitkit_checkpoint(spec) or (Path(spec).is_dir() and (Path(spec) / "config.json").is_file()) \
-            or timm_architecture(spec) is not None
-    return spec.startswith(HF_PREFIX) or (urlparse(spec).path.endswith(".safetensors")
-                                          and is_vitkit_checkpoint(fetch(spec)))
-
-
 def model_source(args: argparse.Namespace, weights_flag: str = "--weights") -> str:
     """How messages name the model a command was given: by --model, else by its checkpoint."""
     return f"--model {args.model}" if args.model else f"{weights_flag} {args.weights}"
@@ -150,11 +134,12 @@ def model_from_args(args: argparse.Namespace, weights_flag: str = "--weights", r
     import torch
 
     from . import create_model, load_model
+    from .api import says_its_architecture
     from .weights import CheckpointError
 
     if not args.model and args.weights is None:
         raise UserError("give --weights (a vitkit checkpoint) or --model NAME")
-    if not args.model and not _says_its_architecture(str(args.weights)):
+    if not args.model and not says_its_architecture(args.weights):
         from .weights.hub import is_remote, transformers_folder
 
         folder = None if is_remote(str(args.weights)) else transformers_folder(args.weights)

@@ -243,6 +243,7 @@ class ViT(nn.Module):
         self.cfg = cfg
         self.preprocess: dict = dict(DEFAULT_PREPROCESS)  # how inputs must be prepared (set by the loaders)
         self.class_names: list[str] | None = None
+        self.stated_stats = False  # whether loaded weights said their input mean and std (a plain timm file: no)
         # how the weights' own codebase resamples position embeddings (resample_pos_embed options; set by the
         # loaders and kept in vitkit checkpoints, so a converted model changes resolution as its source would)
         self.pos_resample: dict = {}

@@ -20,6 +20,7 @@ import yaml
 
 from ..models.vit import ViTConfig
 from ..predict import TTA
+from ..weights.hub import is_remote
 from .distributed import resolve_device
 
 
@@ -337,23 +338,33 @@ def validate(r: dict, resuming: bool = False) -> None:
         elif m["weights"] and m["stem_init"]:
             problems.append(f"model.stem_init {m['stem_init']} initialises a new model; model.weights "
                             f"{m['weights']} brings its own (drop one of them)")
-        elif m["weights"] and not Path(m["weights"]).exists():
+        elif m["weights"] and not is_remote(m["weights"]) and not Path(m["weights"]).exists():
             problems.append(f"model.weights {m['weights']}: no such file")
+        elif m["weights"] and Path(m["weights"]).name in ("state.pt", "state.prev.pt"):
+            problems.append(f"model.weights {m['weights']}: a run's training state; give the run's best.safetensors "
+                            f"or last.safetensors (or --resume the run)")
         else:  # the architecture must be buildable: the name's or the checkpoint's, with the recipe's fields
+            from ..api import says_its_architecture
             from ..models.registry import build_config
             from ..weights import CheckpointError
+            from ..weights.hub import fetch
             from ..weights.vitkit_format import is_vitkit_checkpoint, read_metadata
             fields = model_fields(m)
             if fields.get("representation_size") == "width":  # as wide as the model: known once it is built
                 fields["representation_size"] = 1
             try:
-                own = m["weights"] and is_vitkit_checkpoint(m["weights"])  # brings its architecture
-                if m["name"] and not own:
+                # downloaded here (once: the model is built from the cached copy)
+                local = fetch(m["weights"]) if m["weights"] and is_remote(m["weights"]) else m["weights"]
+                own = local and is_vitkit_checkpoint(local)  # brings its architecture
+                if local and not own and says_its_architecture(local):  # a transformers or timm config.json says
+                    pass  # it: checked as the model is built
+                elif m["name"] and not own:
                     build_config(m["name"], **fields, num_classes=2)
                 elif m["weights"] and not own:
-                    problems.append(f"model.weights {m['weights']}: not a vitkit checkpoint, so set model.name too")
+                    problems.append(f"model.weights {m['weights']}: does not say its architecture, so set model.name "
+                                    f"too (--model)")
                 else:
-                    base = read_metadata(Path(m["weights"]))["config"] if own else {}
+                    base = read_metadata(Path(local))["config"] if own else {}
                     ViTConfig.from_dict({**base, **fields, "num_classes": 2})
                     if base.get("in_chans", 3) != 3:
                         problems.append(f"model.weights {m['weights']}: the model takes {base['in_chans']}-channel "

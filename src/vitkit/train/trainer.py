@@ -13,6 +13,7 @@ import errno
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -56,36 +57,47 @@ class TrainingError(RuntimeError):
 
 # --- building blocks ------------------------------------------------------------------------------------
 def build_model(m: dict, class_names: list[str]) -> ViT:
-    """From a checkpoint (fine-tuning: zero head for new classes, positions resampled; a vitkit checkpoint
-    brings its own architecture), a name, or fields."""
+    """From a checkpoint (fine-tuning: zero head for new classes, positions resampled; one that says its
+    architecture, as vitkit's, transformers' and timm's hub files do, brings it), a name, or fields."""
     from .. import create_model, load_model
-    from ..weights.vitkit_format import is_vitkit_checkpoint, read_metadata
+    from ..api import says_its_architecture
+    from ..weights import CheckpointError, read_checkpoint
 
     fields, k = model_fields(m), len(class_names)
-    own = m["weights"] and is_vitkit_checkpoint(m["weights"])  # its architecture, whatever model.name says
+    own = m["weights"] and says_its_architecture(m["weights"])  # its architecture, whatever model.name says
     if fields.get("representation_size") == "width":  # as wide as the model that is built
         fields["representation_size"] = fields.get("width") or (
-            read_metadata(Path(m["weights"]))["config"]["width"] if own else
+            read_checkpoint(m["weights"]).config.get("width") if own else
             build_config(m["name"])[0].width if m["name"] else ViTConfig.width)
-    if own:
-        if m["name"]:
-            log.warning("%s: a vitkit checkpoint, built as it says (model.name %s not used)", m["weights"], m["name"])
-        model = load_model(m["weights"], pos_resample=m["pos_resample"], **{**fields, "num_classes": k})
-    elif m["name"]:
-        model = create_model(m["name"], weights=m["weights"],  # (a recipe's pos_resample waits for weights)
-                             pos_resample=m["pos_resample"] if m["weights"] else None, **{**fields, "num_classes": k})
-    elif m["weights"]:
-        raise RecipeError(f"model.weights {m['weights']}: not a vitkit checkpoint, so set model.name too")
-    else:
-        model = ViT(ViTConfig(**fields, num_classes=k))
+    try:
+        if own:
+            if m["name"]:
+                log.warning("%s: says its own architecture, built as it does (model.name %s not used)", m["weights"],
+                            m["name"])
+            model = load_model(m["weights"], pos_resample=m["pos_resample"], **{**fields, "num_classes": k})
+        elif m["name"]:
+            model = create_model(m["name"], weights=m["weights"],  # (a recipe's pos_resample waits for weights)
+                                 pos_resample=m["pos_resample"] if m["weights"] else None,
+                                 **{**fields, "num_classes": k})
+        elif m["weights"]:
+            raise RecipeError(f"model.weights {m['weights']}: does not say its architecture, so set model.name too "
+                              f"(--model)")
+        else:
+            model = ViT(ViTConfig(**fields, num_classes=k))
+    except CheckpointError as e:  # its hints name fields as the other commands take them: here they are model.*
+        raise CheckpointError(re.sub(r"--set (?=\w+=)", "--set model.", str(e))) from None
     other_classes = model.class_names is not None and model.class_names != list(class_names)
     if m["weights"] and (m["zero_head"] or other_classes):  # the paper's zero-initialised head for new classes,
         if model.head.weight.any():  # even when as many (a head of another size was replaced when loading)
             log.warning("%s: head replaced by a zero-initialised one (%s)", m["weights"],
                         "the data's classes are not the checkpoint's" if other_classes else "model.zero_head")
         model.reset_head(k)
+    elif m["weights"] and model.class_names is None and model.head.weight.any():  # as many classes, unnamed
+        log.warning("%s: its %d-class head is kept, its classes taken as the data's in order (%s); "
+                    "--set model.zero_head=true replaces it", m["weights"], k,
+                    ", ".join(class_names[:3]) + ", ..." * (k > 3))
     preprocess = {key: m[key] for key in PREPROCESS_KEYS if m[key] is not None}
-    if m["weights"]:  # pretrained weights expect inputs normalised their way, whatever the recipe says
+    if m["weights"] and model.stated_stats:  # weights expect inputs normalised their way, whatever the recipe says
         ignored = [key for key in ("mean", "std") if tuple(preprocess.pop(key, model.preprocess[key])) !=
                    tuple(model.preprocess[key])]
         if ignored:
@@ -466,7 +478,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                      total / steps_per_epoch, O["lr"])
         if budget is None and total > 1 and (warm := warmup_length(total, r["schedule"])) >= total / 2:
             log.warning("the warm-up takes %d of the run's %d steps%s (schedule.warmup_steps %d, warmup_fraction "
-                        "%g): lower it for a run this short", warm, total, ", so the rate never decays" if
+                        "%g): lower it for a run this short", warm, total, ", so the rate falls from its peak to the end in one step" if
                         warm >= total - 1 else "", r["schedule"]["warmup_steps"], r["schedule"]["warmup_fraction"])
         if O["lr_batch"] and not isinstance(O["lr"], list):
             log.info("peak lr %.3g: optim.lr %g for batch %d, scaled to batch %d (optim.lr_batch)", peak(total),

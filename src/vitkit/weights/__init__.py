@@ -237,7 +237,8 @@ def _grid_for(n: int, like: tuple[int, int]) -> tuple[int, int]:
         if n % h == 0 and h * like[1] == (n // h) * like[0]:
             return h, n // h
     raise CheckpointError(f"pos_embed: cannot tell the grid of {n} positions; give the checkpoint's own "
-                          f"img_size (e.g. --img-size HxW) to load it")
+                          f"img_size (e.g. --img-size HxW) to load it (to use it at another size: `vitkit convert` "
+                          f"it with that --img-size first)")
 
 
 # ways to resample position embeddings to another grid, by name (default: the source codebase's own way)
@@ -290,10 +291,12 @@ def load_into(model, ckpt: Checkpoint, source: str = "checkpoint", pos_resample:
     model.load_state_dict({k: v.to(own[k].dtype).contiguous() for k, v in sd.items()}, assign=True)
     if ckpt.preprocess:  # JSON metadata gives lists: the mean and std are tuples as the model's own defaults
         model.preprocess.update({k: tuple(v) if isinstance(v, list) else v for k, v in ckpt.preprocess.items()})
+    model.stated_stats = bool(ckpt.preprocess) and {"mean", "std"} <= set(ckpt.preprocess)
     model.pos_resample = dict(resample)  # the way chosen: dynamic_img_size and a saved copy resample alike
     if ckpt.class_names and len(ckpt.class_names) == model.cfg.num_classes:
         model.class_names = list(ckpt.class_names)
-    elif ckpt.class_names and "head.weight" in sd and len(sd["head.weight"]) == model.cfg.num_classes:
+    elif ckpt.class_names and len(ckpt.state_dict.get("head.weight", ())) == model.cfg.num_classes:  # (not a
+        # head replaced for another number of classes: that one has no names yet)
         notes.append(f"its {len(ckpt.class_names)} class names do not fit its {model.cfg.num_classes}-class head: "
                      f"left out (classes are named by index)")
     if ckpt.format == "vitkit" and (missing := [k for k in ("mean", "std") if k not in (ckpt.preprocess or {})]):

@@ -84,14 +84,6 @@ def _checkpoint_in(folder: Path, name: str) -> Path:
     raise CheckpointError(f"{name}: {found}; download the one you want and pass its path")
 
 
-def timm_architecture(path: str | Path) -> str | None:
-    """The model name a timm checkpoint's config.json gives ({"architecture": NAME, ...}: timm's hub repositories
-    keep it beside the weights), for a local weights file (an hf-hub: repository's, once fetched)."""
-    from .timm import hub_config
-
-    return config["architecture"] if (config := hub_config(path)) else None
-
-
 def transformers_folder(spec: str | Path) -> Path | None:
     """The save_pretrained folder a weights file was taken from (its config.json has a model_type), if any."""
     try:
