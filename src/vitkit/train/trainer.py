@@ -478,8 +478,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                      total / steps_per_epoch, O["lr"])
         if budget is None and total > 1 and (warm := warmup_length(total, r["schedule"])) >= total / 2:
             log.warning("the warm-up takes %d of the run's %d steps%s (schedule.warmup_steps %d, warmup_fraction "
-                        "%g): lower it for a run this short", warm, total, ", so the rate falls from its peak to the end in one step" if
-                        warm >= total - 1 else "", r["schedule"]["warmup_steps"], r["schedule"]["warmup_fraction"])
+                        "%g): lower it for a run this short", warm, total,
+                        ", so the rate falls from its peak to the end in one step" if warm >= total - 1 else "",
+                        r["schedule"]["warmup_steps"], r["schedule"]["warmup_fraction"])
         if O["lr_batch"] and not isinstance(O["lr"], list):
             log.info("peak lr %.3g: optim.lr %g for batch %d, scaled to batch %d (optim.lr_batch)", peak(total),
                      O["lr"], O["lr_batch"], D["batch_size"])
