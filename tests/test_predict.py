@@ -260,6 +260,9 @@ def test_non_vitkit_weights_need_model(tmp_path, image_zoo):
     torch.save(model.state_dict(), tmp_path / "timm.pth")
     r = vitkit_cli("predict", image_zoo[1][0], "--weights", tmp_path / "timm.pth")
     assert r.returncode == 2 and "--model" in r.stderr
+    (tmp_path / "empty").mkdir()  # a folder is read for its config.json: without one, that is what is said
+    r = vitkit_cli("predict", image_zoo[1][0], "--weights", tmp_path / "empty")
+    assert r.returncode == 2 and f"{tmp_path / 'empty'}: a folder without config.json, so not a checkpoint" in r.stderr
     # a hub repository may say its architecture (a transformers one does): fetched first (offline here)
     r = subprocess.run([sys.executable, "-m", "vitkit", "predict", str(image_zoo[1][0]), "--weights",
                         "hf-hub:google/vit-base-patch16-224"], capture_output=True, text=True,
