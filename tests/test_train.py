@@ -298,8 +298,79 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tiny_run, tmp_path, caps
     assert code == 1
     assert before == {f: hashlib.sha1((run / f).read_bytes()).hexdigest() for f in before}
     # the way back past a save that may already hold diverged weights: the save before it
-    assert f"the last good checkpoint is {run / 'state.pt'} (step 44)" in caplog.text
+    assert f"the last checkpoint is {run / 'state.pt'} (step 44)" in caplog.text
     assert f"--resume {run / 'state.prev.pt'}, step 22" in caplog.text
+
+
+def test_a_run_killed_in_its_first_save_resumes(tiny_run, tmp_path, monkeypatch):
+    """The first save writes state.pt before the weights: a process killed between them (a large model's export
+    takes seconds) leaves a state to resume from, not weights alone that no command would continue. The resumed
+    run writes best.safetensors again (its state knew a best the file never got) and ends as the uninterrupted one."""
+    from safetensors.torch import load_file
+
+    class Killed(BaseException):  # as SIGKILL: no handler, no cleanup of the run's own
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(vitkit, "save_model", killed)
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        main(["train", "--recipe", str(write_recipe(tmp_path / "r.yaml")), "--out", str(run)])
+    assert (run / "state.pt").is_file() and not (run / "last.safetensors").exists()
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run)]) == 0
+    for name in ("last.safetensors", "best.safetensors"):
+        a, b = load_file(run / name), load_file(tiny_run / name)
+        assert all(torch.equal(a[k], b[k]) for k in b), name
+
+
+def test_resuming_says_what_changed_and_knows_its_own_folder(tmp_path, caplog, monkeypatch, capsys):
+    """On --resume: a hand-edited recipe.yaml is said to be overruled by the state; changed values are listed; the
+    training folder named another way (absolute, a trailing slash) is the run's own, not a change of data. A run
+    directory where no file can be made is found before any training."""
+    import vitkit.train.rundir as rundir
+
+    digit_images(tmp_path / "imgs", ["1", "2"], per_class=20)
+    recipe = write_recipe(tmp_path / "r.yaml", data={"path": "imgs", "val_split": 0.25, "batch_size": 10})
+    monkeypatch.chdir(tmp_path)
+    train_ok("--recipe", str(recipe), "--out", "run")
+    text = (tmp_path / "run" / "recipe.yaml").read_text()
+    (tmp_path / "run" / "recipe.yaml").write_text(text.replace("epochs: 2", "epochs: 9"))
+    caplog.set_level(logging.INFO, logger="vitkit")
+    train_ok("--resume", "run", "--epochs", "3", "--data", f"{tmp_path / 'imgs'}/", "--set", "optim.lr=0.004")
+    assert "recipe.yaml differs from the recipe the run's state holds (edited?)" in caplog.text
+    assert "resumed at step 6 with changed values: optim.lr 0.003 -> 0.004; train.epochs 2 -> 3" in caplog.text
+    assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["data"]["path"] == "imgs"
+
+    def no_writing(path, *args, **kwargs):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(rundir, "replacing", no_writing)
+    capsys.readouterr()
+    assert main(["train", "--recipe", str(recipe), "--out", "ro"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the run directory ro (Operation not permitted)" in err and "epoch" not in err
+
+
+def test_a_damaged_metrics_csv_never_stops_a_run(tiny_run, tmp_path, caplog):
+    """metrics.csv is a record: a note a spreadsheet added, zero bytes a crash left, a half-written row. The curves
+    are drawn from the rows that are metrics, a resume drops the others (said once) and goes on."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    state = torch.load(run / "state.pt", weights_only=True)
+    state["total_steps"] = 66  # a third epoch to train
+    torch.save(state, run / "state.pt")
+    good = (run / "metrics.csv").read_text()
+    with open(run / "metrics.csv", "a") as f:
+        f.write("# opened in a spreadsheet\n" + "\0" * 64 + "\n5,11")
+    assert [r["step"] for r in read_metrics(run / "metrics.csv")] == [22, 44]
+    assert vitkit.train.report.plot_curves(run / "metrics.csv", tmp_path / "curves.png") is not None
+    assert main(["train", "--resume", str(run), "--epochs", "3"]) == 0
+    assert "metrics.csv: 3 rows that are not metrics (edited or damaged) left out" in caplog.text
+    assert (run / "metrics.csv").read_text().startswith(good)
+    assert [r["step"] for r in read_metrics(run / "metrics.csv")] == [22, 44, 66]
 
 
 def test_resume_from_the_previous_state_goes_back_one_save(tiny_run, tmp_path, caplog, capsys):
@@ -321,7 +392,7 @@ def test_resume_from_the_previous_state_goes_back_one_save(tiny_run, tmp_path, c
     assert main(["train", "--resume", str(run / "state.prev.pt"), "--set", "optim.lr=1e30",
                  "--set", "train.log_every=1"]) == 1
     assert "non-finite at step 24" in caplog.text  # step 23 was taken, and logged
-    assert f"the last good checkpoint is {run / 'state.prev.pt'} (step 22)" in caplog.text
+    assert f"the last checkpoint is {run / 'state.prev.pt'} (step 22)" in caplog.text
     assert files() == before
 
     caplog.clear()
@@ -1069,7 +1140,14 @@ def test_resume_trusts_the_state_and_guards_the_directory(tiny_run, tmp_path, ca
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--epochs", "5"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "state.pt is unreadable" in err and "\n" not in err
+    assert "state.pt is unreadable (truncated or damaged)" in err and "\n" not in err
+    assert "state.prev.pt goes back" in err  # a readable one: pointed to
+    (run / "state.prev.pt").write_bytes(b"hello\n")  # both damaged: no pointer to a state that cannot be read
+    assert main(["train", "--resume", str(run), "--epochs", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("state.pt is unreadable (truncated or damaged); the run cannot continue from it")
+    assert main(["train", "--resume", str(run / "state.prev.pt"), "--epochs", "5"]) == 2
+    assert "state.prev.pt is unreadable (not a torch checkpoint: overwritten?)" in capsys.readouterr().err
 
 
 def test_interrupted_state_write_leaves_no_temporary_file(tmp_path, monkeypatch):

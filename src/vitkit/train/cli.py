@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import re
 import sys
@@ -110,6 +112,9 @@ def _resolve(args: argparse.Namespace, overrides: dict) -> tuple[dict, Path, dic
             raise R.RecipeError(f"--resume {run} continues from the run's own weights, not --weights "
                                 f"{overrides['model.weights']}; drop it, or start a new run from those weights")
         recipe = R.load(None, overrides, base=saved, resuming=True)
+        for key in ("data.path", "data.val"):  # the same folder named another way (./imgs, imgs/, absolute)
+            if _same_place(_at(saved, key), _at(recipe, key), state.get("cwd")):
+                recipe[key.split(".")[0]][key.split(".")[1]] = _at(saved, key)
         fixed = [f"model.{k}" for k in saved["model"] if k != "weights"] + \
             [f"data.{k}" for k in ("path", "val", "val_split", "split_seed", "batch_size")] + ["optim.name"]
         size = "model.img_size"
@@ -156,6 +161,13 @@ def _run_recipe(run: Path, state: dict) -> dict:
     from . import recipe as R
 
     if isinstance(state.get("recipe"), dict):
+        with contextlib.suppress(OSError):  # (an edit would otherwise be overwritten without a word)
+            if state.get("file") == "state.pt" and (run / "recipe.yaml").read_text(errors="replace") != \
+                    R.to_yaml(state["recipe"]):
+                logging.getLogger("vitkit").warning(
+                    "%s differs from the recipe the run's state holds (edited?): the run goes on with the state's, "
+                    "and recipe.yaml is written again; change values with flags (--epochs, --set KEY=VALUE)",
+                    run / "recipe.yaml")
         return R.merge(R.defaults(), state["recipe"], f"{run / state.get('file', 'state.pt')}")
     if not (run / "recipe.yaml").is_file():
         raise R.RecipeError(f"--resume {run}: no recipe.yaml beside its state.pt (a run of an older version)")
@@ -165,14 +177,25 @@ def _run_recipe(run: Path, state: dict) -> dict:
         raise R.RecipeError(f"--resume {run}: recipe.yaml is not text (damaged?)") from None
 
 
+def _same_place(saved, given, started_in: str | None) -> bool:
+    """Whether a path given on resuming names the run's own (recorded relative to where the run started)."""
+    from ..data.datasets import BUILTIN
+
+    if not (isinstance(saved, str) and isinstance(given, str)) or saved == given or "://" in saved + given \
+            or saved in BUILTIN or given in BUILTIN:  # "digits" is scikit-learn's, "./digits" a folder
+        return False
+    try:
+        return (Path(started_in or ".") / saved).resolve() == Path(given).resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
 def _at(recipe: dict, dotted: str):
     section, key = dotted.split(".")
     return recipe[section][key]
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import logging
-
     from ..cli import UserError
     from ..data.datasets import DataError
     from . import recipe as R
@@ -204,6 +227,13 @@ def run_train(args: argparse.Namespace) -> int:
             "vitkit train: rank %d lost another process of the run (%s); the last save is kept: start the run again "
             "with --resume %s", rank, str(e).splitlines()[0][:160], run)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C, at once: where the run can go on from
+        if rank or run is None:
+            raise
+        from .rundir import last_good
+
+        logger.error("vitkit train: interrupted; %s: vitkit train --resume %s", last_good(run), run)
+        return 130
     finally:
         logger.setLevel(level)  # (main() in a test or a notebook: the next command logs as before)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: the run is over, written and closed. Leave now:
@@ -229,7 +259,9 @@ def train_model(recipe: str | Path | None = None, *, out: str | Path | None = No
     flags: the command's named options (data, model, weights, epochs, time_budget, img_size, batch_size, lr,
     val_split, val_data, seed, workers, device); values: any recipe value, {"optim.lr": 0.01, ...}. Bad input
     raises RecipeError or DataError before any work; a failed run raises TrainingError; a run stopped by
-    SIGINT/SIGTERM (everything saved) raises KeyboardInterrupt: train_model(resume=RUN) goes on with it.
+    SIGINT/SIGTERM (everything saved) raises KeyboardInterrupt: train_model(resume=RUN) goes on with it. Python
+    hands signals to the main thread alone: called from another thread, a run is not stopped by them (SIGTERM ends
+    the process at once, and the run goes on from its last save).
     """
     if unknown := sorted(set(flags) - set(FLAG_KEYS)):
         raise TypeError(f"train_model() got unknown options {unknown}; any recipe value goes in values=")

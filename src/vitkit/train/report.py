@@ -30,9 +30,11 @@ class Metrics:
 
     def _open(self) -> None:
         if self.upto_step is not None and self.csv_path.exists():
-            rows = read_metrics(self.csv_path)
+            rows = read_metrics(self.csv_path, bad := [])
             kept = [r for r in rows if r["step"] is not None and r["step"] <= self.upto_step]
-            if len(kept) < len(rows):
+            if bad:
+                log.warning("%s: %d rows that are not metrics (edited or damaged) left out", self.csv_path, len(bad))
+            if len(kept) < len(rows) or bad:
                 with replacing(self.csv_path) as tmp, open(tmp, "w", newline="") as f:
                     w = csv.DictWriter(f, COLUMNS)
                     w.writeheader()
@@ -85,9 +87,25 @@ class Metrics:
             self.tb.close()
 
 
-def read_metrics(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return [{k: float(v) if v not in ("", None) else None for k, v in row.items()} for row in csv.DictReader(f)]
+def read_metrics(path: Path, unreadable: list | None = None) -> list[dict]:
+    """The rows of metrics.csv as numbers (None where empty). A row that is not one (a hand edit, a spreadsheet's
+    note, a half-written last line, zero bytes a crash left) is skipped, and appended to `unreadable` if given."""
+    rows = []
+    with open(path, newline="", errors="replace") as f:
+        reader = csv.DictReader(f)
+        try:
+            for row in reader:
+                try:
+                    if reader.fieldnames != COLUMNS or None in row or None in row.values():  # fields over or missing
+                        raise ValueError
+                    rows.append({k: float(v) if v != "" else None for k, v in row.items()})
+                except ValueError:
+                    if unreadable is not None:
+                        unreadable.append(row)
+        except csv.Error as e:  # the rest cannot be parsed
+            if unreadable is not None:
+                unreadable.append(str(e))
+    return rows
 
 
 def _figure(ncols: int, width: float, height: float):
@@ -100,7 +118,16 @@ def _figure(ncols: int, width: float, height: float):
 
 
 def plot_curves(metrics_csv: Path, out: Path) -> Path | None:
-    """Loss (train, val), validation accuracy and learning rate against epochs."""
+    """Loss (train, val), validation accuracy and learning rate against epochs. A picture: whatever keeps it from
+    being drawn is said in one line, never the end of a run."""
+    try:
+        return _plot_curves(metrics_csv, out)
+    except Exception as e:
+        log.warning("%s not drawn: %s", out, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return None
+
+
+def _plot_curves(metrics_csv: Path, out: Path) -> Path | None:
     rows = read_metrics(metrics_csv) if metrics_csv.exists() else []
     if not rows:
         return None

@@ -62,11 +62,13 @@ def read_state(run_dir: Path, name: str = STATE) -> dict:
     saying it cannot be read."""
     try:
         state = torch.load(run_dir / name, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, garbage, empty: torch raises a zoo of types
+    except Exception as e:  # truncated, garbage, empty: torch raises a zoo of types (its texts advise unsafe loads)
+        why = "empty" if isinstance(e, EOFError) else e.strerror if isinstance(e, OSError) and e.filename else \
+            "truncated or damaged" if isinstance(e, OSError) or "zip archive" in str(e) else \
+            "not a torch checkpoint: overwritten?"
         back = f"; --resume {run_dir / PREV} goes back to the save before" if name == STATE and \
-            (run_dir / PREV).is_file() else ""
-        raise RecipeError(f"--resume {run_dir}: {name} is unreadable ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else 'empty'}); the run cannot continue from it{back}") \
+            _peek(run_dir / PREV, "step") is not None else ""
+        raise RecipeError(f"--resume {run_dir}: {name} is unreadable ({why}); the run cannot continue from it{back}") \
             from None
     needed = ("step", "total_steps", "model", "optimizer", "class_names", "skipped", "epoch_stats")
     if not isinstance(state, dict) or (missing := [k for k in needed if k not in state]):
@@ -109,6 +111,9 @@ def lock_run_dir(run_dir: Path):
     f.seek(0), f.truncate(), f.write(str(os.getpid())), f.flush()
     for tmp in run_dir.glob(".*.tmp"):  # half-written files of a process killed while saving (checkpoint-sized)
         tmp.unlink(missing_ok=True)
+    with replacing(run_dir / ".write-check") as tmp:  # files can be made here (an open .lock does not show it):
+        tmp.write_bytes(b"")                          # found now, not after an epoch of training
+    (run_dir / ".write-check").unlink()
     return f
 
 
@@ -157,7 +162,7 @@ def last_good(run_dir: Path, diverged: bool = False, going_back: bool = False) -
     elif diverged and (run_dir / BEST).is_file():
         hint = (f" (if resuming from it diverges at once, its weights were already off: start a new run from an "
                 f"earlier epoch's with --weights {run_dir / BEST})")
-    return f"the last good checkpoint is {run_dir / name} (step {step}){hint}"
+    return f"the last checkpoint is {run_dir / name} (step {step}){hint}"
 
 
 def recorded_best(path: Path) -> float:

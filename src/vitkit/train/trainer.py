@@ -427,13 +427,16 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             scaler.load_state_dict(state["scaler"])
         step, best, elapsed_before = state["step"], state["best_top1"], state["elapsed"]
         # best.safetensors may hold a better evaluation than the state knows: the later ones of a run gone back
-        # to state.prev.pt, or one a killed process exported before its state; a new best must beat it too
-        best = max(best, recorded_best(run_dir / BEST))
+        # to state.prev.pt, or one a killed process exported before its state; a new best must beat it too.
+        # Without a readable one (removed, or a first save killed before it), the next evaluation writes it.
+        best = max(best, recorded_best(run_dir / BEST)) if readable_export(run_dir / BEST) else -1.0
         history = list(state.get("resumed", []))  # resumes that changed recipe values: the recipe alone no
         before = state.get("recipe") or {}  # longer retrains these weights
         if changes := {f"{sec}.{k}": [before[sec].get(k), v] for sec, keys in r.items() for k, v in keys.items()
                        if sec in before and before[sec].get(k) != v}:
             history.append({"step": step, "changed": changes})
+            log.info("resumed at step %d with changed values: %s", step,
+                     "; ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items()))
         if budget is not None:  # the fitted schedule goes on, unless the budget or the step limit changed
             changed = any(f"train.{k}" in changes for k in ("time_budget", "epochs", "max_steps"))
             # until the first probe refits it: the mean time per step so far, evaluations and saves included
@@ -447,6 +450,9 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                         "raise %s to train on", step, total, T["epochs"], T["max_steps"],
                         f", train.time_budget {T['time_budget']:g} min" if budget else "",
                         "--time-budget or --epochs" if budget else "--epochs or --set train.max_steps")
+        elif budget is not None and elapsed_before >= 0.99 * budget and d.main:  # more epochs, no time left
+            log.warning("--resume: the run's time budget of %g min is spent already (%.1f min trained): raise "
+                        "--time-budget to train on", T["time_budget"], elapsed_before / 60)
         elif total != state["total_steps"] and d.main:  # a longer (or shorter) run: the schedule stretches
             before = state.get("recipe") or r  # the schedule and base learning rate it had
             now = lr_at(step, total, r["schedule"], peak(total), warm_start)
@@ -569,7 +575,27 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
     def _write(weights: bool, val, improved: bool, model_sd: dict, optim_sd: dict, rngs: list, everywhere: set,
                stats: torch.Tensor) -> None:
         """The exported weights first, the training state last: state.pt is the commit point a resume starts
-        from, and re-exports anything after it."""
+        from, and re-exports anything after it. The first save writes the state first: a run killed between
+        them then still has a state to resume from (which writes the weights again), not weights alone."""
+        def commit_state() -> None:
+            nonlocal going_back
+            training_state = {"step": step, "total_steps": total, "model": model_sd, "optimizer": optim_sd,
+                              "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
+                              "rng": rngs, "best_top1": best, "elapsed": clock(), "epoch_stats": stats,
+                              "skipped": sorted(everywhere), "class_names": names, "data_sizes": sizes,
+                              "data_files": files, "world": d.world, "recipe": r, "resumed": history,
+                              "cwd": started_in, "warm_start": list(warm_start) if warm_start else None,
+                              "fitted": fitted or budget is None,
+                              "ramp_seconds": ramp_before + time.time() - train_t0,
+                              "model_meta": {"config": model.cfg.to_dict(), "preprocess": dict(model.preprocess),
+                                             "pos_resample": dict(model.pos_resample)}}
+            atomic_save(training_state, run_dir / STATE,
+                        before=(lambda: keep_previous(run_dir)) if keep_prev and not going_back else None)
+            going_back = False  # state.pt is this run's now: whatever fails next, the run continues from it
+
+        first = not (run_dir / STATE).exists()
+        if first:
+            commit_state()
         if weights:
             export = ema.module if ema is not None else _plain(model, model_sd, sharded)
             extra = {"data": data.split, "train": {"step": step, "epoch": step / steps_per_epoch,
@@ -581,19 +607,8 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
             save_model(export, run_dir / LAST, **extra)
             if improved or data.val is None:
                 save_model(export, run_dir / BEST, **extra)
-        nonlocal going_back
-        training_state = {"step": step, "total_steps": total, "model": model_sd, "optimizer": optim_sd,
-                          "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
-                          "rng": rngs, "best_top1": best, "elapsed": clock(), "epoch_stats": stats,
-                          "skipped": sorted(everywhere), "class_names": names, "data_sizes": sizes, "data_files": files,
-                          "world": d.world, "recipe": r, "resumed": history, "cwd": started_in,
-                          "warm_start": list(warm_start) if warm_start else None, "fitted": fitted or budget is None,
-                          "ramp_seconds": ramp_before + time.time() - train_t0,
-                          "model_meta": {"config": model.cfg.to_dict(), "preprocess": dict(model.preprocess),
-                                         "pos_resample": dict(model.pos_resample)}}
-        atomic_save(training_state, run_dir / STATE,
-                    before=(lambda: keep_previous(run_dir)) if keep_prev and not going_back else None)
-        going_back = False  # state.pt is this run's now: whatever fails next, the run continues from it
+        if not first:
+            commit_state()
         metrics.commit()
         try:
             changed = resume and (run_dir / RECIPE).read_text(errors="replace") != to_yaml(r)  # on resuming
