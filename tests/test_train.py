@@ -371,6 +371,12 @@ def test_a_damaged_metrics_csv_never_stops_a_run(tiny_run, tmp_path, caplog):
     assert "metrics.csv: 3 rows that are not metrics (edited or damaged) left out" in caplog.text
     assert (run / "metrics.csv").read_text().startswith(good)
     assert [r["step"] for r in read_metrics(run / "metrics.csv")] == [22, 44, 66]
+    from vitkit.train.report import Metrics  # a row appended after a line left open goes on a line of its own
+
+    with open(run / "metrics.csv", "a") as f:
+        f.write("5,11")
+    Metrics(tmp_path / "run", True).row(epoch=4.0, step=88, lr=0.0, train_loss=1.0, train_acc=0.5)
+    assert [r["step"] for r in read_metrics(run / "metrics.csv")] == [22, 44, 66, 88]
 
 
 def test_resume_from_the_previous_state_goes_back_one_save(tiny_run, tmp_path, caplog, capsys):

@@ -74,10 +74,13 @@ class Metrics:
             self.held.append((values["step"], values, True))
             return
         new = not self.csv_path.exists()
+        open_line = not new and _ends_open(self.csv_path)  # a hand edit's last line: this row goes on its own
         with open(self.csv_path, "a", newline="") as f:
             w = csv.DictWriter(f, COLUMNS)
             if new:
                 w.writeheader()
+            elif open_line:
+                f.write("\n")
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in values.items() if k in COLUMNS})
         self.scalars(values["step"], **{f"{'val' if k.startswith('val') else 'train'}/{k}": v
                                          for k, v in values.items() if k.startswith(("val_", "train_")) and v != ""})
@@ -85,6 +88,12 @@ class Metrics:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _ends_open(path: Path) -> bool:
+    """Whether a file's last line has no line break."""
+    with open(path, "rb") as f:
+        return f.seek(0, 2) > 0 and (f.seek(-1, 2), f.read(1))[1] != b"\n"
 
 
 def read_metrics(path: Path, unreadable: list | None = None) -> list[dict]:
