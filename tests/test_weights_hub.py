@@ -192,7 +192,13 @@ def test_timm_save_for_hf_config_gives_arguments_preprocessing_and_class_names(t
         vitkit.load_model(tmp_path / "model.safetensors")
 
 
-def test_a_file_of_a_transformers_folder_points_to_the_folder(tmp_path):
-    hf_vit("ViT-Ti/16").save_pretrained(tmp_path / "hf")
-    with pytest.raises(CheckpointError, match=r"a file of a transformers folder; give the folder"):
-        vitkit.load_model(tmp_path / "hf" / "model.safetensors")
+def test_a_weights_file_of_a_transformers_folder_is_read_with_its_config(tmp_path):
+    """model.safetensors named alone: its folder's config.json (eps 1e-6 here, class names) and processor count,
+    as they do for the folder (read without them, eps 1e-12 moved the logits by ~1e-5)."""
+    peer = hf_vit("ViT-Ti/16", layer_norm_eps=1e-6, id2label={i: f"c{i}" for i in range(CLASSES)}).eval()
+    peer.save_pretrained(tmp_path / "hf")
+    for model in (vitkit.load_model(tmp_path / "hf" / "model.safetensors"),
+                  vitkit.create_model("ViT-Ti/16", weights=tmp_path / "hf" / "model.safetensors", depth=1)):
+        assert model.cfg.norm_eps == 1e-6 and model.class_names[:2] == ["c0", "c1"]
+        with torch.no_grad():
+            assert (model(images(224)) - peer(images(224)).logits).abs().max() < 1e-5

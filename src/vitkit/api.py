@@ -128,7 +128,7 @@ def load_model(path: str | Path, *, pos_resample: str | None = None, **overrides
     repository (config.json names the model); overrides such as img_size change it (pos_resample: as in
     create_model)."""
     from .weights import timm
-    from .weights.hub import fetch, is_remote, transformers_folder
+    from .weights.hub import fetch, is_remote
 
     local = fetch(path) if isinstance(path, str) and is_remote(path) else path  # downloaded once
     ckpt = read_checkpoint(local)
@@ -137,9 +137,6 @@ def load_model(path: str | Path, *, pos_resample: str | None = None, **overrides
             overrides = {**timm.model_overrides(config, ckpt, path), **overrides}
             return _build(config["architecture"], ckpt, path, overrides.pop("num_classes", None),
                           overrides.pop("img_size", None), pos_resample, overrides)
-        if folder := transformers_folder(local):
-            raise CheckpointError(f"{path}: a file of a transformers folder; give the folder, {folder}, whose "
-                                  f"config.json says the architecture")
         raise CheckpointError(f"{path}: a {ckpt.format} checkpoint, which does not say its architecture: name it "
                               f"(--model NAME; create_model(NAME, weights=...)), or `vitkit convert` it first")
     cfg = ViTConfig.from_dict({**ckpt.config, **overrides})
@@ -151,19 +148,19 @@ def load_model(path: str | Path, *, pos_resample: str | None = None, **overrides
 
 
 def says_its_architecture(spec: str | Path) -> bool:
-    """Whether load_model can build from `spec` alone: a vitkit checkpoint, a transformers directory (config.json),
-    timm weights beside timm's config.json, a hub repository (transformers' and timm's say it). Of URLs only one of
+    """Whether load_model can build from `spec` alone: a vitkit checkpoint, a transformers directory (config.json)
+    or a weights file of one, timm weights beside timm's config.json, a hub repository (transformers' and timm's say it). Of URLs only one of
     a .safetensors file can (fetched to see)."""
     from urllib.parse import urlparse
 
     from .weights import timm
-    from .weights.hub import HF_PREFIX, fetch, is_remote
+    from .weights.hub import HF_PREFIX, fetch, is_remote, transformers_folder
     from .weights.vitkit_format import is_vitkit_checkpoint
 
     spec = str(spec)
     if not is_remote(spec):
         return is_vitkit_checkpoint(spec) or (Path(spec).is_dir() and (Path(spec) / "config.json").is_file()) \
-            or timm.hub_config(spec) is not None
+            or timm.hub_config(spec) is not None or transformers_folder(spec) is not None
     return spec.startswith(HF_PREFIX) or (urlparse(spec).path.endswith(".safetensors")
                                           and is_vitkit_checkpoint(fetch(spec)))
 

@@ -140,15 +140,13 @@ def model_from_args(args: argparse.Namespace, weights_flag: str = "--weights", r
     if not args.model and args.weights is None:
         raise UserError("give --weights (a vitkit checkpoint) or --model NAME")
     if not args.model and not says_its_architecture(args.weights):
-        from .weights.hub import is_remote, transformers_folder
+        from .weights.hub import is_remote
 
-        folder = None if is_remote(str(args.weights)) else transformers_folder(args.weights)
         if not is_remote(str(args.weights)) and Path(args.weights).is_dir():
             raise UserError(f"{weights_flag} {args.weights}: a folder without config.json, so not a checkpoint "
                             f"(a transformers save_pretrained folder has one; other formats are files)")
         raise UserError(f"{weights_flag} {args.weights}: not a vitkit checkpoint, so its architecture is unknown; "
-                        + (f"give its folder, {folder}, whose config.json says it, or " if folder else "")
-                        + "add --model NAME (see `vitkit models`)")
+                        "add --model NAME (see `vitkit models`)")
     if getattr(args, "img_size", None) is not None:
         overrides.setdefault("img_size", args.img_size)
     fields = config_fields(getattr(args, "fields", None) or [])

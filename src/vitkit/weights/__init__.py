@@ -111,6 +111,8 @@ def read_checkpoint(path: str | Path | Mapping) -> Checkpoint:
         return npz.read(path)
     if path.suffix == ".safetensors" and (ckpt := vitkit_format.read(path)) is not None:
         return ckpt
+    if folder := hub.transformers_folder(path):  # its config.json (architecture, eps, labels) and processor too
+        return transformers.read_dir(folder, path)
     ckpt = _from_state_dict(read_state_dict(path), path)
     if ckpt.format == "timm" and (config := timm.hub_config(path)):  # save_for_hf's: preprocessing, class names
         timm.read_hub_config(ckpt, config, path)

@@ -196,8 +196,8 @@ def _weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded or not)")
 
 
-def read_dir(folder: Path) -> Checkpoint:
-    """A save_pretrained directory."""
+def read_dir(folder: Path, weights: Path | None = None) -> Checkpoint:
+    """A save_pretrained directory; `weights`: a weights file of it that was named (not one shard of several)."""
     config_path = folder / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{folder}: a directory without config.json is not a transformers checkpoint")
@@ -207,8 +207,10 @@ def read_dir(folder: Path) -> Checkpoint:
         raise CheckpointError(f"{config_path}: unreadable ({e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path}: a JSON {type(config).__name__}, not a transformers config object")
-    sd = {}
-    for f in _weight_files(folder):
+    sd, files = {}, _weight_files(folder)
+    if weights is not None and Path(weights).resolve() not in {f.resolve() for f in files}:
+        files = [Path(weights)]  # (pytorch_model.bin beside model.safetensors, say)
+    for f in files:
         if not f.exists():
             raise CheckpointError(f"{f}: shard listed in the index is missing")
         sd.update(read_state_dict(f))
