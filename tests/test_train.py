@@ -30,7 +30,7 @@ from vitkit.train.report import read_metrics
 from vitkit.train.trainer import attention_kernel, build_model, ema_model, lr_at, make_optimizer, pick_attention
 from vitkit.weights.vitkit_format import read_metadata
 
-from train_utils import ROOT, SHARED, TINY, digit_images, write_recipe
+from train_utils import ROOT, SHARED, TINY, digit_images, env, write_recipe
 
 
 def train_ok(*args: str) -> None:
@@ -104,6 +104,10 @@ def test_train_and_evaluate_from_python(tmp_path):
         vitkit.train_model(write_recipe(tmp_path / "r.yaml"), out=tmp_path / "bad", lr=-1.0)
     with pytest.raises(ValueError, match="no such file"):
         vitkit.evaluate_model(model, str(tmp_path / "nothing"))
+    # a script that set up no logging sees the run's lines as the command prints them
+    script = f"import vitkit; vitkit.train_model({str(tmp_path / 'r.yaml')!r}, out={str(tmp_path / 'py')!r}, epochs=1)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env(), timeout=300)
+    assert done.returncode == 0 and "digits: 10 classes" in done.stderr and "done in" in done.stderr, done.stderr
 
 
 def test_eval_matches_direct_computation(tiny_run, tmp_path, capsys):

@@ -268,8 +268,19 @@ def train_model(recipe: str | Path | None = None, *, out: str | Path | None = No
     flags = {flag: os.fspath(v) if isinstance(v, os.PathLike) else v for flag, v in flags.items()}
     args = argparse.Namespace(recipe=recipe and str(recipe), out=out and str(out), resume=resume and str(resume),
                               set=[], print_recipe=False, **{flag: flags.get(flag) for flag in FLAG_KEYS})
-    recipe_, run, state = resolve_recipe(args, values)
-    if _train(recipe_, run, state):
+    logger = logging.getLogger("vitkit")
+    said, level = None, logger.level  # logging left unconfigured (a notebook, a script): the run's lines shown as
+    if not logger.handlers and not logging.getLogger().handlers and not level:  # the command shows them
+        said = logging.StreamHandler(sys.stderr)
+        said.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(said), logger.setLevel(logging.INFO)
+    try:
+        recipe_, run, state = resolve_recipe(args, values)
+        stopped = _train(recipe_, run, state)
+    finally:
+        if said is not None:
+            logger.removeHandler(said), logger.setLevel(level)
+    if stopped:
         raise KeyboardInterrupt(f"training stopped by a signal, everything saved: train_model(resume={str(run)!r})")
     return run
 
