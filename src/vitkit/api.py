@@ -149,8 +149,8 @@ def load_model(path: str | Path, *, pos_resample: str | None = None, **overrides
 
 def says_its_architecture(spec: str | Path) -> bool:
     """Whether load_model can build from `spec` alone: a vitkit checkpoint, a transformers directory (config.json)
-    or a weights file of one, timm weights beside timm's config.json, a hub repository (transformers' and timm's say it). Of URLs only one of
-    a .safetensors file can (fetched to see)."""
+    or a weights file of one, timm weights beside timm's config.json, a hub repository (transformers' and timm's
+    say it). Of URLs only one of a .safetensors file can (fetched to see)."""
     from urllib.parse import urlparse
 
     from .weights import timm
