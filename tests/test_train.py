@@ -328,6 +328,18 @@ def test_a_run_killed_in_its_first_save_resumes(tiny_run, tmp_path, monkeypatch)
     for name in ("last.safetensors", "best.safetensors"):
         a, b = load_file(run / name), load_file(tiny_run / name)
         assert all(torch.equal(a[k], b[k]) for k in b), name
+    # the first save of a 1-epoch run is its last too: the resume has nothing to train, and writes the weights
+    monkeypatch.setattr(vitkit, "save_model", killed)
+    with pytest.raises(Killed):
+        main(["train", "--recipe", str(write_recipe(tmp_path / "one.yaml", train={"epochs": 1})), "--out",
+              str(tmp_path / "one")])
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(tmp_path / "one")]) == 0
+    state = torch.load(tmp_path / "one" / "state.pt", weights_only=True)
+    for name in ("last.safetensors", "best.safetensors"):
+        weights = load_file(tmp_path / "one" / name)
+        assert all(torch.equal(weights[k], state["model"][k]) for k in state["model"]), name
+    assert read_metadata(tmp_path / "one" / "best.safetensors")["train"]["val_top1"] == state["best_top1"]
 
 
 def test_resuming_says_what_changed_and_knows_its_own_folder(tmp_path, caplog, monkeypatch, capsys):
@@ -588,8 +600,21 @@ def test_finetune_from_weights_that_say_their_architecture_or_not(tmp_path, capl
     assert tuple(model.preprocess["mean"]) == (0.1, 0.2, 0.3) and "keeps its own" not in caplog.text
     assert torch.equal(model.head.weight, peer.head.weight)  # as many classes and none named: kept, and said
     assert "its 3-class head is kept, its classes taken as the data's in order (a, b, c)" in caplog.text
-    with pytest.raises(vitkit.CheckpointError, match=r"--set model\.patch_size=8"):
+    with pytest.raises(vitkit.CheckpointError, match=r"--set model\.patch_size=8 on the command line\)$"):
         build_model({**recipe["model"], "patch_size": None}, ["a", "b", "c"])
+    # a config.json naming a timm model vitkit has no name for: --model is the architecture
+    config = json.loads((tmp_path / "timm" / "config.json").read_text())
+    (tmp_path / "timm" / "config.json").write_text(json.dumps({**config, "architecture": "vit_base_patch16_224_miil"}))
+    with pytest.raises(vitkit.CheckpointError, match="names vit_base_patch16_224_miil, a timm model vitkit has no"):
+        vitkit.load_model(tmp_path / "timm" / "model.safetensors")
+    recipe = R.load(None, {"data.path": "digits", "model.name": "vit_tiny_patch16_224", "model.depth": 1,
+                           "model.patch_size": 8, "model.img_size": 32,
+                           "model.weights": str(tmp_path / "timm" / "model.safetensors")})
+    assert build_model(recipe["model"], ["a", "b", "c"]).cfg.width == 192
+    torch.save(timm.create_model("vit_tiny_patch16_224", depth=1, in_chans=1).state_dict(), tmp_path / "gray.pth")
+    with pytest.raises(R.RecipeError, match=r"gray\.pth: the model takes 1-channel input, and images are read as RGB"):
+        build_model({**recipe["model"], "weights": str(tmp_path / "gray.pth"), "patch_size": None,
+                     "img_size": None}, ["a", "b", "c"])
 
 
 def test_recipe_weights_a_download_or_a_runs_state(tmp_path, http_root, tiny_run):

@@ -186,10 +186,27 @@ def test_timm_save_for_hf_config_gives_arguments_preprocessing_and_class_names(t
     assert {k: list(v) if isinstance(v, tuple) else v for k, v in model.preprocess.items()} == \
            {k: want[k] for k in ("mean", "std", "crop_pct", "interpolation", "crop_mode")}
     assert model.class_names == ["cat", "dog", "eel"] and model.cfg.patch_size == 8
-    config["model_args"]["pre_norm"] = True  # an architecture vitkit does not build: said, not mis-built
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"model_args pre_norm=True: not an architecture vitkit builds"):
+    plain = {**config, "model_args": {**config["model_args"], "final_norm": True, "pos_embed": "learn"}}
+    (tmp_path / "config.json").write_text(json.dumps(plain))  # timm's defaults, written out: the plain ViT
+    assert vitkit.load_model(tmp_path / "model.safetensors").cfg.patch_size == 8
+    for args, said in (({"pre_norm": True}, "pre_norm=True"), ({"final_norm": False}, "final_norm=False")):
+        (tmp_path / "config.json").write_text(json.dumps({**config, "model_args": {**config["model_args"], **args}}))
+        with pytest.raises(CheckpointError, match=rf"model_args {said}: not an architecture vitkit builds"):
+            vitkit.load_model(tmp_path / "model.safetensors")  # said, not mis-built
+    bad = {**config, "pretrained_cfg": {**config["pretrained_cfg"], "mean": "imagenet"}}
+    (tmp_path / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match=r"config.json's pretrained_cfg mean must be a list of 3 numbers"):
         vitkit.load_model(tmp_path / "model.safetensors")
+    lanczos = {**config, "pretrained_cfg": {**config["pretrained_cfg"], "interpolation": "lanczos"}}
+    (tmp_path / "config.json").write_text(json.dumps(lanczos))  # timm's other filters: the nearest, said
+    assert vitkit.load_model(tmp_path / "model.safetensors").preprocess["interpolation"] == "bicubic"
+    from vitkit.predict import imagenet_wnids  # ImageNet's IDs as names: unnamed, so predict shows words
+
+    wnids = {**config, "num_classes": 1000, "label_names": imagenet_wnids()}
+    save_for_hf(randomize(timm.create_model("vit_tiny_patch16_224", depth=1)).eval(), tmp_path / "in1k",
+                safe_serialization=True, model_config={"label_names": imagenet_wnids()})
+    assert json.loads((tmp_path / "in1k" / "config.json").read_text())["label_names"] == wnids["label_names"]
+    assert vitkit.load_model(tmp_path / "in1k" / "model.safetensors").class_names is None
 
 
 def test_a_weights_file_of_a_transformers_folder_is_read_with_its_config(tmp_path):

@@ -395,12 +395,13 @@ def _hf_deit(cls, **kw):
 @pytest.mark.parametrize("size", [32, 48])
 def test_transformers_deit_with_teacher_and_bare(tmp_path, size):
     """transformers' distilled DeiT (facebook/deit-*-distilled-*): both heads averaged, as in its own forward; its
-    processor's defaults (256 -> 224 crop, ImageNet statistics) without a preprocessor_config.json."""
+    processor's defaults (256 -> 224 crop, 0.5 mean and std) without a preprocessor_config.json."""
     peer = _hf_deit(transformers.DeiTForImageClassificationWithTeacher)
     peer.save_pretrained(tmp_path / "teacher")
     model = vitkit.load_model(tmp_path / "teacher", img_size=size)
     assert model.cfg.distilled and model.preprocess["crop_pct"] == 224 / 256
-    assert model.preprocess["mean"] == (0.485, 0.456, 0.406)
+    want = transformers.DeiTImageProcessor()  # its defaults: the mean, std and sizes it prepares pixels with
+    assert model.preprocess["mean"] == tuple(want.image_mean) and model.preprocess["std"] == tuple(want.image_std)
     with torch.no_grad():
         assert_close(model(images(size)), peer(images(size), interpolate_pos_encoding=True).logits)
     bare = _hf_deit(transformers.DeiTModel)
@@ -418,7 +419,8 @@ def test_transformers_masked_image_modeling_one_channel_and_a_stray_pooler(tmp_p
     """ViTForMaskedImageModeling: its encoder (the decoder left out); num_channels 1; a pooler saved beside a
     classifier, which ViTForImageClassification never runs (transformers leaves it out; reading it as a pre-logits
     layer moved the logits by about 1)."""
-    mim = hf_vit("ViT-Ti/16", depth=2, cls=transformers.ViTForMaskedImageModeling, encoder_stride=16).eval()
+    mim = hf_vit("ViT-Ti/16", depth=2, cls=transformers.ViTForMaskedImageModeling, encoder_stride=16,
+                 id2label={i: f"c{i}" for i in range(CLASSES)}).eval()
     mim.save_pretrained(tmp_path / "mim")
     with torch.no_grad():
         assert_close(vitkit.load_model(tmp_path / "mim").forward_features(images(224)),
@@ -430,6 +432,8 @@ def test_transformers_masked_image_modeling_one_channel_and_a_stray_pooler(tmp_p
     save_file(sd, str(tmp_path / "gray" / "model.safetensors"), metadata={"format": "pt"})
     x = images(224)[:, :1]
     with torch.no_grad(), caplog.at_level(logging.WARNING, logger="vitkit"):
+        vitkit.load_model(tmp_path / "mim")  # headless, with class names in its config: no note about them
+        assert "class names" not in caplog.text
         model = vitkit.load_model(tmp_path / "gray")
         assert model.cfg.in_chans == 1 and model.cfg.representation_size is None
         assert_close(model(x), gray(x).logits)
@@ -438,6 +442,7 @@ def test_transformers_masked_image_modeling_one_channel_and_a_stray_pooler(tmp_p
 
 @pytest.mark.parametrize("processor, mean, std", [
     ({"do_normalize": False}, (0.0,) * 3, (1.0,) * 3),
+    ({"rescale_factor": None}, (0.5,) * 3, (0.5,) * 3),  # (null in the file: the default)
     ({"do_rescale": False, "image_mean": [127.5] * 3, "image_std": [63.75] * 3}, (0.5,) * 3, (0.25,) * 3),
     ({"rescale_factor": 1 / 127.5, "image_mean": [1, 1, 1], "image_std": [1, 1, 1]}, (0.5,) * 3, (0.5,) * 3),
 ])
@@ -448,8 +453,11 @@ def test_transformers_rescale_and_normalize_flags(tmp_path, processor, mean, std
     from vitkit.data.images import eval_transform
 
     hf_vit("ViT-Ti/16").save_pretrained(tmp_path)
-    hf = transformers.ViTImageProcessor(**processor)
+    hf = transformers.ViTImageProcessor(**{k: v for k, v in processor.items() if v is not None})
     hf.save_pretrained(tmp_path)
+    if None in processor.values():  # a value transformers would not write
+        config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps({**config, **processor}))
     model = vitkit.load_model(tmp_path)
     assert model.preprocess["mean"] == pytest.approx(mean) and model.preprocess["std"] == pytest.approx(std)
     photo = Image.effect_mandelbrot((400, 260), (-2.0, -1.2, 0.8, 1.2), 60).convert("RGB")

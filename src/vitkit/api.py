@@ -134,6 +134,10 @@ def load_model(path: str | Path, *, pos_resample: str | None = None, **overrides
     ckpt = read_checkpoint(local)
     if ckpt.format != "vitkit" and not all(k in ckpt.config for k in ARCHITECTURE):
         if config := timm.hub_config(local):  # a timm repository's config.json names the model and its arguments
+            if not timm.known_architecture(config):
+                raise CheckpointError(f"{path}: its config.json names {config['architecture']}, a timm model vitkit "
+                                      f"has no name for: name the nearest one (--model NAME; create_model(NAME, "
+                                      f"weights=...))")
             overrides = {**timm.model_overrides(config, ckpt, path), **overrides}
             return _build(config["architecture"], ckpt, path, overrides.pop("num_classes", None),
                           overrides.pop("img_size", None), pos_resample, overrides)
@@ -160,7 +164,8 @@ def says_its_architecture(spec: str | Path) -> bool:
     spec = str(spec)
     if not is_remote(spec):
         return is_vitkit_checkpoint(spec) or (Path(spec).is_dir() and (Path(spec) / "config.json").is_file()) \
-            or timm.hub_config(spec) is not None or transformers_folder(spec) is not None
+            or timm.known_architecture(timm.hub_config(spec) or {"architecture": ""}) \
+            or transformers_folder(spec) is not None
     return spec.startswith(HF_PREFIX) or (urlparse(spec).path.endswith(".safetensors")
                                           and is_vitkit_checkpoint(fetch(spec)))
 

@@ -230,9 +230,13 @@ def run_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C, at once: where the run can go on from
         if rank or run is None:
             raise
-        from .rundir import last_good
+        from .rundir import PREV, STATE, last_good
 
-        logger.error("vitkit train: interrupted; %s: vitkit train --resume %s", last_good(run), run)
+        if (run / STATE).is_file() or (run / PREV).is_file():
+            logger.error("vitkit train: interrupted; %s: vitkit train --resume %s", last_good(run), run)
+        else:
+            logger.error("vitkit train: interrupted before the run's first checkpoint: start it again with "
+                         "vitkit train --recipe %s --out %s", run / "recipe.yaml", run)
         return 130
     finally:
         logger.setLevel(level)  # (main() in a test or a notebook: the next command logs as before)

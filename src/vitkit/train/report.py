@@ -73,7 +73,7 @@ class Metrics:
         if self.held is not None:
             self.held.append((values["step"], values, True))
             return
-        new = not self.csv_path.exists()
+        new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
         open_line = not new and _ends_open(self.csv_path)  # a hand edit's last line: this row goes on its own
         with open(self.csv_path, "a", newline="") as f:
             w = csv.DictWriter(f, COLUMNS)

@@ -65,6 +65,7 @@ def read_state(run_dir: Path, name: str = STATE) -> dict:
     except Exception as e:  # truncated, garbage, empty: torch raises a zoo of types (its texts advise unsafe loads)
         why = "empty" if isinstance(e, EOFError) else e.strerror if isinstance(e, OSError) and e.filename else \
             "truncated or damaged" if isinstance(e, OSError) or "zip archive" in str(e) else \
+            "it holds Python objects, which are not read" if "GLOBAL" in str(e) else \
             "not a torch checkpoint: overwritten?"
         back = f"; --resume {run_dir / PREV} goes back to the save before" if name == STATE and \
             _peek(run_dir / PREV, "step") is not None else ""

@@ -85,7 +85,11 @@ def build_model(m: dict, class_names: list[str]) -> ViT:
         else:
             model = ViT(ViTConfig(**fields, num_classes=k))
     except CheckpointError as e:  # its hints name fields as the other commands take them: here they are model.*
-        raise CheckpointError(re.sub(r"--set (?=\w+=)", "--set model.", str(e))) from None
+        text = re.sub(r"; create_model\(\.\.\., [^)]*\)", "", str(e))  # (train takes recipe values, not these)
+        raise CheckpointError(re.sub(r"--set (?=\w+=)", "--set model.", text)) from None
+    if model.cfg.in_chans != 3:
+        raise RecipeError(f"model.weights {m['weights']}: the model takes {model.cfg.in_chans}-channel input, and "
+                          f"images are read as RGB (3 channels)")
     other_classes = model.class_names is not None and model.class_names != list(class_names)
     if m["weights"] and (m["zero_head"] or other_classes):  # the paper's zero-initialised head for new classes,
         if model.head.weight.any():  # even when as many (a head of another size was replaced when loading)
@@ -450,7 +454,7 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
                         "raise %s to train on", step, total, T["epochs"], T["max_steps"],
                         f", train.time_budget {T['time_budget']:g} min" if budget else "",
                         "--time-budget or --epochs" if budget else "--epochs or --set train.max_steps")
-        elif budget is not None and elapsed_before >= 0.99 * budget and d.main:  # more epochs, no time left
+        elif budget is not None and elapsed_before >= 0.95 * budget and d.main:  # more epochs, no time left
             log.warning("--resume: the run's time budget of %g min is spent already (%.1f min trained): raise "
                         "--time-budget to train on", T["time_budget"], elapsed_before / 60)
         elif total != state["total_steps"] and d.main:  # a longer (or shorter) run: the schedule stretches
@@ -703,6 +707,17 @@ def _train(r: dict, run_dir: Path, state: dict | None, held: dict) -> int:
     fitted, ramp_before = (state.get("fitted", True), state.get("ramp_seconds", 0.0)) if resume else (False, 0.0)
     train_t0 = time.time()
     with stop_signals() as caught, attention_kernel(kernel), logging_redirect_tqdm():  # log lines above the bar
+        if resume and step >= total and d.any(not readable_export(run_dir / LAST) or (
+                val_loader is not None and not readable_export(run_dir / BEST)))[0]:
+            # killed in its last save (the state first, then the weights): the weights are written now, from it
+            if d.main:
+                log.warning("%s: the run's last save was cut short; its weights are written from %s", run_dir,
+                            state["file"])
+            val = evaluate(eval_model, val_loader, names, d.device, amp, T["channels_last"], d, tta=T["eval_tta"]) \
+                if val_loader is not None else None
+            improved = val is not None and val.top1 > best
+            best = max(best, val.top1) if val is not None else best
+            save(weights=True, val=val, improved=improved)
         while step < total:
             epoch, position = divmod(step, steps_per_epoch)
             if position == 0:

@@ -297,8 +297,8 @@ def load_into(model, ckpt: Checkpoint, source: str = "checkpoint", pos_resample:
     model.pos_resample = dict(resample)  # the way chosen: dynamic_img_size and a saved copy resample alike
     if ckpt.class_names and len(ckpt.class_names) == model.cfg.num_classes:
         model.class_names = list(ckpt.class_names)
-    elif ckpt.class_names and len(ckpt.state_dict.get("head.weight", ())) == model.cfg.num_classes:  # (not a
-        # head replaced for another number of classes: that one has no names yet)
+    elif ckpt.class_names and "head.weight" in ckpt.state_dict and len(ckpt.state_dict["head.weight"]) == \
+            model.cfg.num_classes:  # (not a head replaced for another number of classes: that one has no names yet)
         notes.append(f"its {len(ckpt.class_names)} class names do not fit its {model.cfg.num_classes}-class head: "
                      f"left out (classes are named by index)")
     if ckpt.format == "vitkit" and (missing := [k for k in ("mean", "std") if k not in (ckpt.preprocess or {})]):

@@ -8,10 +8,13 @@ names (`label_names`); `hub_config` reads it, `model_overrides` turns its argume
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from ..models.registry import IMAGENET
 from . import Checkpoint, CheckpointError, infer_config
+
+log = logging.getLogger("vitkit")
 
 
 def matches(sd: dict) -> bool:
@@ -37,21 +40,40 @@ def hub_config(path: str | Path) -> dict | None:
     return config if ok else None
 
 
+def known_architecture(config: dict) -> bool:
+    """Whether vitkit has a name for the model config.json names (timm has many ViT variants it does not)."""
+    from ..models.registry import resolve
+
+    try:
+        resolve(config["architecture"])
+        return True
+    except ValueError:
+        return False
+
+
 def read_hub_config(ckpt: Checkpoint, config: dict, source) -> None:
     """The preprocessing and class names timm's config.json gives, into `ckpt` (as timm's resolve_data_config and
     its label_names would use them)."""
+    from ..train.recipe import SCHEMA  # the checks of a recipe's same preprocessing keys
+
     pre = config.get("pretrained_cfg") if isinstance(config.get("pretrained_cfg"), dict) else config  # (old: flat)
     stats = {k: pre[k] for k in ("mean", "std", "interpolation", "crop_pct", "crop_mode") if pre.get(k) is not None}
-    if stats.get("crop_mode") not in (None, "center", "squash"):
-        raise CheckpointError(f"{source}: config.json's crop_mode {stats['crop_mode']!r} is not one vitkit resizes "
-                              f"with (center, squash)")
+    near = {"lanczos": "bicubic", "box": "bilinear", "hamming": "bilinear", "border": "center", "random": "bicubic"}
+    for key in ("interpolation", "crop_mode"):  # timm's others: the nearest of vitkit's, said
+        if stats.get(key) in near:
+            log.warning("%s: config.json's %s %r taken as %s", source, key, stats[key], near[stats[key]])
+            stats[key] = near[stats[key]]
+    if bad := next((f"{k} {why}" for k, v in stats.items() if (why := SCHEMA["model"][k][1](v))), None):
+        raise CheckpointError(f"{source}: config.json's pretrained_cfg {bad}")
     if stats:
         ckpt.preprocess = {**(ckpt.preprocess or {}), **stats}
-    names = config.get("label_names", pre.get("label_names"))
+    names = config.get("label_names", pre.get("label_names", pre.get("labels")))
     if isinstance(names, dict):  # {index: name}, where indices have gaps
         names = [names.get(str(i), names.get(i, str(i))) for i in range(ckpt.config.get("num_classes", 0))]
-    if isinstance(names, list) and all(isinstance(n, str) for n in names):
-        ckpt.class_names = names
+    from ..predict import imagenet_wnids
+
+    if isinstance(names, list) and all(isinstance(n, str) for n in names) and names != imagenet_wnids():
+        ckpt.class_names = names  # (ImageNet-1k's WordNet IDs: left unnamed, so words are shown, IDs matched)
 
 
 # timm VisionTransformer arguments -> ViTConfig fields; arguments of training only are passed over
@@ -61,6 +83,9 @@ _ARGS = {"patch_size": "patch_size", "img_size": "img_size", "num_heads": "num_h
 _SHAPES = {"embed_dim": "width", "depth": "depth", "mlp_ratio": "mlp_dim"}  # read from the weights themselves
 _TRAINING = {"drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate",
              "weight_init", "fix_init", "global_pool"}
+# timm's defaults of the arguments vitkit does not vary (others: none, false or 0 is the plain ViT)
+_PLAIN = {"final_norm": True, "pos_embed": "learn", "proj_bias": True, "act_layer": "gelu", "mlp_layer": "mlp",
+          "embed_norm_layer": None, "norm_layer": None}
 
 
 def model_overrides(config: dict, ckpt: Checkpoint, source) -> dict:
@@ -79,7 +104,7 @@ def model_overrides(config: dict, ckpt: Checkpoint, source) -> dict:
     if out.get("fc_norm") is None:
         out.pop("fc_norm", None)
     if other := [f"{k}={v!r}" for k, v in args.items() if k not in _ARGS and k not in _SHAPES and k not in _TRAINING
-                 and v not in (None, False, 0, "", "gelu")]:
+                 and (v != _PLAIN[k] if k in _PLAIN else v not in (None, False, 0, ""))]:
         raise CheckpointError(f"{source}: config.json's model_args {', '.join(other)}: not an architecture vitkit "
                               f"builds")
     return out

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.registry import GOOGLE, IMAGENET
+from ..models.registry import GOOGLE
 from . import Checkpoint, CheckpointError, infer_config, read_state_dict, rename
 
 # transformers name (without the ViTFor*'s 'vit.' prefix) -> vitkit name; the first matching rule applies
@@ -44,8 +44,9 @@ _RESAMPLE = {"antialias": False}  # transformers' interpolate_pos_encoding: bicu
 # ViTImageProcessor's defaults: 0.5 mean/std, both sides resized (bilinear) straight to the model's size
 _STATS = {"mean": GOOGLE["mean"], "std": GOOGLE["std"], "interpolation": "bilinear", "crop_pct": 1.0,
           "crop_mode": "squash"}
-# DeiTImageProcessor's: both sides to 256 (bicubic), a 224 center crop, ImageNet's statistics
-_DEIT_STATS = {**IMAGENET, "interpolation": "bicubic", "crop_pct": 224 / 256, "crop_mode": "squash"}
+# DeiTImageProcessor's defaults: both sides to 256 (bicubic), a 224 center crop, 0.5 mean and std (facebook's DeiT
+# repositories give ImageNet's in their preprocessor_config.json)
+_DEIT_STATS = {**_STATS, "interpolation": "bicubic", "crop_pct": 224 / 256}
 _PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
@@ -133,7 +134,8 @@ def _preprocess(folder: Path, deit: bool = False) -> dict:
             raise ValueError(f"a JSON {type(p).__name__}, not an object")
         pre.update(mean=_three(p.get("image_mean", pre["mean"])), std=_three(p.get("image_std", pre["std"])))
         # transformers computes (x * rescale_factor - mean) / std of 0-255 pixels, vitkit (x / 255 - mean) / std
-        scale = 255 * (p.get("rescale_factor", 1 / 255) if p.get("do_rescale", True) else 1)
+        factor = 1 / 255 if p.get("rescale_factor") is None else p["rescale_factor"]
+        scale = 255 * (factor if p.get("do_rescale", True) else 1)
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
             raise ValueError(f"rescale_factor {p.get('rescale_factor')!r} is not a positive number")
         if not p.get("do_normalize", True):
