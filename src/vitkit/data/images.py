@@ -67,7 +67,8 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> tuple[Image.I
         if str(path) == "-" and not path.exists():  # `curl -s URL | vitkit predict -`
             source = _standard_input()
         elif not path.exists():
-            raise ImageError(f"{path}: " + ("a symbolic link to nothing (broken, or a loop)" if path.is_symlink() else "no such file"))
+            raise ImageError(f"{path}: " + ("a symbolic link to nothing (broken, or a loop)" if path.is_symlink()
+                                            else "no such file"))
         elif path.is_dir():
             raise ImageError(f"{path}: is a directory")
         elif path.stat().st_size == 0:
