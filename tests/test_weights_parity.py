@@ -464,3 +464,20 @@ def test_transformers_rescale_and_normalize_flags(tmp_path, processor, mean, std
     ours = eval_transform(model.preprocess, (224, 224))(photo)
     ref = hf(images=photo, return_tensors="pt")["pixel_values"][0]
     assert (ours - ref).abs().max() <= 1.01 / 255 / min(std)  # at most one grey level apart (PIL vs torch resizing)
+
+
+def test_a_multi_label_transformers_head_gives_sigmoid_probabilities(tmp_path):
+    """problem_type multi_label_classification: each class scored on its own, as transformers' pipeline does (a
+    softmax made them compete); kept through a vitkit file, gone with the head when fine-tuning replaces it."""
+    peer = hf_vit("ViT-Ti/16", problem_type="multi_label_classification",
+                  id2label={i: f"tag {i}" for i in range(CLASSES)}).eval()
+    peer.save_pretrained(tmp_path / "hf")
+    model = vitkit.load_model(tmp_path / "hf")
+    x = images(224, n=1)
+    with torch.no_grad():
+        ref = peer(x).logits.sigmoid()[0]
+    got = vitkit.predict.probabilities(model, model(x))[0]
+    assert model.multi_label and torch.allclose(got, ref, atol=1e-5) and got.sum() > 1.5
+    vitkit.save_model(model, tmp_path / "ml.safetensors")
+    assert vitkit.load_model(tmp_path / "ml.safetensors").multi_label
+    assert not vitkit.load_model(tmp_path / "ml.safetensors", num_classes=3).multi_label  # a new head

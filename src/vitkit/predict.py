@@ -82,6 +82,12 @@ def classify(model, images, top_k: int = 5, batch_size: int = 8, on_error=None, 
     return _classify(model, _as_iterable(images), top_k, batch_size, on_error, tta)
 
 
+def probabilities(model, logits: torch.Tensor) -> torch.Tensor:
+    """A softmax over the classes; for a multi-label head (transformers' problem_type multi_label_classification)
+    each class's sigmoid, as transformers' pipeline gives them."""
+    return logits.float().sigmoid() if model.multi_label else logits.float().softmax(dim=-1)
+
+
 def _classify(model, images, top_k, batch_size, on_error, tta) -> Iterator[dict]:
     transform = eval_transform(model.preprocess, model.cfg.img_size)
     labels = class_names(model)
@@ -96,7 +102,7 @@ def _classify(model, images, top_k, batch_size, on_error, tta) -> Iterator[dict]
                 model.eval()
                 with torch.inference_mode():
                     x = torch.stack([t for *_, t in ready]).to(weight.device, weight.dtype)
-                    probs = tta_logits(model, x, tta).float().softmax(dim=-1)
+                    probs = probabilities(model, tta_logits(model, x, tta))
             finally:
                 for m, training in modes:
                     m.training = training

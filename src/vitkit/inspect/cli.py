@@ -16,7 +16,7 @@ from ..cli import (UserError, add_model_arguments, check_writable, failure_summa
                    user_errors)
 from ..data.images import (ImageError, _to_rgb, eval_transform, image_suffixes, is_url, iter_image_paths,
                            load_image)
-from ..predict import class_names
+from ..predict import class_names, probabilities
 from .attention import METHODS, check_index, prepare, row_description, to_image_size, token_map
 from .figure7 import FIGURES, MAX_ASPECT, save_figure, write_figure7
 
@@ -98,7 +98,7 @@ def _prediction(model, image, whole_logits) -> str:
             logits, how = model(x.to(model.pos_embed.device, model.pos_embed.dtype)), ""
     except ImageError:
         logits, how = whole_logits, " on the whole image"
-    prob, index = logits[0].float().softmax(dim=-1).max(dim=-1)
+    prob, index = probabilities(model, logits[0]).max(dim=-1)
     return f"predicted{how}: {class_names(model)[index]} ({prob:.1%})"
 
 

@@ -244,6 +244,7 @@ class ViT(nn.Module):
         self.preprocess: dict = dict(DEFAULT_PREPROCESS)  # how inputs must be prepared (set by the loaders)
         self.class_names: list[str] | None = None
         self.stated_stats = False  # whether loaded weights said their input mean and std (a plain timm file: no)
+        self.multi_label = False  # the head scores each class on its own: probabilities are sigmoids, not a softmax
         # how the weights' own codebase resamples position embeddings (resample_pos_embed options; set by the
         # loaders and kept in vitkit checkpoints, so a converted model changes resolution as its source would)
         self.pos_resample: dict = {}

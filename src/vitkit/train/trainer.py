@@ -109,6 +109,7 @@ def build_model(m: dict, class_names: list[str]) -> ViT:
                         ", ".join(f"{key} {list(model.preprocess[key])}" for key in ignored), "/".join(ignored))
     model.preprocess.update(preprocess)
     model.class_names = list(class_names)
+    model.multi_label = False  # trained with cross-entropy over the classes: one of them
     return model.train()
 
 

@@ -29,6 +29,7 @@ class Checkpoint:
     preprocess: dict | None = None
     class_names: list[str] | None = None
     pos_resample: dict = field(default_factory=dict)  # resample_pos_embed options of the source codebase
+    multi_label: bool = False  # its head scores each class on its own (sigmoid), not one class of all (softmax)
 
 
 def read_state_dict(path: Path) -> dict:
@@ -295,6 +296,8 @@ def load_into(model, ckpt: Checkpoint, source: str = "checkpoint", pos_resample:
         model.preprocess.update({k: tuple(v) if isinstance(v, list) else v for k, v in ckpt.preprocess.items()})
     model.stated_stats = bool(ckpt.preprocess) and {"mean", "std"} <= set(ckpt.preprocess)
     model.pos_resample = dict(resample)  # the way chosen: dynamic_img_size and a saved copy resample alike
+    # a head kept as it is keeps its kind of scores; a new one is trained as vitkit trains, one class of all
+    model.multi_label = ckpt.multi_label and len(ckpt.state_dict.get("head.weight", ())) == model.cfg.num_classes
     if ckpt.class_names and len(ckpt.class_names) == model.cfg.num_classes:
         model.class_names = list(ckpt.class_names)
     elif ckpt.class_names and "head.weight" in ckpt.state_dict and len(ckpt.state_dict["head.weight"]) == \

@@ -89,7 +89,8 @@ def convert(sd: dict, config: dict | None = None) -> Checkpoint:
     if config:
         facts.update(_config_facts(config, facts))
     return Checkpoint(out, "transformers", config=facts, preprocess=dict(_STATS), class_names=_labels(config),
-                      pos_resample=dict(_RESAMPLE))
+                      pos_resample=dict(_RESAMPLE),
+                      multi_label=config.get("problem_type") == "multi_label_classification")
 
 
 def _config_facts(config: dict, facts: dict) -> dict:

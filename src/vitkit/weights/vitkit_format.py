@@ -29,7 +29,7 @@ def save(model, path: str | Path, extra: dict | None = None) -> Path:
         raise OSError(f"{path}: cannot write ({_reason(e)})") from None
     meta = {"arch": "vit", "config": model.cfg.to_dict(), "preprocess": dict(model.preprocess),
             "class_names": model.class_names, "pos_resample": dict(model.pos_resample),
-            **(extra or {})}
+            **({"multi_label": True} if model.multi_label else {}), **(extra or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     try:
         with replacing(path, sync=True) as tmp:  # on disk before it replaces the previous file
@@ -95,7 +95,8 @@ def read(path: Path) -> Checkpoint | None:
     from safetensors.torch import load_file
 
     return Checkpoint(load_file(str(path)), "vitkit", config=meta["config"], preprocess=meta.get("preprocess"),
-                      class_names=meta.get("class_names"), pos_resample=meta.get("pos_resample") or {})
+                      class_names=meta.get("class_names"), pos_resample=meta.get("pos_resample") or {},
+                      multi_label=meta.get("multi_label") is True)
 
 
 def _problem(meta) -> str | None:
