@@ -164,7 +164,7 @@ def says_its_architecture(spec: str | Path) -> bool:
     spec = str(spec)
     if not is_remote(spec):
         return is_vitkit_checkpoint(spec) or (Path(spec).is_dir() and (Path(spec) / "config.json").is_file()) \
-            or timm.known_architecture(timm.hub_config(spec) or {"architecture": ""}) \
+            or timm.known_architecture(timm.hub_config(spec)) \
             or transformers_folder(spec) is not None
     return spec.startswith(HF_PREFIX) or (urlparse(spec).path.endswith(".safetensors")
                                           and is_vitkit_checkpoint(fetch(spec)))

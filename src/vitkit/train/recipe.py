@@ -366,9 +366,8 @@ def validate(r: dict, resuming: bool = False) -> None:
                 else:
                     base = read_metadata(Path(local))["config"] if own else {}
                     ViTConfig.from_dict({**base, **fields, "num_classes": 2})
-                    if base.get("in_chans", 3) != 3:
-                        problems.append(f"model.weights {m['weights']}: the model takes {base['in_chans']}-channel "
-                                        f"input, and images are read as RGB (3 channels)")
+                    if problem := not_rgb(m["weights"], base.get("in_chans", 3)):
+                        problems.append(problem)
                     problems += [f"model.{k} {fields[k]}: model.weights {m['weights']} holds a model with {k} "
                                  f"{base[k]}, and a vitkit checkpoint brings its architecture (drop model.{k})"
                                  for k in _SHAPE_FIELDS if own and k in fields and k in base and
@@ -408,6 +407,12 @@ def comparable(value, size: bool = False):
     if size and isinstance(value, int) and not isinstance(value, bool):
         return value, value
     return tuple(value) if isinstance(value, list) else value
+
+
+def not_rgb(weights, in_chans: int) -> str | None:
+    """The problem with training weights that take other than 3-channel input (images are read as RGB)."""
+    return None if in_chans == 3 else (f"model.weights {weights}: the model takes {in_chans}-channel input, and "
+                                       f"images are read as RGB (3 channels)")
 
 
 def model_fields(m: dict) -> dict:

@@ -37,7 +37,7 @@ from ..models.registry import build_config
 from ..models.vit import ViT, ViTConfig
 from .distributed import Dist, full_state, load_full_state, wrap
 from .evaluate import autocast, eval_loader, evaluate, training_precision
-from .recipe import PREPROCESS_KEYS, RecipeError, model_fields, to_yaml
+from .recipe import PREPROCESS_KEYS, RecipeError, model_fields, not_rgb, to_yaml
 from .report import Metrics, plot_curves
 from .rundir import (BEST, LAST, PREV, RECIPE, STATE, atomic_save, keep_previous, last_good, lock_run_dir,
                      readable_export, recorded_best, rng_state, set_rng_state, stop_signals)
@@ -87,9 +87,8 @@ def build_model(m: dict, class_names: list[str]) -> ViT:
     except CheckpointError as e:  # its hints name fields as the other commands take them: here they are model.*
         text = re.sub(r"; create_model\(\.\.\., [^)]*\)", "", str(e))  # (train takes recipe values, not these)
         raise CheckpointError(re.sub(r"--set (?=\w+=)", "--set model.", text)) from None
-    if model.cfg.in_chans != 3:
-        raise RecipeError(f"model.weights {m['weights']}: the model takes {model.cfg.in_chans}-channel input, and "
-                          f"images are read as RGB (3 channels)")
+    if problem := not_rgb(m["weights"], model.cfg.in_chans):  # (the recipe check sees a vitkit file's alone)
+        raise RecipeError(problem)
     other_classes = model.class_names is not None and model.class_names != list(class_names)
     if m["weights"] and (m["zero_head"] or other_classes):  # the paper's zero-initialised head for new classes,
         if model.head.weight.any():  # even when as many (a head of another size was replaced when loading)

@@ -40,10 +40,12 @@ def hub_config(path: str | Path) -> dict | None:
     return config if ok else None
 
 
-def known_architecture(config: dict) -> bool:
+def known_architecture(config: dict | None) -> bool:
     """Whether vitkit has a name for the model config.json names (timm has many ViT variants it does not)."""
     from ..models.registry import resolve
 
+    if config is None:
+        return False
     try:
         resolve(config["architecture"])
         return True
